@@ -1,0 +1,154 @@
+"""Pretraining of the tiny dental backbone (the embedded default's stand-in for SD 1.5).
+
+Two phases, both through :class:`ctrlora.training.loop.Trainer`:
+
+1. **VAE** — reconstruction (L1 + MSE) + a small KL term, on the photographs *and* on the
+   condition images, each in the value range it will be fed at run time: photographs in [-1, 1]
+   (as Stable Diffusion encodes images) and condition images in [0, 1] (as the CtrLoRA reference
+   feeds them). SD's VAE saw both kinds of content in its own pretraining; ours must too, or the
+   condition latents would be meaningless. Afterwards the latent scaling factor is set to
+   1 / std of the photo latents (SD 1.5's 0.18215 was chosen the same way).
+2. **Text-conditioned UNet** — epsilon prediction under the DDPM schedule on the scaled photo
+   latents, captions from the scan metadata, caption dropped to "" with a small probability so
+   classifier-free guidance works; the tiny text encoder is trained with it (it starts random,
+   unlike SD's CLIP).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ctrlora.training.loop import TrainConfig, Trainer, TrainResult
+
+
+@dataclass
+class VAEPretrainConfig:
+    train: TrainConfig
+    kl_weight: float = 1e-6
+
+
+@dataclass
+class UNetPretrainConfig:
+    train: TrainConfig
+    prompt_dropout: float = 0.1
+    train_text_encoder: bool = True
+
+
+class _Reconstruct(torch.nn.Module):
+    """VAE round trip as one ``forward`` (so DDP sees the whole computation)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x, eps):
+        posterior = self.vae.encode(x).latent_dist
+        rec = self.vae.decode(posterior.mean + posterior.std * eps).sample
+        return rec, posterior.kl()
+
+
+class _Denoiser(torch.nn.Module):
+    """Text encoder + UNet as one ``forward`` returning the noise prediction."""
+
+    def __init__(self, unet, text_encoder):
+        super().__init__()
+        self.unet, self.text_encoder = unet, text_encoder
+
+    def forward(self, noisy, t, token_ids):
+        ctx = self.text_encoder(token_ids)[0]
+        return self.unet(noisy, t, encoder_hidden_states=ctx).sample
+
+
+def pretrain_vae(vae: torch.nn.Module, images: torch.Tensor, cfg: VAEPretrainConfig,
+                 checkpoint_dir: str | Path | None = None) -> TrainResult:
+    """Train ``vae`` to reconstruct ``images`` ([N, 3, H, W], each already in its feed range)."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be [N, 3, H, W], got {tuple(images.shape)}")
+    vae.requires_grad_(True)
+    wrapper = _Reconstruct(vae)
+    trainer = Trainer(cfg.train, wrapper, wrapper.parameters(), checkpoint_dir)
+    n = images.shape[0]
+    latent_shape = None
+
+    def loss_fn(model, step, gen):
+        idx = torch.randint(0, n, (cfg.train.batch_size,), generator=gen)
+        nonlocal latent_shape
+        x = images[idx].to(trainer.accelerator.device)
+        if latent_shape is None:
+            with torch.no_grad():
+                latent_shape = vae.encode(x[:1]).latent_dist.mean.shape[1:]
+        eps = torch.randn((x.shape[0], *latent_shape), generator=gen).to(x.device)
+        rec, kl = model(x, eps)
+        l1 = F.l1_loss(rec, x)
+        mse = F.mse_loss(rec, x)
+        kl = kl.mean()
+        return l1 + mse + cfg.kl_weight * kl, {"l1": l1.item(), "kl": kl.item()}
+
+    result = trainer.fit(loss_fn, desc="vae")
+    vae.requires_grad_(False)
+    return result
+
+
+@torch.no_grad()
+def encode_posterior(vae: torch.nn.Module, images: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and log-variance for ``images`` (unscaled), in batches."""
+    means, logvars = [], []
+    device = next(vae.parameters()).device
+    for i in range(0, images.shape[0], batch_size):
+        dist = vae.encode(images[i:i + batch_size].to(device)).latent_dist
+        means.append(dist.mean.cpu())
+        logvars.append(dist.logvar.cpu())
+    return torch.cat(means), torch.cat(logvars)
+
+
+def set_latent_scaling(vae: torch.nn.Module, mean: torch.Tensor, logvar: torch.Tensor, seed: int = 0) -> float:
+    """Set ``vae.config.scaling_factor`` to 1 / std of posterior samples, so latents have unit scale."""
+    g = torch.Generator().manual_seed(seed)
+    z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g)
+    factor = float(1.0 / z.flatten().std())
+    vae.register_to_config(scaling_factor=factor)
+    return factor
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+def pretrain_unet(unet: torch.nn.Module, text_encoder: torch.nn.Module, tokenizer, scheduler,
+                  latent_mean: torch.Tensor, latent_logvar: torch.Tensor, scaling_factor: float,
+                  captions: list[str], cfg: UNetPretrainConfig,
+                  checkpoint_dir: str | Path | None = None) -> TrainResult:
+    """Train the text-conditioned UNet (and optionally the text encoder) on photo latents."""
+    n = latent_mean.shape[0]
+    if len(captions) != n:
+        raise ValueError(f"{len(captions)} captions for {n} latents")
+    ids = tokenize(tokenizer, captions)
+    empty = tokenize(tokenizer, [""])[0]
+    unet.requires_grad_(True)
+    text_encoder.requires_grad_(cfg.train_text_encoder)
+    bundle = _Denoiser(unet, text_encoder)
+    trainer = Trainer(cfg.train, bundle, bundle.parameters(), checkpoint_dir)
+    std = torch.exp(0.5 * latent_logvar)
+    n_train_t = scheduler.config.num_train_timesteps
+
+    def loss_fn(model, step, gen):
+        b = cfg.train.batch_size
+        dev = trainer.accelerator.device
+        idx = torch.randint(0, n, (b,), generator=gen)
+        z = (latent_mean[idx] + std[idx] * torch.randn(latent_mean[idx].shape, generator=gen)) * scaling_factor
+        noise = torch.randn(z.shape, generator=gen)
+        t = torch.randint(0, n_train_t, (b,), generator=gen)
+        drop = torch.rand(b, generator=gen) < cfg.prompt_dropout
+        tok = torch.where(drop[:, None], empty[None, :], ids[idx])
+        noisy = scheduler.add_noise(z, noise, t).to(dev)
+        pred = model(noisy, t.to(dev), tok.to(dev))
+        return F.mse_loss(pred.float(), noise.to(dev)), {}
+
+    result = trainer.fit(loss_fn, desc="unet")
+    unet.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    return result

@@ -1,0 +1,175 @@
+"""One short, linear training loop shared by every trainer (backbone, base, adapters, baselines).
+
+Design choices, in the order they matter:
+
+* **Step-addressed randomness.** Everything random about step ``s`` (which samples, which
+  condition, the noise, the timesteps, the prompt dropout) comes from a generator seeded by
+  ``(seed, s, process_index)``. A run killed after its checkpoint at step ``k`` and resumed
+  therefore sees exactly the batches and noise the uninterrupted run saw: the losses after the
+  resume are the same, with no data-loader state to save.
+* **accelerate** does devices, mixed precision, gradient accumulation, DDP and checkpoint state
+  (model, optimiser, scaler); the same code runs under ``accelerate launch`` on several GPUs.
+* The caller supplies ``loss_fn(model, step, generator) -> (loss, logs)``; the loop owns the
+  optimiser step, clipping, logging, checkpoints and the progress bar.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+LossFn = Callable[[torch.nn.Module, int, torch.Generator], "tuple[torch.Tensor, dict[str, float]]"]
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    batch_size: int = 32
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float | None = 1.0
+    mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
+    checkpoint_every: int = 0  # 0 = only at the end
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
+        d = dict(d)
+        if "adam_betas" in d:
+            d["adam_betas"] = tuple(d["adam_betas"])
+        return cls(**d)
+
+
+def step_generator(seed: int, step: int, stream: int = 0, device: str | torch.device = "cpu") -> torch.Generator:
+    """The generator for everything random in one step (see module docstring)."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + step * 7_919 + stream * 104_729) % (2**63 - 1))
+    return g
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, float]] = field(default_factory=list)
+    resumed_from: int | None = None
+    steps_run: int = 0
+
+
+class Trainer:
+    """Owns the accelerator, the optimiser, checkpoints and the loop.
+
+    ``params`` are the tensors to optimise (they must belong to ``model``); everything else in
+    ``model`` should have ``requires_grad=False``.
+    """
+
+    def __init__(self, cfg: TrainConfig, model: torch.nn.Module, params: Iterable[torch.nn.Parameter],
+                 checkpoint_dir: str | Path | None = None, accelerator: Accelerator | None = None):
+        self.cfg = cfg
+        self.accelerator = accelerator or Accelerator(
+            mixed_precision=cfg.mixed_precision,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        )
+        params = [p for p in params if p.requires_grad]
+        if not params:
+            raise ValueError("nothing to train: no parameter with requires_grad=True was given")
+        self.params = params
+        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=cfg.adam_betas,
+                                      weight_decay=cfg.weight_decay)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def _checkpoints(self) -> list[Path]:
+        if not self.checkpoint_dir or not self.checkpoint_dir.exists():
+            return []
+        done = [p for p in self.checkpoint_dir.glob("step_*") if (p / "trainer_state.json").exists()]
+        return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+
+    def save_checkpoint(self, step: int, history: list[dict]) -> None:
+        if not self.checkpoint_dir:
+            return
+        target = self.checkpoint_dir / f"step_{step:07d}"
+        tmp = self.checkpoint_dir / f".tmp_step_{step:07d}"
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        self.accelerator.save_state(str(tmp), safe_serialization=True)
+        if self.accelerator.is_main_process:
+            (tmp / "trainer_state.json").write_text(json.dumps(
+                {"step": step, "history": history, "config": asdict(self.cfg)}))
+            if target.exists():
+                shutil.rmtree(target)
+            tmp.rename(target)  # a checkpoint is either complete or absent
+            for old in self._checkpoints()[: -self.cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+
+    def try_resume(self) -> tuple[int, list[dict]]:
+        ckpts = self._checkpoints()
+        if not ckpts:
+            return 0, []
+        latest = ckpts[-1]
+        self.accelerator.load_state(str(latest))
+        state = json.loads((latest / "trainer_state.json").read_text())
+        self.accelerator.print(f"resuming from {latest} (step {state['step']})")
+        return int(state["step"]), list(state["history"])
+
+    # -- the loop ----------------------------------------------------------------------------
+    def fit(self, loss_fn: LossFn, desc: str = "train", on_log: Callable[[dict], None] | None = None) -> TrainResult:
+        cfg, acc = self.cfg, self.accelerator
+        start, history = self.try_resume()
+        result = TrainResult(history=history, resumed_from=start or None)
+        self.model.train()
+        bar = tqdm(total=cfg.max_steps, initial=start, desc=desc, disable=not acc.is_local_main_process,
+                   dynamic_ncols=True, mininterval=1.0)
+        running: dict[str, float] = {}
+        for step in range(start + 1, cfg.max_steps + 1):
+            logs_sum: dict[str, float] = {}
+            for micro in range(cfg.gradient_accumulation_steps):
+                gen = step_generator(cfg.seed, step, stream=micro * 1000 + acc.process_index)
+                with acc.accumulate(self.model):
+                    loss, logs = loss_fn(self.model, step, gen)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"{desc}: loss is {loss.item()} at step {step}")
+                    acc.backward(loss)
+                    if acc.sync_gradients and cfg.max_grad_norm:
+                        acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                logs = {"loss": float(loss.detach()), **{k: float(v) for k, v in logs.items()}}
+                for k, v in logs.items():
+                    logs_sum[k] = logs_sum.get(k, 0.0) + v / cfg.gradient_accumulation_steps
+            row = {"step": step, **logs_sum}
+            history.append(row)
+            result.steps_run += 1
+            for k, v in logs_sum.items():
+                running[k] = v if k not in running else 0.9 * running[k] + 0.1 * v
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                bar.set_postfix({k: f"{v:.4f}" for k, v in running.items() if k == "loss"})
+                if on_log:
+                    on_log(row)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step != cfg.max_steps:
+                self.save_checkpoint(step, history)
+        bar.close()
+        if self.checkpoint_dir and result.steps_run:
+            self.save_checkpoint(cfg.max_steps, history)
+        self.model.eval()
+        return result
+
+    def unwrap(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
