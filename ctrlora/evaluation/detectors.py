@@ -62,9 +62,9 @@ class DetectorConfig:
     width: channels of the first U-Net level (doubled at each of the two lower levels).
     epochs, lr, batch_size, weight_decay: AdamW with a one-cycle cosine schedule.
     seed: weight initialisation and shuffling (training is reproducible on one thread count).
-    augment: random horizontal flips are *not* used (they would swap left/right tooth sides
-        harmlessly but also mirror light directions); this flag adds mild Gaussian noise and
-        blur to the inputs so the detector tolerates the softer look of generated images.
+    augment: add mild random Gaussian noise and a light blur to training inputs, so the
+        detector tolerates the softer look of generated images (no flips: they would mirror
+        the light direction and the arch).
     condition: free-text name of the condition the detector reads (stored in the config file).
     """
 

@@ -1,0 +1,212 @@
+"""Condition fidelity and image metrics for generated images.
+
+Fidelity re-detects the condition from each generated image and compares it with the condition
+that was fed in:
+
+| condition | re-detection | metrics (primary marked *) |
+|---|---|---|
+| segmentation | trained segmenter | ``miou``\\*, ``pixel_acc`` |
+| lighting, depth | trained regressor (1 channel) | ``ssim``\\*, ``mae`` |
+| normal | trained regressor (3 channels) | ``ssim``\\*, ``mae``, ``angular_error_deg`` |
+| canny | skimage canny, the condition's own parameters | ``edge_f1``\\*, ``edge_precision``, ``edge_recall`` |
+| any other derived condition | its extractor, passed in | ``ssim``\\*, ``mae`` |
+
+Every primary metric is "higher is better" and lies in [0, 1] (SSIM can dip below 0 in theory).
+
+Inputs (numpy, one row per example):
+* ``generated`` / ``ground_truth`` images: ``N×H×W×3``, uint8 or float in [0, 1];
+* segmentation data: integer label maps ``N×H×W`` (the raw ``segmentation.png`` labels);
+* lighting / depth data: ``N×H×W`` (or ``N×H×W×1``, or the encoded ``N×H×W×3`` gray image),
+  uint8 or float in [0, 1];
+* normal data: ``N×H×W×3`` RGB (n + 1) / 2, uint8 or float in [0, 1];
+* canny data: edge maps ``N×H×W`` (bool / 0-1) or the encoded ``N×H×W×3`` image (white = edge);
+* derived data (with ``extractor``): whatever ``extractor(generated)`` returns, same shape.
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import numpy as np
+
+from . import metrics as M
+from .detectors import CannyParams, DetectorConfig, detect_canny, predict
+
+__all__ = [
+    "PRIMARY_METRIC",
+    "DETECTED_CONDITIONS",
+    "default_detector_config",
+    "condition_fidelity",
+    "primary_fidelity",
+    "image_metrics",
+]
+
+NUM_LABELS = 10  # background, gingiva, 8 tooth types (CONTRACTS.md)
+
+# One "higher is better" scalar per condition: the quality bar and the promotion gate read it.
+PRIMARY_METRIC: dict[str, str] = {
+    "segmentation": "miou",
+    "lighting": "ssim",
+    "normal": "ssim",
+    "depth": "ssim",
+    "canny": "edge_f1",
+    "grayscale": "ssim",
+    "blur": "ssim",
+    "palette": "ssim",
+}
+
+# Conditions read back by a trained detector, and the detector's output channels.
+DETECTED_CONDITIONS: dict[str, tuple[str, int]] = {
+    "segmentation": ("segmentation", NUM_LABELS),
+    "lighting": ("regression", 1),
+    "depth": ("regression", 1),
+    "normal": ("regression", 3),
+}
+
+
+def default_detector_config(condition: str, **overrides) -> DetectorConfig:
+    """The detector configuration used for ``condition`` (fields can be overridden)."""
+    if condition not in DETECTED_CONDITIONS:
+        raise ValueError(
+            f"no trained detector for condition {condition!r}; detected conditions: {sorted(DETECTED_CONDITIONS)}"
+        )
+    task, channels = DETECTED_CONDITIONS[condition]
+    return DetectorConfig(**{"task": task, "channels": channels, "condition": condition, **overrides})
+
+
+def _images01(x: np.ndarray, what: str) -> np.ndarray:
+    a = np.asarray(x)
+    if a.ndim != 4 or a.shape[-1] != 3:
+        raise ValueError(f"{what} must be N×H×W×3 (uint8 or float in [0, 1]), got shape {a.shape}")
+    if a.dtype == np.uint8:
+        return a.astype(np.float32) / 255.0
+    a = a.astype(np.float32)
+    lo, hi = float(a.min()), float(a.max())
+    if lo < -0.01 or hi > 1.01:
+        raise ValueError(f"{what} must lie in [0, 1] (or be uint8), got [{lo:.3g}, {hi:.3g}]")
+    return np.clip(a, 0.0, 1.0)
+
+
+def _map01(x: np.ndarray, n: int, hw: tuple[int, int], channels: int, what: str) -> np.ndarray:
+    """Dense condition map → float32 in [0, 1]: N×H×W for one channel, N×H×W×3 for three."""
+    a = np.asarray(x)
+    a = a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a.astype(np.float32)
+    if channels == 1:
+        if a.ndim == 4 and a.shape[-1] in (1, 3):
+            a = a.mean(-1)
+        if a.shape != (n, *hw):
+            raise ValueError(f"{what} must be N×H×W = {(n, *hw)} (or N×H×W×1/3), got {np.asarray(x).shape}")
+    elif a.shape != (n, *hw, channels):
+        raise ValueError(f"{what} must be N×H×W×{channels} = {(n, *hw, channels)}, got {a.shape}")
+    lo, hi = float(a.min()), float(a.max())
+    if lo < -0.01 or hi > 1.01:
+        raise ValueError(f"{what} must lie in [0, 1] (or be uint8), got [{lo:.3g}, {hi:.3g}]")
+    return np.clip(a, 0.0, 1.0)
+
+
+def _edges(x: np.ndarray, n: int, hw: tuple[int, int]) -> np.ndarray:
+    a = np.asarray(x)
+    if a.ndim == 4 and a.shape[-1] in (1, 3):
+        a = a[..., 0]
+        a = a > (127 if a.dtype == np.uint8 else 0.5)
+    if a.shape != (n, *hw):
+        raise ValueError(f"canny data must be N×H×W (or the encoded N×H×W×3), got {np.asarray(x).shape}")
+    return a.astype(bool)
+
+
+def condition_fidelity(  # noqa: C901 — one branch per kind of condition
+    condition_name: str,
+    generated_images: np.ndarray,
+    input_condition_data: np.ndarray,
+    detectors: Mapping[str, object] | None = None,
+    *,
+    canny: CannyParams | None = None,
+    extractor: Callable[[np.ndarray], np.ndarray] | None = None,
+    edge_tolerance_px: int = 1,
+    normal_mask: np.ndarray | None = None,
+) -> dict[str, float]:
+    """How faithfully ``generated_images`` carry ``input_condition_data`` (see module doc).
+
+    ``detectors`` maps condition names to trained detectors (:func:`~.detectors.train_detector`
+    or :func:`~.detectors.load_detector`); needed for segmentation, lighting, depth and normal.
+    ``canny`` holds the canny condition's extractor parameters (required for ``"canny"``).
+    ``extractor`` re-extracts any other derived condition from ``N×H×W×3`` images in [0, 1].
+    ``normal_mask`` (``N×H×W`` bool) restricts the normal angular error to those pixels (e.g.
+    the foreground); by default pixels whose input normal is the zero vector are left out.
+    Returns a flat dict of floats that includes ``PRIMARY_METRIC[condition_name]``.
+    """
+    gen = _images01(generated_images, "generated_images")
+    n, h, w = gen.shape[:3]
+    name = condition_name
+
+    if name in DETECTED_CONDITIONS:
+        if detectors is None or name not in detectors:
+            raise ValueError(f"condition {name!r} needs a trained detector in `detectors[{name!r}]`")
+        det = detectors[name]
+        task, channels = DETECTED_CONDITIONS[name]
+        # a segmenter's class count is its own (the dental default is NUM_LABELS)
+        if det.config.task != task or (task == "regression" and det.config.channels != channels):
+            raise ValueError(
+                f"detector for {name!r} is a {det.config.task} model with {det.config.channels} channels; "
+                f"expected {task} with {channels}"
+            )
+        pred = predict(det, gen)
+        if task == "segmentation":
+            true = np.asarray(input_condition_data)
+            if true.shape != (n, h, w) or not np.issubdtype(true.dtype, np.integer):
+                raise ValueError(
+                    f"segmentation data must be integer label maps N×H×W = {(n, h, w)}, "
+                    f"got {true.dtype} {true.shape}"
+                )
+            return {
+                "miou": M.miou(pred, true, det.config.channels),
+                "pixel_acc": M.pixel_accuracy(pred, true),
+            }
+        true = _map01(input_condition_data, n, (h, w), channels, f"{name} data")
+        out = {
+            "ssim": M.mean_ssim(pred, true, data_range=1.0),
+            "mae": M.mae(pred, true),
+        }
+        if name == "normal":
+            if normal_mask is None:
+                out["angular_error_deg"] = M.normal_angular_error(pred, true)
+            else:
+                out["angular_error_deg"] = M.normal_angular_error(pred, true, np.asarray(normal_mask, bool))
+        return out
+
+    if name == "canny":
+        if canny is None:
+            raise ValueError("condition 'canny' needs `canny=CannyParams(...)` matching its extractor")
+        pred = detect_canny(gen, canny)
+        true = _edges(input_condition_data, n, (h, w))
+        s = M.edge_scores(pred, true, edge_tolerance_px)
+        return {"edge_f1": s["f1"], "edge_precision": s["precision"], "edge_recall": s["recall"]}
+
+    if extractor is not None:
+        pred = np.asarray(extractor(gen), dtype=np.float32)
+        true = np.asarray(input_condition_data)
+        true = true.astype(np.float32) / 255.0 if true.dtype == np.uint8 else true.astype(np.float32)
+        if pred.shape != true.shape or pred.shape[0] != n:
+            raise ValueError(f"{name}: extractor output {pred.shape} does not match the data {true.shape}")
+        return {"ssim": M.mean_ssim(pred, true, data_range=1.0), "mae": M.mae(pred, true)}
+
+    raise ValueError(
+        f"cannot score condition {name!r}: it is neither detected ({sorted(DETECTED_CONDITIONS)}) nor "
+        "canny, and no `extractor` was given"
+    )
+
+
+def primary_fidelity(condition_name: str, scores: Mapping[str, float]) -> float:
+    """The primary scalar of a :func:`condition_fidelity` result."""
+    if condition_name not in PRIMARY_METRIC:
+        raise ValueError(f"no primary metric for condition {condition_name!r}")
+    return float(scores[PRIMARY_METRIC[condition_name]])
+
+
+def image_metrics(generated: np.ndarray, ground_truth: np.ndarray) -> dict[str, float]:
+    """PSNR (dB, per image capped at 100, averaged) and SSIM (per image, averaged) of generated
+    images against the ground-truth photographs, both ``N×H×W×3`` uint8 or float in [0, 1]."""
+    g = _images01(generated, "generated")
+    t = _images01(ground_truth, "ground_truth")
+    if g.shape != t.shape:
+        raise ValueError(f"image_metrics: shape mismatch, got {g.shape} and {t.shape}")
+    return {"psnr": M.mean_psnr(g, t, data_range=1.0), "ssim": M.mean_ssim(g, t, data_range=1.0)}
