@@ -217,7 +217,8 @@ class CtrLoRAControlNet(ModelMixin, ConfigMixin):
             upcast_attention=c.upcast_attention,
             resnet_time_scale_shift=c.resnet_time_scale_shift,
         )
-        model.to(dtype=unet.dtype)
+        if model.dtype != unet.dtype:
+            model.to(dtype=unet.dtype)
         if copy_weights:
             model.time_embedding.load_state_dict(unet.time_embedding.state_dict())
             model.down_blocks.load_state_dict(unet.down_blocks.state_dict())

@@ -1,0 +1,113 @@
+"""``ctrlora sizes``: parameter counts of the Base ControlNet and of one adapter, as JSON.
+
+Built on the meta device (no weights, no downloads): ``--preset sd15`` from the standard SD 1.5
+UNet config, ``--preset tiny`` from :class:`ctrlora.models.backbone.TinyBackboneConfig`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+# The UNet config of Stable Diffusion 1.5 (diffusers layout), written out so nothing is fetched.
+SD15_UNET_CONFIG = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    mid_block_type="UNetMidBlock2DCrossAttn",
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    downsample_padding=1,
+    mid_block_scale_factor=1,
+    act_fn="silu",
+    norm_num_groups=32,
+    norm_eps=1e-5,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    center_input_sample=False,
+)
+
+
+def _meta_unet(preset: str):
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    if preset == "sd15":
+        with init_empty_weights():
+            return UNet2DConditionModel(**SD15_UNET_CONFIG), 8
+    if preset == "tiny":
+        from ctrlora.models.backbone import TinyBackboneConfig
+
+        cfg = TinyBackboneConfig()
+        levels = len(cfg.unet_block_out_channels)
+        with init_empty_weights():
+            unet = UNet2DConditionModel(
+                sample_size=cfg.image_size // 2 ** (len(cfg.vae_block_out_channels) - 1),
+                in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
+                down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
+                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
+                block_out_channels=tuple(cfg.unet_block_out_channels),
+                layers_per_block=cfg.unet_layers_per_block,
+                attention_head_dim=tuple(cfg.unet_attention_heads),
+                cross_attention_dim=cfg.cross_attention_dim,
+                norm_num_groups=cfg.norm_num_groups,
+            )
+        return unet, 2 ** (len(cfg.vae_block_out_channels) - 1)
+    raise ValueError(f"unknown preset {preset!r} (sd15 | tiny)")
+
+
+def compute_sizes(preset: str = "sd15", rank: int = 128, condition_embedding: str = "vae") -> dict:
+    """Parameter counts (and fp32 sizes) of the base ControlNet and one rank-``rank`` adapter."""
+    from accelerate import init_empty_weights
+
+    from ctrlora.models.adapters import adapter_param_counts, condition_modules, lora_targets
+    from ctrlora.models.controlnet import CtrLoRAControlNet
+
+    unet, factor = _meta_unet(preset)
+    with init_empty_weights():
+        cn = CtrLoRAControlNet.from_unet(unet, condition_embedding=condition_embedding, copy_weights=False,
+                                         vae_scale_factor=factor)
+    base = sum(p.numel() for p in cn.parameters())
+    zero = sum(p.numel() for n, p in cn.named_parameters() if n.startswith("controlnet_down_blocks")
+               or n.startswith("controlnet_mid_block"))
+    hint = sum(p.numel() for n, p in cn.named_parameters() if n.startswith("controlnet_cond_embedding"))
+    ad = adapter_param_counts(cn, rank)
+    mods = condition_modules(cn)
+    return {
+        "preset": preset,
+        "condition_embedding": condition_embedding,
+        "rank": rank,
+        "base_controlnet": {
+            "params": base,
+            "params_M": round(base / 1e6, 2),
+            "zero_convs": zero,
+            "hint_cnn": hint,
+            "fp32_MB": round(base * 4 / 1e6, 1),
+        },
+        "adapter": {
+            "params": ad["total"],
+            "params_M": round(ad["total"] / 1e6, 2),
+            "lora": ad["lora"],
+            "zero_convs": ad["zero_convs"],
+            "norms": ad["norms"],
+            "lora_layers": len(lora_targets(cn)),
+            "zero_conv_modules": sum(1 for m in mods if m.startswith("controlnet_")),
+            "norm_modules": sum(1 for m in mods if not m.startswith("controlnet_")),
+            "fp32_MB": round(ad["total"] * 4 / 1e6, 1),
+        },
+        "adapter_fraction_of_base": round(ad["total"] / base, 4),
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", choices=("sd15", "tiny"), default="sd15")
+    parser.add_argument("--rank", type=int, default=128, help="LoRA rank of the adapter (default 128)")
+    parser.add_argument("--condition-embedding", choices=("vae", "cnn"), default="vae")
+
+
+def run(args) -> int:
+    print(json.dumps(compute_sizes(args.preset, args.rank, args.condition_embedding), indent=1))
+    return 0
