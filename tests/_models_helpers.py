@@ -1,0 +1,49 @@
+"""Shared helpers of the model tests (owned by the models engineer; not a conftest)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+REF = Path(__file__).parent / "fixtures" / "reference"
+N_RESIDUALS = 13
+
+
+def tiny_ldm_kwargs() -> dict:
+    return json.loads((REF / "tiny_config.json").read_text())["controlnet_kwargs"]
+
+
+def tiny_reference_model():
+    """CtrLoRAControlNet with the fixture's tiny ldm config mapped to diffusers (random init)."""
+    from ctrlora.models.controlnet import CtrLoRAControlNet
+    from ctrlora.models.convert import controlnet_config_from_ldm
+
+    return CtrLoRAControlNet(**controlnet_config_from_ldm(tiny_ldm_kwargs()))
+
+
+def reference_io() -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(REF / "tiny_io.safetensors"))
+
+
+def residuals(out) -> list[torch.Tensor]:
+    return list(out.down_block_res_samples) + [out.mid_block_res_sample]
+
+
+def randomize_adapter(model, name: str, seed: int, scale: float = 0.2) -> None:
+    """Give adapter ``name`` non-trivial values (LoRA B and the own copies perturbed)."""
+    from ctrlora.models.adapters import _adapter_tensor_refs
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for k, t in sorted(_adapter_tensor_refs(model, name).items()):
+            t.add_(scale * torch.randn(t.shape, generator=g))
+
+
+def tiny_vocab() -> list[str]:
+    return "a an the upper lower jaw molar incisor canine premolar tooth teeth gum gingiva shade view photo".split()
