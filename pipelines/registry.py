@@ -254,7 +254,7 @@ def _cell(row: Mapping, key: str, default: Any) -> Any:
     return value
 
 
-warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")
+warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
 
 
 class CtrLoRAPyfunc(mlflow.pyfunc.PythonModel):
@@ -315,10 +315,11 @@ def evaluate_gate(gate: Mapping[str, Any], new: float | None, champion: float | 
     delta = float(gate.get("min_delta", DEFAULT_GATE["min_delta"]))
     if mode not in ("max", "min"):
         raise ValueError(f"gate mode must be 'max' or 'min', got {mode!r}")
-    if champion_version is None:
-        return True, f"no champion yet ({metric}={new})"
     if new is None:
-        return False, f"{metric} missing on this version; champion v{champion_version} kept"
+        kept = f"champion v{champion_version} kept" if champion_version else "no champion set"
+        return False, f"{metric} missing on this version (not evaluated?); {kept}"
+    if champion_version is None:
+        return True, f"no champion yet ({metric} {new:.6g})"
     if champion is None:
         return False, (f"champion v{champion_version} has no {metric} to compare with "
                        f"({metric}={new:.6g}); promote with force=True to replace it")
