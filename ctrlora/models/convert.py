@@ -163,10 +163,11 @@ def convert_ldm_state_dict(
         module = names[linear_of[k]][: -len(".weight")]
         lora[module + (".lora_A.weight" if k.endswith(LORA_DOWN) else ".lora_B.weight")] = sd[LDM_PREFIX + k]
     if expected is not None:
-        unknown = sorted(n for n in weights if n not in expected)
+        source = {names[k]: LDM_PREFIX + k for k in plain}
+        unknown = sorted(f"{source[n]} (-> {n})" for n in weights if n not in expected)
         if unknown:
-            raise ValueError(f"unknown keys (not parameters of the model): {unknown[:20]}")
-        wrong = [f"{n}: {tuple(t.shape)} vs {tuple(expected[n])}" for n, t in weights.items()
+            raise ValueError(f"unknown keys (no such parameter in the model): {unknown[:20]}")
+        wrong = [f"{source[n]} (-> {n}): {tuple(t.shape)} vs {tuple(expected[n])}" for n, t in weights.items()
                  if tuple(t.shape) != tuple(expected[n])]
         if wrong:
             raise ValueError(f"shape mismatch: {wrong[:20]}")
