@@ -254,9 +254,6 @@ def _cell(row: Mapping, key: str, default: Any) -> Any:
     return value
 
 
-warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
-
-
 class CtrLoRAPyfunc(mlflow.pyfunc.PythonModel):
     """backbone + base ControlNet + one condition adapter → images.
 
@@ -273,28 +270,36 @@ class CtrLoRAPyfunc(mlflow.pyfunc.PythonModel):
         self.pipe = CtrLoRAPipeline.from_pretrained_parts(
             context.artifacts["backbone"], context.artifacts["base"], {self.condition: str(adapter)})
 
-    def predict(self, context, model_input, params=None):
-        import pandas as pd
+    # ``predict`` is attached below the class body: MLflow inspects a ``predict`` defined in the
+    # body for type hints and warns on every import when there are none (inputs here are
+    # untyped on purpose: PNG bytes or base64 text).
 
-        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        if "condition_image" not in frame.columns:
-            raise ValueError(f"model input needs a 'condition_image' column; got {list(frame.columns)}")
-        params = dict(params or {})
-        images = []
-        for row in frame.to_dict("records"):
-            image = _decode_image(row["condition_image"])
-            out = self.pipe(
-                str(_cell(row, "prompt", params.get("prompt", ""))),
-                conditions={self.condition: (image, float(_cell(row, "weight", 1.0)))},
-                num_inference_steps=int(_cell(row, "steps", params.get("steps", 20))),
-                guidance_scale=float(_cell(row, "guidance_scale", params.get("guidance_scale", 7.5))),
-                seed=int(_cell(row, "seed", 0)),
-                output_type="pil",
-            )
-            buf = io.BytesIO()
-            out.images[0].save(buf, format="PNG")
-            images.append(buf.getvalue())
-        return pd.DataFrame({"image": images})
+
+def _predict(self, context, model_input, params=None):
+    import pandas as pd
+
+    frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+    if "condition_image" not in frame.columns:
+        raise ValueError(f"model input needs a 'condition_image' column; got {list(frame.columns)}")
+    params = dict(params or {})
+    images = []
+    for row in frame.to_dict("records"):
+        image = _decode_image(row["condition_image"])
+        out = self.pipe(
+            str(_cell(row, "prompt", params.get("prompt", ""))),
+            conditions={self.condition: (image, float(_cell(row, "weight", 1.0)))},
+            num_inference_steps=int(_cell(row, "steps", params.get("steps", 20))),
+            guidance_scale=float(_cell(row, "guidance_scale", params.get("guidance_scale", 7.5))),
+            seed=int(_cell(row, "seed", 0)),
+            output_type="pil",
+        )
+        buf = io.BytesIO()
+        out.images[0].save(buf, format="PNG")
+        images.append(buf.getvalue())
+    return pd.DataFrame({"image": images})
+
+
+CtrLoRAPyfunc.predict = _predict
 
 
 # --------------------------------------------------------------------------- gate / promotion
