@@ -151,21 +151,22 @@ class _Gum:
     unit: float
     ripple_phase: float
 
-    def height(self, X: np.ndarray, Y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def height(self, X: np.ndarray, Y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(Z, inside, distance past the margin, dZ/dX, dZ/dY) at scene coordinates."""
         m = np.interp(X, self.xs, self.margin)
-        if self.jaw == "upper":
-            inside = Y < m
-            d = self.y_ref - Y  # distance up from the cervical line
-            dm = m - Y
-        else:
-            inside = Y > m
-            d = Y - self.y_ref
-            dm = Y - m
+        sgn = 1.0 if self.jaw == "upper" else -1.0  # upper: d grows upward (toward smaller y)
+        d = sgn * (self.y_ref - Y)
+        dm = sgn * (m - Y)
+        inside = dm > 0
         dd = np.clip(d, 0.0, None)
+        w = 2 * math.pi / (1.8 * self.unit)
+        g = np.exp(-((d / 0.08) ** 2))
         z = (self.z_front - 0.05 - self.k * X * X - 0.35 * dd * dd
-             + 0.012 * np.cos(2 * math.pi * X / (1.8 * self.unit) + self.ripple_phase)
-             + 0.02 * np.exp(-((d / 0.08) ** 2)))
-        return z, inside, dm
+             + 0.012 * np.cos(w * X + self.ripple_phase) + 0.02 * g)
+        dz_dx = -2.0 * self.k * X - 0.012 * w * np.sin(w * X + self.ripple_phase)
+        dz_dd = -0.7 * dd + 0.02 * g * (-2.0 * d / 0.08**2)
+        dz_dy = dz_dd * (-sgn)
+        return z, inside, dm, dz_dx, dz_dy
 
 
 # ------------------------------------------------------------------------------------ scene
@@ -350,19 +351,27 @@ def render_scan(seed: int, config: RenderConfig = RenderConfig(), scan_id: str |
     lower_tooth = np.isin(LAB, [tooth_label("lower", k) for k in ("incisor", "canine", "premolar", "molar")])
     upper_tooth = (LAB >= 2) & ~lower_tooth
     for g in gums:
-        z, inside, dm = g.height(*scene(Xi, Yi))
-        zxp = g.height(*scene(Xi + h, Yi))[0]
-        zxm = g.height(*scene(Xi - h, Yi))[0]
-        zyp = g.height(*scene(Xi, Yi + h))[0]
-        zym = g.height(*scene(Xi, Yi - h))[0]
-        other = lower_tooth if g.jaw == "upper" else upper_tooth
-        win = inside & (~other | (z > Z))
-        Z[win] = z[win]
-        GX[win] = ((zxp - zxm) / (2 * h))[win]
-        GY[win] = ((zyp - zym) / (2 * h))[win]
-        INST[win] = -2
-        LAB[win] = GINGIVA
-        GUMD[win] = dm[win]
+        # only the rows the gum can reach (margin extent, widened for the scan's roll)
+        reach = np.abs(sr) * 1.5 + 2.0 / N
+        if g.jaw == "upper":
+            r0, r1 = 0, min(N, int(math.ceil((g.margin.max() + reach + 1) / 2 * N)))
+        else:
+            r0, r1 = max(0, int((g.margin.min() - reach + 1) / 2 * N)), N
+        if r0 >= r1:
+            continue
+        Xs, Ys = scene(Xi[r0:r1], Yi[r0:r1])
+        z, inside, dm, dzx, dzy = g.height(Xs, Ys)
+        # scene gradient -> image gradient: scene = R · image, so grad_image = Rᵀ · grad_scene
+        gx = cr * dzx + sr * dzy
+        gy = -sr * dzx + cr * dzy
+        other = (lower_tooth if g.jaw == "upper" else upper_tooth)[r0:r1]
+        win = inside & (~other | (z > Z[r0:r1]))
+        Z[r0:r1][win] = z[win]
+        GX[r0:r1][win] = gx[win]
+        GY[r0:r1][win] = gy[win]
+        INST[r0:r1][win] = -2
+        LAB[r0:r1][win] = GINGIVA
+        GUMD[r0:r1][win] = dm[win]
 
     fg = LAB != BACKGROUND
     normal = _normalise(GX, GY)

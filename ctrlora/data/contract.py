@@ -1,0 +1,411 @@
+"""The scan data contract: a manifest table (one row per scan × file) and its validation with
+great-expectations.
+
+Checks that need the file itself (is it a regular file inside the data folder, does its PNG
+header declare a sane size, does it decode, are its values in range) are computed here into
+manifest columns, without ever following a symlink or decoding an image whose header has not
+been checked. great-expectations then validates the table: each expectation carries the name of
+the contract rule it enforces in its ``meta``, and each unexpected row points back to a
+(scan, file) pair. Null cells mean "not reached" (an earlier rule already failed for that file)
+and are ignored by the expectations, so every broken file reports the first rule it breaks.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import stat
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ctrlora.data.labels import BACKGROUND, LABELS
+from ctrlora.data.scan import IMAGE_FILES, META, READY, REQUIRED_FILES, SCAN_ID_PATTERN
+
+# rule name -> what it means (the names appear in reason.json and validation.json)
+RULES: dict[str, str] = {
+    "scan_id_format": f"scan folder name matches {SCAN_ID_PATTERN}",
+    "unique_scan_id": "scan id not already in the accepted store / data set",
+    "required_file_present": "every file of the scan layout exists",
+    "path_inside_root": "the path (symlinks resolved) stays inside the data folder",
+    "regular_file": "a plain file, not a symlink, folder or device",
+    "known_file": "no files beyond the scan layout",
+    "non_empty_file": "file is not empty (READY may be)",
+    "decodable": "PNG header parses and the image decodes fully; meta.json is JSON",
+    "header_within_limits": "declared width × height within the max-pixels guard (checked before decoding)",
+    "expected_size": "image is resolution × resolution",
+    "expected_mode": "PIL mode as in the layout (RGB or L, 8-bit)",
+    "segmentation_labels": "every segmentation value is an id of the label table",
+    "normal_unit_length": "decoded normals have unit length within tolerance",
+    "depth_range": "depth is 0 exactly on background and in 1..255 elsewhere",
+    "lighting_range": "lighting is 0 on background",
+    "meta_schema": "meta.json has the required keys with valid values",
+    "unique_content": "the photograph's sha256 is not already present (duplicate scan)",
+}
+
+SCAN_RULES = frozenset({"scan_id_format", "unique_scan_id"})  # about the scan, not one file
+
+MANIFEST_COLUMNS = [
+    "scan_id", "file", "path", "present", "inside_root", "regular", "known", "size_bytes",
+    "non_empty", "sha256", "decodable", "header_ok", "width", "height", "mode", "expected_mode",
+    "labels_ok", "normals_ok", "depth_ok", "lighting_ok", "meta_ok", "scan_id_new",
+    "content_unique", "detail",
+]
+
+
+class ContractError(RuntimeError):
+    """A data set that must be valid (e.g. the input of ``prepare``) broke the contract."""
+
+
+@dataclass(frozen=True)
+class ContractConfig:
+    resolution: int = 64
+    max_pixels: int = 1 << 24  # decompression-bomb guard on the declared header size
+    normal_tolerance: float = 0.03
+
+
+@dataclass(frozen=True)
+class Violation:
+    scan_id: str
+    file: str
+    rule: str
+    detail: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"file": self.file, "rule": self.rule, "detail": self.detail}
+
+
+@dataclass
+class ValidationOutcome:
+    manifest: pd.DataFrame
+    violations: dict[str, list[Violation]]  # scan_id -> what it broke
+    report: dict[str, Any]  # the GX validation result as JSON-able dict
+    valid_scans: list[str] = field(default_factory=list)
+
+    @property
+    def success(self) -> bool:
+        return not self.violations
+
+
+# -------------------------------------------------------------------------- per-file checks
+
+def _inside(path: str, root_real: str) -> bool:
+    real = os.path.realpath(path)
+    return real == root_real or real.startswith(root_real + os.sep)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_meta(data: bytes, scan_id: str, cfg: ContractConfig) -> tuple[bool, bool | None, str]:
+    """(decodable, meta_ok, detail)."""
+    try:
+        meta = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return False, None, f"not JSON: {exc}"
+    problems = []
+    if not isinstance(meta, dict):
+        return True, False, "meta.json is not an object"
+    if meta.get("scan_id", scan_id) != scan_id:
+        problems.append(f"scan_id {meta.get('scan_id')!r} differs from folder name")
+    if meta.get("resolution") != cfg.resolution:
+        problems.append(f"resolution {meta.get('resolution')!r} != {cfg.resolution}")
+    if not isinstance(meta.get("seed"), int):
+        problems.append("seed missing or not an integer")
+    if meta.get("jaw") not in ("both", "upper", "lower"):
+        problems.append(f"jaw {meta.get('jaw')!r} not in both/upper/lower")
+    for key in ("teeth_present", "teeth_missing"):
+        if not isinstance(meta.get(key), list) or not all(isinstance(x, str) for x in meta[key]):
+            problems.append(f"{key} missing or not a list of names")
+    from ctrlora.data.captions import SHADE_WORDS
+
+    if meta.get("shade") not in SHADE_WORDS:
+        problems.append(f"shade {meta.get('shade')!r} not in {SHADE_WORDS}")
+    light = meta.get("light_direction")
+    if not (isinstance(light, list) and len(light) == 3 and all(isinstance(x, (int, float)) for x in light)
+            and abs(math.sqrt(sum(float(x) ** 2 for x in light)) - 1.0) < 1e-3):
+        problems.append("light_direction is not a unit 3-vector")
+    return True, not problems, "; ".join(problems)
+
+
+def _open_png(path: Path, cfg: ContractConfig, expected_mode: str, row: dict[str, Any]) -> np.ndarray | None:
+    """Header first, then the guards, then decode. Fills the row; returns the pixels or None."""
+    from PIL import Image
+
+    try:
+        im = Image.open(path)  # reads the header only
+    except Image.DecompressionBombError as exc:  # PIL's own guard fired on the declared size
+        row.update(header_ok=False, detail=f"header declares a decompression bomb: {exc}")
+        return None
+    except Exception as exc:  # noqa: BLE001 - any failure to identify the file is "not decodable"
+        row.update(decodable=False, detail=f"cannot read PNG header: {type(exc).__name__}: {exc}")
+        return None
+    with im:
+        if im.format != "PNG":
+            row.update(decodable=False, detail=f"format {im.format}, expected PNG")
+            return None
+        width, height = im.size
+        row.update(width=width, height=height)
+        if width * height > cfg.max_pixels:
+            row.update(header_ok=False, width=None, height=None,
+                       detail=f"header declares {width}×{height} > {cfg.max_pixels} pixels")
+            return None
+        row["header_ok"] = True
+        if (width, height) != (cfg.resolution, cfg.resolution):
+            row["detail"] = f"size {width}×{height}, expected {cfg.resolution}×{cfg.resolution}"
+            return None
+        row.update(mode=im.mode, expected_mode=expected_mode)
+        if im.mode != expected_mode:
+            row["detail"] = f"mode {im.mode}, expected {expected_mode}"
+            return None
+        from PIL import ImageFile
+
+        lenient = ImageFile.LOAD_TRUNCATED_IMAGES  # a truncated file must fail here, whatever the caller set
+        try:
+            ImageFile.LOAD_TRUNCATED_IMAGES = False
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                im.load()
+            pixels = np.asarray(im).copy()
+        except Exception as exc:  # noqa: BLE001
+            row.update(decodable=False, detail=f"decoding failed: {type(exc).__name__}: {exc}")
+            return None
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = lenient
+    row["decodable"] = True
+    return pixels
+
+
+def inspect_scan(scan_dir: Path, root: Path, cfg: ContractConfig) -> list[dict[str, Any]]:
+    """Manifest rows of one scan folder: one per layout file plus one per unexpected entry."""
+    scan_dir = Path(scan_dir)
+    root_real = os.path.realpath(root)
+    scan_id = scan_dir.name
+    dir_is_link = os.path.islink(scan_dir)
+    dir_inside = _inside(str(scan_dir), root_real)
+    names = list(REQUIRED_FILES)
+    if not dir_is_link and os.path.isdir(scan_dir):
+        names += sorted(n for n in os.listdir(scan_dir) if n not in REQUIRED_FILES)
+    rows: list[dict[str, Any]] = []
+    arrays: dict[str, np.ndarray] = {}
+    for name in names:
+        path = scan_dir / name
+        row: dict[str, Any] = {c: None for c in MANIFEST_COLUMNS}
+        row.update(scan_id=scan_id, file=name, path=os.path.relpath(path, root))
+        rows.append(row)
+        if dir_is_link:
+            # never look inside a linked scan folder
+            row.update(present=True, inside_root=dir_inside, regular=False if dir_inside else None,
+                       detail="scan folder is a symlink" + ("" if dir_inside else " pointing outside the data folder"))
+            continue
+        if not os.path.lexists(path):
+            row.update(present=False, detail="missing")
+            continue
+        row["present"] = True
+        inside = _inside(str(path), root_real)
+        row["inside_root"] = inside
+        if not inside:
+            row["detail"] = f"resolves to {os.path.realpath(path)}, outside the data folder"
+            continue
+        st = os.lstat(path)
+        row["regular"] = stat.S_ISREG(st.st_mode)
+        if not row["regular"]:
+            row["detail"] = "symlink" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+            continue
+        row["known"] = name in REQUIRED_FILES
+        if not row["known"]:
+            row["detail"] = "file not in the scan layout"
+            continue
+        row["size_bytes"] = st.st_size
+        if name == READY:
+            continue
+        row["non_empty"] = st.st_size > 0
+        if not row["non_empty"]:
+            row["detail"] = "empty file"
+            continue
+        row["sha256"] = sha256_file(path)
+        if name == META:
+            row["decodable"], row["meta_ok"], row["detail"] = _check_meta(path.read_bytes(), scan_id, cfg)
+            continue
+        pixels = _open_png(path, cfg, IMAGE_FILES[name], row)
+        if pixels is not None:
+            arrays[name] = pixels
+
+    by_name = {r["file"]: r for r in rows}
+    seg = arrays.get("segmentation.png")
+    if seg is not None:
+        bad = np.setdiff1d(np.unique(seg), np.array(sorted(LABELS)))
+        by_name["segmentation.png"]["labels_ok"] = bad.size == 0
+        if bad.size:
+            by_name["segmentation.png"]["detail"] = f"labels {bad.tolist()} not in the label table"
+    if "normal.png" in arrays:
+        n = arrays["normal.png"].astype(np.float32) / 127.5 - 1.0
+        err = np.abs(np.linalg.norm(n, axis=-1) - 1.0)
+        ok = bool(err.max() <= cfg.normal_tolerance)
+        by_name["normal.png"]["normals_ok"] = ok
+        if not ok:
+            by_name["normal.png"]["detail"] = f"{int((err > cfg.normal_tolerance).sum())} normals off unit length (max error {err.max():.3f})"
+    if seg is not None:
+        fg = seg != BACKGROUND
+        if "depth.png" in arrays:
+            d = arrays["depth.png"]
+            ok = bool(np.all(d[~fg] == 0) and np.all(d[fg] >= 1))
+            by_name["depth.png"]["depth_ok"] = ok
+            if not ok:
+                by_name["depth.png"]["detail"] = "depth is not 0 exactly on background / >= 1 on foreground"
+        if "lighting.png" in arrays:
+            ok = bool(np.all(arrays["lighting.png"][~fg] == 0))
+            by_name["lighting.png"]["lighting_ok"] = ok
+            if not ok:
+                by_name["lighting.png"]["detail"] = "lighting is not 0 on background"
+    return rows
+
+
+def build_manifest(scan_dirs: list[Path], root: Path, cfg: ContractConfig,
+                   known_scan_ids: set[str] | None = None,
+                   known_photo_hashes: dict[str, str] | None = None) -> pd.DataFrame:
+    """The manifest of ``scan_dirs`` (all under ``root``). ``known_*`` describe data already
+    accepted: their ids and photo hashes count as taken. Within the batch, the first scan (by id)
+    with a given photo keeps it; later copies are duplicates."""
+    known_scan_ids = known_scan_ids or set()
+    seen = dict(known_photo_hashes or {})
+    rows: list[dict[str, Any]] = []
+    for d in sorted(scan_dirs, key=lambda p: p.name):
+        scan_rows = inspect_scan(d, root, cfg)
+        new_id = d.name not in known_scan_ids
+        for r in scan_rows:
+            r["scan_id_new"] = new_id
+            if r["file"] == "photo.png" and r["sha256"] is not None:
+                owner = seen.get(r["sha256"])
+                r["content_unique"] = owner is None
+                if owner is None:
+                    seen[r["sha256"]] = d.name
+                else:
+                    r["detail"] = r["detail"] or f"same photo as scan {owner}"
+        rows.extend(scan_rows)
+    df = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+    for col in ("width", "height", "size_bytes"):
+        df[col] = df[col].astype("Int64")
+    return df.astype({c: object for c in MANIFEST_COLUMNS if c not in ("width", "height", "size_bytes")})
+
+
+# ----------------------------------------------------------------------- great-expectations
+
+def _expectations(cfg: ContractConfig) -> list[Any]:
+    import great_expectations as gx
+
+    E = gx.expectations
+    true_set = [True]
+
+    def must(column: str, rule: str) -> Any:
+        return E.ExpectColumnValuesToBeInSet(column=column, value_set=true_set, meta={"rule": rule})
+
+    return [
+        E.ExpectColumnValuesToMatchRegex(column="scan_id", regex=SCAN_ID_PATTERN, meta={"rule": "scan_id_format"}),
+        must("scan_id_new", "unique_scan_id"),
+        E.ExpectCompoundColumnsToBeUnique(column_list=["scan_id", "file"], meta={"rule": "manifest_rows_unique"}),
+        must("present", "required_file_present"),
+        must("inside_root", "path_inside_root"),
+        must("regular", "regular_file"),
+        must("known", "known_file"),
+        must("non_empty", "non_empty_file"),
+        must("decodable", "decodable"),
+        must("header_ok", "header_within_limits"),
+        E.ExpectColumnValuesToBeBetween(column="width", min_value=cfg.resolution, max_value=cfg.resolution, meta={"rule": "expected_size"}),
+        E.ExpectColumnValuesToBeBetween(column="height", min_value=cfg.resolution, max_value=cfg.resolution, meta={"rule": "expected_size"}),
+        E.ExpectColumnPairValuesToBeEqual(column_A="mode", column_B="expected_mode", ignore_row_if="either_value_is_missing", meta={"rule": "expected_mode"}),
+        must("labels_ok", "segmentation_labels"),
+        must("normals_ok", "normal_unit_length"),
+        must("depth_ok", "depth_range"),
+        must("lighting_ok", "lighting_range"),
+        must("meta_ok", "meta_schema"),
+        must("content_unique", "unique_content"),
+    ]
+
+
+def run_expectations(manifest: pd.DataFrame, cfg: ContractConfig, suite_name: str = "scan_contract") -> dict[str, Any]:
+    """Validate the manifest with an ephemeral GX context; returns the result as a JSON dict."""
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import (
+        DataContextConfig, InMemoryStoreBackendDefaults, ProgressBarsConfig)
+
+    project = DataContextConfig(store_backend_defaults=InMemoryStoreBackendDefaults(),
+                                analytics_enabled=False, progress_bars=ProgressBarsConfig(globally=False))
+    context = gx.get_context(mode="ephemeral", project_config=project)
+    source = context.data_sources.add_pandas("manifest")
+    batch_def = source.add_dataframe_asset("scan_files").add_batch_definition_whole_dataframe("all_rows")
+    suite = context.suites.add(gx.ExpectationSuite(name=suite_name))
+    for exp in _expectations(cfg):
+        suite.add_expectation(exp)
+    vdef = context.validation_definitions.add(gx.ValidationDefinition(name=f"{suite_name}_run", data=batch_def, suite=suite))
+    result = vdef.run(batch_parameters={"dataframe": manifest.reset_index(drop=True)},
+                      result_format={"result_format": "COMPLETE"})
+    return result.to_json_dict()
+
+
+def validate(manifest: pd.DataFrame, cfg: ContractConfig) -> ValidationOutcome:
+    """Run the expectations and turn unexpected rows into per-scan violations."""
+    manifest = manifest.reset_index(drop=True)
+    report = run_expectations(manifest, cfg)
+    violations: dict[str, list[Violation]] = {}
+    seen: set[tuple[str, str, str]] = set()
+    for res in report["results"]:
+        if res["success"]:
+            continue
+        rule = res["expectation_config"]["meta"]["rule"]
+        indices = res["result"].get("unexpected_index_list")
+        if indices is None:
+            raise ContractError(f"expectation for rule {rule} failed without row indices: {res['result']}")
+        for idx in indices:
+            row = manifest.iloc[int(idx)]
+            file = "." if rule in SCAN_RULES else row["file"]  # scan-level rules: report once
+            key = (row["scan_id"], file, rule)
+            if key in seen:
+                continue
+            seen.add(key)
+            detail = row["detail"] or RULES.get(rule, rule)
+            if rule == "scan_id_format":
+                detail = f"scan id {row['scan_id']!r} does not match {SCAN_ID_PATTERN}"
+            elif rule == "unique_scan_id":
+                detail = f"scan id {row['scan_id']!r} is already in the accepted data"
+            violations.setdefault(row["scan_id"], []).append(
+                Violation(scan_id=row["scan_id"], file=file, rule=rule, detail=str(detail)))
+    valid = sorted(set(manifest["scan_id"]) - set(violations))
+    for v in violations.values():
+        v.sort(key=lambda x: (x.file, x.rule))
+    return ValidationOutcome(manifest=manifest, violations=violations, report=report, valid_scans=valid)
+
+
+def summary_report(outcome: ValidationOutcome) -> dict[str, Any]:
+    """A compact JSON report: per-rule statistics, the violations, and the full GX result."""
+    stats = []
+    for res in outcome.report["results"]:
+        r = res["result"]
+        stats.append({
+            "rule": res["expectation_config"]["meta"]["rule"],
+            "expectation": res["expectation_config"]["type"],
+            "kwargs": {k: v for k, v in res["expectation_config"]["kwargs"].items() if k != "batch_id"},
+            "success": res["success"],
+            "element_count": r.get("element_count"),
+            "unexpected_count": r.get("unexpected_count"),
+        })
+    return {
+        "success": outcome.success,
+        "scans": int(outcome.manifest["scan_id"].nunique()),
+        "rows": int(len(outcome.manifest)),
+        "valid_scans": len(outcome.valid_scans),
+        "rules": RULES,
+        "expectations": stats,
+        "violations": {sid: [v.as_dict() for v in vs] for sid, vs in sorted(outcome.violations.items())},
+        "great_expectations": {"success": outcome.report["success"], "statistics": outcome.report["statistics"]},
+    }

@@ -1,0 +1,242 @@
+"""Ingestion of landed scans into the accepted store, with quarantine.
+
+Landing protocol
+----------------
+A producer writes a scan into ``<data>/incoming/<scan_id>/`` and creates the empty file ``READY``
+*last* (after every other file is closed). Ingestion considers a folder only once ``READY`` exists;
+folders without it (still being written), hidden entries (``.name``, e.g. a producer's temporary
+folder) and stray plain files are left alone and reported as pending / ignored.
+
+Ingestion of one batch
+----------------------
+1. Complete scans are inspected and validated against the contract
+   (:mod:`ctrlora.data.contract`, great-expectations on the manifest table).
+2. A *journal* (``<data>/.ingest-journal.json``, written atomically) lists every planned move:
+   valid scans ``incoming/<id> -> scans/<id>``, failed ones ``incoming/<id> ->
+   quarantine/<name>`` with their reasons. Then the moves run (``os.rename``, atomic, same
+   filesystem), ``reason.json`` is written into each quarantined folder, and the journal is
+   removed. A crash midway leaves the journal; the next ingestion first completes it (roll
+   forward), and readers of the store (``prepare``) refuse to run while a journal exists, so they
+   see the old store or the new one, never a half-applied batch. Moves never overwrite and
+   nothing is ever deleted.
+3. A quarantine name that is taken gets a numeric suffix (``<id>.1``, ``<id>.2``, ...).
+   A quarantined scan folder that is itself a symlink is not entered: a fresh folder
+   ``quarantine/<name>/`` receives ``reason.json`` and the link itself as ``scan_link``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ctrlora.data.contract import (ContractConfig, ContractError, Violation, build_manifest,
+                                   sha256_file, summary_report, validate)
+from ctrlora.data.scan import READY
+
+JOURNAL = ".ingest-journal.json"
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    data_root: Path  # every path must stay inside this folder
+    incoming: Path
+    store: Path  # accepted scans
+    quarantine: Path
+    contract: ContractConfig = ContractConfig()
+
+    @classmethod
+    def under(cls, data_root: Path | str, contract: ContractConfig = ContractConfig()) -> "IngestConfig":
+        root = Path(data_root)
+        return cls(root, root / "incoming", root / "scans", root / "quarantine", contract)
+
+
+@dataclass
+class IngestReport:
+    accepted: list[str] = field(default_factory=list)
+    quarantined: dict[str, str] = field(default_factory=dict)  # scan id -> quarantine folder name
+    violations: dict[str, list[dict[str, str]]] = field(default_factory=dict)
+    pending: list[str] = field(default_factory=list)  # no READY yet: left in incoming
+    ignored: list[str] = field(default_factory=list)  # hidden entries, stray files: left alone
+    recovered_moves: int = 0
+    validation: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        lines = [f"accepted {len(self.accepted)}, quarantined {len(self.quarantined)}, "
+                 f"pending {len(self.pending)}, ignored {len(self.ignored)}"
+                 + (f", recovered {self.recovered_moves} moves of an interrupted batch" if self.recovered_moves else "")]
+        for sid, qname in sorted(self.quarantined.items()):
+            rules = sorted({v["rule"] for v in self.violations.get(sid, [])})
+            lines.append(f"  quarantined {sid} -> quarantine/{qname}: {', '.join(rules)}")
+        return "\n".join(lines)
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _check_layout(cfg: IngestConfig) -> None:
+    root = os.path.realpath(cfg.data_root)
+    for p in (cfg.incoming, cfg.store, cfg.quarantine):
+        p.mkdir(parents=True, exist_ok=True)
+        real = os.path.realpath(p)
+        if not (real == root or real.startswith(root + os.sep)):
+            raise ContractError(f"{p}: resolves outside the data folder {root}")
+    devices = {os.stat(p).st_dev for p in (cfg.incoming, cfg.store, cfg.quarantine)}
+    if len(devices) != 1:
+        raise ContractError("incoming, store and quarantine must be on one filesystem (atomic rename)")
+
+
+def pending_journal(data_root: Path) -> Path | None:
+    p = Path(data_root) / JOURNAL
+    return p if p.exists() else None
+
+
+def _reason_path(folder: Path) -> Path:
+    p = folder / "reason.json"
+    n = 1
+    while os.path.lexists(p):  # the scan carried its own reason.json: never overwrite it
+        p = folder / f"reason.{n}.json"
+        n += 1
+    return p
+
+
+def _reason_written(folder: Path, batch: str) -> bool:
+    for p in folder.glob("reason*.json"):
+        if p.is_file() and not p.is_symlink():
+            try:
+                if json.loads(p.read_text()).get("batch") == batch:
+                    return True
+            except (ValueError, AttributeError):
+                continue
+    return False
+
+
+def _apply(plan: list[dict[str, Any]], root: Path) -> int:
+    """Carry out (or finish) the planned moves; idempotent. Returns the number of moves done."""
+    done = 0
+    for step in plan:
+        src, dst = root / step["src"], root / step["dst"]
+        if step.get("wrap"):  # symlinked scan folder: real folder + the link inside it
+            target = dst / "scan_link"
+            dst.mkdir(exist_ok=True)
+        else:
+            target = dst
+        if os.path.lexists(src):
+            if os.path.lexists(target):
+                raise ContractError(f"cannot move {src} to {target}: destination exists (refusing to overwrite)")
+            os.rename(src, target)
+            done += 1
+        elif not os.path.lexists(target):
+            raise ContractError(f"journal step lost: neither {src} nor {target} exists")
+        if step.get("reason") is not None and not _reason_written(dst, step["reason"]["batch"]):
+            _write_json_atomic(_reason_path(dst), step["reason"])
+    return done
+
+
+def recover(cfg: IngestConfig) -> int:
+    """Finish an interrupted batch (roll forward) if its journal is present."""
+    journal = pending_journal(cfg.data_root)
+    if journal is None:
+        return 0
+    plan = json.loads(journal.read_text())["moves"]
+    done = _apply(plan, Path(cfg.data_root))
+    os.unlink(journal)
+    return done
+
+
+def _store_index(store: Path) -> tuple[set[str], dict[str, str]]:
+    ids: set[str] = set()
+    hashes: dict[str, str] = {}
+    for name in sorted(os.listdir(store)):
+        if name.startswith("."):
+            continue
+        ids.add(name)
+        photo = store / name / "photo.png"
+        if photo.is_file() and not photo.is_symlink():
+            hashes.setdefault(sha256_file(photo), name)
+    return ids, hashes
+
+
+def _quarantine_name(cfg: IngestConfig, scan_id: str, taken: set[str]) -> str:
+    name, n = scan_id, 0
+    while name in taken or os.path.lexists(cfg.quarantine / name):
+        n += 1
+        name = f"{scan_id}.{n}"
+    taken.add(name)
+    return name
+
+
+def find_complete(incoming: Path) -> tuple[list[Path], list[str], list[str]]:
+    """(complete scan folders, pending ids, ignored entries) of the landing folder."""
+    complete, pending, ignored = [], [], []
+    for name in sorted(os.listdir(incoming)):
+        path = incoming / name
+        if name.startswith("."):
+            ignored.append(name)
+        elif os.path.islink(path):
+            complete.append(path)  # not entered; it will be quarantined (link only)
+        elif not path.is_dir():
+            ignored.append(name)
+        elif os.path.lexists(path / READY):
+            complete.append(path)
+        else:
+            pending.append(name)
+    return complete, pending, ignored
+
+
+def ingest(cfg: IngestConfig) -> IngestReport:
+    """Validate every complete scan in ``incoming`` and move it to the store or quarantine."""
+    _check_layout(cfg)
+    report = IngestReport()
+    report.recovered_moves = recover(cfg)
+    candidates, report.pending, report.ignored = find_complete(cfg.incoming)
+    if not candidates:
+        return report
+    known_ids, known_hashes = _store_index(cfg.store)
+    manifest = build_manifest(candidates, cfg.data_root, cfg.contract, known_ids, known_hashes)
+    outcome = validate(manifest, cfg.contract)
+    report.validation = summary_report(outcome)
+
+    batch = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.getpid()}"
+    root = Path(cfg.data_root)
+    taken: set[str] = set()
+    plan: list[dict[str, Any]] = []
+    for path in candidates:
+        sid = path.name
+        rel_src = os.path.relpath(path, root)
+        if sid in outcome.violations:
+            qname = _quarantine_name(cfg, sid, taken)
+            viol: list[Violation] = outcome.violations[sid]
+            reason = {
+                "scan_id": sid,
+                "quarantined_as": qname,
+                "batch": batch,
+                "violations": [v.as_dict() for v in viol],
+            }
+            plan.append({"src": rel_src, "dst": os.path.relpath(cfg.quarantine / qname, root),
+                         "wrap": os.path.islink(path), "reason": reason})
+            report.quarantined[sid] = qname
+            report.violations[sid] = reason["violations"]
+        else:
+            plan.append({"src": rel_src, "dst": os.path.relpath(cfg.store / sid, root), "reason": None})
+            report.accepted.append(sid)
+    journal = root / JOURNAL
+    _write_json_atomic(journal, {"batch": batch, "moves": plan})
+    _apply(plan, root)
+    os.unlink(journal)
+    return report

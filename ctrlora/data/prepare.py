@@ -1,0 +1,174 @@
+"""Build ``data/prepared/`` (layout in docs/CONTRACTS.md) from validated scan folders.
+
+Every input scan is validated against the contract first; ``prepare`` is strict — any violation
+stops it with a :class:`ContractError` naming the scans, files and rules (bad *incoming* scans are
+the ingestion's business: they never reach the accepted store). The output is built in a
+temporary sibling folder and renamed into place when complete.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ctrlora.data.captions import caption_from_meta
+from ctrlora.data.conditions import CONDITIONS, encode_u8
+from ctrlora.data.contract import ContractConfig, ContractError, build_manifest, summary_report, validate
+from ctrlora.data.hashing import dvc_dir_md5
+from ctrlora.data.ingest import pending_journal
+from ctrlora.data.scan import load_scan, png_bytes
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    sources: tuple[Path, ...]  # folders of scan folders (e.g. data/rendered, data/scans); absent ones are skipped
+    out: Path  # data/prepared
+    data_root: Path  # the data folder: every input path must stay inside it
+    test_fraction: float = 0.1
+    conditions: tuple[str, ...] = tuple(CONDITIONS)
+    contract: ContractConfig = ContractConfig()
+    workers: int = 2
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+        unknown = [c for c in self.conditions if c not in CONDITIONS]
+        if unknown:
+            raise ValueError(f"unknown conditions {unknown}; known: {list(CONDITIONS)}")
+
+
+@dataclass
+class PrepareResult:
+    out: Path
+    scans: int
+    train: int
+    test: int
+    hashes: dict[str, str]
+    seconds: float
+    sources: dict[str, int] = field(default_factory=dict)
+
+
+def split_of(scan_id: str, test_fraction: float) -> str:
+    """Deterministic split from the scan id alone (stable when scans are added or removed)."""
+    digest = hashlib.sha256(f"ctrlora-split:{scan_id}".encode()).digest()
+    return "test" if int.from_bytes(digest[:8], "big") / 2.0**64 < test_fraction else "train"
+
+
+def _scan_dirs(sources: tuple[Path, ...]) -> tuple[list[Path], dict[str, int]]:
+    dirs: list[Path] = []
+    counts: dict[str, int] = {}
+    owner: dict[str, Path] = {}
+    for src in sources:
+        src = Path(src)
+        if not src.is_dir():
+            counts[str(src)] = 0
+            continue
+        found = [src / n for n in sorted(os.listdir(src)) if not n.startswith(".")]
+        counts[str(src)] = len(found)
+        for d in found:
+            if d.name in owner:
+                raise ContractError(f"rule unique_scan_id: scan id {d.name!r} is in both {owner[d.name]} and {src}")
+            owner[d.name] = src
+        dirs.extend(found)
+    return dirs, counts
+
+
+def _write_scan_outputs(job: tuple[str, str, str, tuple[str, ...]]) -> tuple[str, str, str]:
+    """Copy the photo and write every encoded condition of one scan. Returns (id, photo sha, caption)."""
+    scan_dir, tmp_out, _split, conditions = job
+    scan = load_scan(Path(scan_dir))
+    out = Path(tmp_out)
+    photo_bytes = (Path(scan_dir) / "photo.png").read_bytes()
+    (out / "photos" / f"{scan.scan_id}.png").write_bytes(photo_bytes)
+    for c in conditions:
+        (out / "conditions" / c / f"{scan.scan_id}.png").write_bytes(png_bytes(encode_u8(c, scan), "RGB"))
+    return scan.scan_id, hashlib.sha256(photo_bytes).hexdigest(), caption_from_meta(scan.meta)
+
+
+def prepare(cfg: PrepareConfig) -> PrepareResult:
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    journal = pending_journal(cfg.data_root)
+    if journal is not None:
+        raise ContractError(f"{journal}: an ingestion batch is unfinished; run the ingest step first (it completes it)")
+    dirs, counts = _scan_dirs(cfg.sources)
+    if not dirs:
+        raise ContractError(f"no scans found in {[str(s) for s in cfg.sources]}")
+    manifest = build_manifest(dirs, cfg.data_root, cfg.contract)
+    outcome = validate(manifest, cfg.contract)
+    if not outcome.success:
+        lines = [f"{sid}/{v.file}: {v.rule} ({v.detail})" for sid, vs in sorted(outcome.violations.items()) for v in vs]
+        more = f"\n... and {len(lines) - 20} more" if len(lines) > 20 else ""
+        raise ContractError(f"{len(outcome.violations)} scans break the data contract:\n" + "\n".join(lines[:20]) + more)
+
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        for sub in ["photos", "meta", *[f"conditions/{c}" for c in cfg.conditions]]:
+            (tmp / sub).mkdir(parents=True)
+        splits = {d.name: split_of(d.name, cfg.test_fraction) for d in dirs}
+        jobs = [(str(d), str(tmp), splits[d.name], tuple(cfg.conditions)) for d in sorted(dirs, key=lambda p: p.name)]
+        results: list[tuple[str, str, str]] = []
+        bar = tqdm(total=len(jobs), desc="prepare", unit="scan", disable=not cfg.progress)
+        if cfg.workers > 1:
+            import multiprocessing as mp
+
+            with mp.get_context("fork" if os.name == "posix" else "spawn").Pool(cfg.workers) as pool:
+                for r in pool.imap(_write_scan_outputs, jobs, chunksize=32):
+                    results.append(r)
+                    bar.update()
+        else:
+            for job in jobs:
+                results.append(_write_scan_outputs(job))
+                bar.update()
+        bar.close()
+        results.sort()
+        for c in cfg.conditions:
+            with open(tmp / "conditions" / c / "pairs.jsonl", "w") as f:
+                for sid, sha, caption in results:
+                    f.write(json.dumps({
+                        "scan_id": sid, "split": splits[sid], "photo": f"photos/{sid}.png",
+                        "photo_sha256": sha, "condition": f"conditions/{c}/{sid}.png", "caption": caption,
+                    }, sort_keys=True) + "\n")
+        manifest = outcome.manifest.copy()
+        manifest.insert(1, "split", manifest["scan_id"].map(splits))
+        manifest.to_csv(tmp / "meta" / "manifest.csv", index=False)
+        train = sorted(s for s, v in splits.items() if v == "train")
+        test = sorted(s for s, v in splits.items() if v == "test")
+        _dump(tmp / "meta" / "splits.json", {"test_fraction": cfg.test_fraction, "rule": "sha256('ctrlora-split:' + id)[:8] / 2**64 < test_fraction",
+                                              "train": train, "test": test})
+        _dump(tmp / "meta" / "validation.json", summary_report(outcome))
+        hashes = {c: dvc_dir_md5(tmp / "conditions" / c) for c in cfg.conditions}
+        _dump(tmp / "meta" / "hashes.json", hashes)
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return PrepareResult(out=out, scans=len(dirs), train=len(train), test=len(test), hashes=hashes,
+                         seconds=round(time.perf_counter() - start, 2), sources=counts)
+
+
+def _dump(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished folder into place; an old one is moved aside first and removed last
+    (a crash in between leaves the old data in ``.<name>.old-*`` and the new in ``.<name>.tmp-*``)."""
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, out)
