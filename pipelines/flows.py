@@ -80,11 +80,16 @@ def dvc_stages(root: str | Path) -> list[str]:
     import networkx as nx
     from dvc.repo import Repo
 
+    root = Path(root).resolve()
+
+    def name(stage) -> str:  # as `dvc repro` run in ``root`` wants it
+        rel = os.path.relpath(stage.path, root)
+        return stage.name if rel == "dvc.yaml" else f"{rel}:{stage.name}"
+
     with Repo(str(root)) as repo:
         graph = repo.index.graph  # edges: stage -> stage it depends on
-        order = nx.lexicographical_topological_sort(graph.reverse(copy=True),
-                                                    key=lambda s: s.addressing)
-        return [s.addressing for s in order]
+        order = nx.lexicographical_topological_sort(graph.reverse(copy=True), key=name)
+        return [name(s) for s in order]
 
 
 def _env() -> dict[str, str]:
@@ -190,7 +195,7 @@ def ingest_task(repo_root: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- flows
 
 @flow(name="ctrlora-pipeline")
-def pipeline(repo_root: str = ".", register: bool = True, retries: int | None = None,
+def pipeline(repo_root: str = ".", register_models: bool = True, retries: int | None = None,
              retry_delay_seconds: float | None = None) -> dict[str, Any]:
     """Every DVC stage as its own task run (dependencies first), then register + promote."""
     logger = get_run_logger()
@@ -207,7 +212,7 @@ def pipeline(repo_root: str = ".", register: bool = True, retries: int | None = 
         results.append(runner(str(root), stage))  # raises StageFailed after the last retry
     ran = [r["stage"] for r in results if r["status"] != "unchanged"]
     logger.info("stages that ran: %s", ", ".join(ran) if ran else "none (everything up to date)")
-    registered = register_task(str(root)) if register else []
+    registered = register_task(str(root)) if register_models else []
     return {"stages": results, "registered": registered}
 
 
