@@ -31,6 +31,7 @@ from ctrlora.data.scan import IMAGE_FILES, META, READY, REQUIRED_FILES, SCAN_ID_
 RULES: dict[str, str] = {
     "scan_id_format": f"scan folder name matches {SCAN_ID_PATTERN}",
     "unique_scan_id": "scan id not already in the accepted store / data set",
+    "manifest_rows_unique": "one manifest row per (scan, file)",
     "required_file_present": "every file of the scan layout exists",
     "path_inside_root": "the path (symlinks resolved) stays inside the data folder",
     "regular_file": "a plain file, not a symlink, folder or device",
