@@ -294,6 +294,16 @@ def test_requires_grad_for_both_modes(backbone):
     base_names = {n for n in named if A._clean_name(n) is not None}
     assert base_names <= train  # whole base incl. shared zero convs / norms
     assert any(n.startswith("controlnet_mid_block.original_module") for n in train)
+    # switching adapters (per step in base training) and adding one never touch the flags
+    flags = {n: p.requires_grad for n, p in cn.named_parameters()}
+    A.set_adapter(cn, "depth")
+    A.set_adapter(cn, None)
+    A.add_adapter(cn, "extra", rank=RANK)
+    now = {n: p.requires_grad for n, p in cn.named_parameters()}
+    assert all(now[n] == f for n, f in flags.items())
+    assert not any(now[n] for n in now if ".extra." in n)
+    named = dict(cn.named_parameters())
+    by_id = {id(p): n for n, p in named.items()}
 
     params = A.set_trainable(cn, "adapter", adapter="lighting")
     train = {by_id[id(p)] for p in params}

@@ -180,7 +180,8 @@ def add_adapter(
 ) -> str:
     """Add adapter ``name`` (fresh LoRA: A gaussian std 1/r as the reference, B zero; own zero
     convs / norms copied from the base's current values when ``own_modules``) and make it the
-    active adapter. ``requires_grad`` is left to :func:`set_trainable`."""
+    active adapter. Existing parameters keep their ``requires_grad``; the new adapter's start
+    frozen -- :func:`set_trainable` decides what trains."""
     LoraConfig, _, _, ModulesToSaveWrapper = _peft()
     from peft import inject_adapter_in_model
 
@@ -203,9 +204,18 @@ def add_adapter(
         modules_to_save=list(owned) if owned else None,
         init_lora_weights=init_lora_weights,
     )
+    flags = [(p, p.requires_grad) for p in model.parameters()]
     with warnings.catch_warnings():  # "already found a peft_config": several adapters is the point
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         inject_adapter_in_model(config, model, adapter_name=name)
+    # peft freezes the base on a first injection and marks the new adapter trainable; undo both:
+    # existing parameters keep their flags, the new adapter starts frozen (see set_trainable)
+    known = {id(p) for p, _ in flags}
+    for p in model.parameters():
+        if id(p) not in known:
+            p.requires_grad_(False)
+    for p, flag in flags:
+        p.requires_grad_(flag)
     reg[name] = {"rank": rank, "alpha": alpha, "own_modules": bool(own_modules)}
     if own_modules:  # the copies must be exactly the base's values (peft deep-copies them)
         mods = dict(model.named_modules())
@@ -218,21 +228,29 @@ def add_adapter(
 
 
 def set_adapter(model: nn.Module, name: str | None) -> None:
-    """Make ``name`` the active adapter; ``None`` (or ``"__base__"``) = base ControlNet only."""
+    """Make ``name`` the active adapter; ``None`` (or ``"__base__"``) = base ControlNet only.
+    ``requires_grad`` flags are left exactly as they were (peft's own switching toggles them;
+    here only :func:`set_trainable` decides), so switching per step inside training is safe."""
     from peft.functional import set_adapter as peft_set_adapter
 
     _, _, BaseTunerLayer, ModulesToSaveWrapper = _peft()
+    if name is not None and name != BASE_NAME:
+        _require(model, name)
+    flags = [(p, p.requires_grad) for p in model.parameters()]
     layers = [m for m in model.modules() if isinstance(m, (BaseTunerLayer, ModulesToSaveWrapper))]
-    if name is None or name == BASE_NAME:
-        for m in layers:
-            m.enable_adapters(False)
-        object.__setattr__(model, "_ctrlora_active", None)
-        return
-    _require(model, name)
-    for m in layers:
-        m.enable_adapters(True)
-    peft_set_adapter(model, name)
-    object.__setattr__(model, "_ctrlora_active", name)
+    try:
+        if name is None or name == BASE_NAME:
+            for m in layers:
+                m.enable_adapters(False)
+            object.__setattr__(model, "_ctrlora_active", None)
+        else:
+            for m in layers:
+                m.enable_adapters(True)
+            peft_set_adapter(model, name)
+            object.__setattr__(model, "_ctrlora_active", name)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def active_adapter(model: nn.Module) -> str | None:
