@@ -292,6 +292,7 @@ def _predict(self, context, model_input, params=None):
             guidance_scale=float(_cell(row, "guidance_scale", params.get("guidance_scale", 7.5))),
             seed=int(_cell(row, "seed", 0)),
             output_type="pil",
+            progress=False,
         )
         buf = io.BytesIO()
         out.images[0].save(buf, format="PNG")
