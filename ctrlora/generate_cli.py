@@ -86,7 +86,7 @@ def _resolve_adapters(adapters: dict[str, tuple[str, float | None]]):
             try:
                 r = resolve_adapter_uri(where)
             except Exception as exc:  # MLflow / registry errors: report them plainly
-                raise GenerateError(f"adapter {name!r}: cannot resolve {where}: {exc}") from exc
+                raise GenerateError(f"adapter {name!r}: {exc}") from exc
             dirs[name] = Path(r.adapter)
             resolved.append((name, where, r))
         else:
@@ -161,9 +161,16 @@ def _generate(args) -> list[Path]:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
-    pipe = CtrLoRAPipeline.from_pretrained_parts(backbone, base, adapter_dirs,
-                                                 torch_dtype=None if dtype == torch.float32 else dtype,
-                                                 device=device)
+    try:
+        pipe = CtrLoRAPipeline.from_pretrained_parts(backbone, base, adapter_dirs,
+                                                     torch_dtype=None if dtype == torch.float32 else dtype,
+                                                     device=device)
+    finally:  # everything is in memory now; drop the registry downloads
+        import shutil
+
+        for _, _, r in resolved:
+            shutil.rmtree(r.local_dir, ignore_errors=True)
+    origin = {name: uri for name, uri, _ in resolved}
     weights = {}
     for name, (_, w) in conditions.items():
         weights[name] = w if w is not None else (adapters[name][1] if name in adapters else None)
@@ -183,7 +190,8 @@ def _generate(args) -> list[Path]:
     record = {
         "prompt": args.prompt, "negative_prompt": args.negative_prompt, "steps": args.steps,
         "guidance": args.guidance, "scheduler": args.scheduler, "eta": args.eta, "strength": args.strength,
-        "seeds": [args.seed + i for i in range(args.num_images)], "backbone": str(backbone), "base": str(base),
+        "seeds": [args.seed + i for i in range(args.num_images)],
+        "backbone": args.backbone or f"from {resolved[0][1]}", "base": args.base or f"from {resolved[0][1]}",
         "adapters": {n: adapters[n][0] for n in adapters},
         "conditions": {n: {"image": conditions[n][0], "weight": conds[n][1]} for n in conditions},
         "images": [p.name for p in paths],

@@ -353,3 +353,32 @@ def test_generate_cli_errors(saved_parts, tmp_path, capsys):
         assert main(head + extra) == 2, extra
         assert message in capsys.readouterr().err, message
     assert not (tmp_path / "o").exists()
+
+
+def test_generate_cli_with_registry_uri(saved_parts, tmp_path, monkeypatch, capsys):
+    """`--adapter NAME=models:/ctrlora-<c>@champion:W` brings backbone and base from the registry."""
+    pytest.importorskip("mlflow")
+    from ctrlora.cli import main
+
+    root, cn = saved_parts
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "test-generate")
+    from pipelines import registry
+
+    res = registry.register_adapter(
+        "lighting", root / "adapters" / "lighting", dataset_hash="f" * 32 + ".dir",
+        base_hash=A.read_adapter_config(root / "adapters" / "lighting")["base_hash"],
+        backbone_dir=root / "backbone", base_dir=root / "base", metrics={"fidelity": 0.1}, git_commit="c0ffee")
+    assert res.decision == "champion"
+    common = ["--condition", f"lighting={root / 'lighting.png'}", "--steps", "2", "--seed", "1", "--device", "cpu"]
+    assert main(["generate", "--adapter", "lighting=models:/ctrlora-lighting@champion:0.7",
+                 "--out", str(tmp_path / "a")] + common) == 0
+    assert main(["generate", "--backbone", str(root / "backbone"), "--base", str(root / "base"),
+                 "--adapter", f"lighting={root / 'adapters' / 'lighting'}:0.7", "--out", str(tmp_path / "b")]
+                + common) == 0
+    via_uri, local = (next((tmp_path / d).glob("*.png")) for d in "ab")
+    assert np.array_equal(np.asarray(Image.open(via_uri)), np.asarray(Image.open(local)))
+    capsys.readouterr()
+    assert main(["generate", "--adapter", "lighting=models:/ctrlora-lighting@nope",
+                 "--out", str(tmp_path / "c")] + common) == 2
+    assert "no alias 'nope'" in capsys.readouterr().err
