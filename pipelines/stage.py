@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -24,7 +25,7 @@ TIMINGS_FILE = REPO_ROOT / "logs" / "stage_times.jsonl"
 
 def read_params(*sections: str, path: Path | None = None) -> dict[str, Any]:
     """Return one section of params.yaml (or a merged dict of several, keyed by section)."""
-    path = path or Path("params.yaml")
+    path = Path(path or os.environ.get("CTRLORA_PARAMS", "params.yaml"))
     with open(path) as fh:
         params = yaml.safe_load(fh) or {}
     missing = [s for s in sections if s not in params]
@@ -54,3 +55,38 @@ def timed_stage(name: str) -> Iterator[None]:
                                      "finished": time.time()}) + "\n")
         except OSError:
             pass
+
+
+def checkpoint_dir(stage: str, params: dict[str, Any]) -> Path:
+    """Where a stage keeps resumable checkpoints: outside DVC outputs (DVC deletes those before a
+    run), keyed by the stage's parameters so a changed configuration never resumes a stale run.
+    Stages delete it after a successful run (:func:`clear_checkpoints`)."""
+    import hashlib
+
+    key = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return REPO_ROOT / "checkpoints" / stage / key
+
+
+def clear_checkpoints(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def resolve_backbone(out_dir: Path) -> Path:
+    """The backbone directory the ``backbone`` stage produced: the tiny preset itself, or the
+    local SD 1.5 directory it recorded in ``backbone.json``."""
+    record = Path(out_dir) / "backbone.json"
+    if record.exists():
+        return Path(json.loads(record.read_text())["path"])
+    return Path(out_dir)
+
+
+def write_curve(history: list[dict], path: Path, keys: list[str] | tuple[str, ...] = ("loss",)) -> None:
+    """A loss curve as CSV (step + the given columns; empty where a step lacks one) for DVC plots."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["step," + ",".join(k.replace("/", "_") for k in keys)]
+    for r in history:
+        lines.append(f"{r['step']}," + ",".join(f"{r[k]:.6f}" if k in r else "" for k in keys))
+    path.write_text("\n".join(lines) + "\n")

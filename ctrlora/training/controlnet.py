@@ -1,0 +1,143 @@
+"""Training the Base ControlNet and condition adapters (and the full-ControlNet baselines).
+
+The loss is the one of ControlNet / CtrLoRA: the frozen UNet predicts the noise of a noisy
+photo latent with the ControlNet's residuals added to its skips, and only the ControlNet side
+learns. Everything comes from the embed cache (fresh posterior samples every step), except in
+the ``cnn`` ablation, whose hint CNN reads the condition *image*.
+
+Modes (see :func:`ctrlora.models.adapters.set_trainable`):
+
+``base``     every mini-batch holds one base condition (a fresh random order of the conditions
+             every round) with that condition's LoRA active; the shared base, its zero convs and
+             norms and the active LoRA train together; prompt dropped to "" with p = 0.3.
+``adapter``  new condition: base frozen, only the condition's adapter (LoRA + own zero convs +
+             own norms) trains.
+``full``     baselines: every ControlNet weight trains (a full ControlNet fine-tune).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator, DistributedDataParallelKwargs
+
+from ctrlora.models.adapters import set_adapter, set_trainable
+from ctrlora.models.controlnet import sample_latent
+from ctrlora.training.embed import EmbedCache
+from ctrlora.training.loop import TrainConfig, Trainer, TrainResult
+
+
+@dataclass
+class ControlNetTrainConfig:
+    train: TrainConfig = field(default_factory=TrainConfig)
+    prompt_dropout: float = 0.3
+
+
+class _ControlledDenoiser(torch.nn.Module):
+    """ControlNet + frozen UNet as one ``forward`` (so DDP sees the whole computation)."""
+
+    def __init__(self, controlnet, unet):
+        super().__init__()
+        self.controlnet, self.unet = controlnet, unet
+
+    def forward(self, noisy, t, text, cond):
+        down, mid = self.controlnet(cond, t, text, sample=noisy, return_dict=False)
+        return self.unet(noisy, t, encoder_hidden_states=text, down_block_additional_residuals=down,
+                         mid_block_additional_residual=mid).sample
+
+
+def condition_schedule(conditions: Sequence[str], seed: int, step: int) -> str:
+    """The condition of ``step`` (1-based): a fresh random order of all conditions every round."""
+    n = len(conditions)
+    rnd, pos = divmod(step - 1, n)
+    g = torch.Generator().manual_seed(seed * 65_537 + rnd)
+    return conditions[int(torch.randperm(n, generator=g)[pos])]
+
+
+def _make_trainer(cfg: ControlNetTrainConfig, model, params, checkpoint_dir, unused: bool) -> Trainer:
+    acc = Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        # base training leaves the inactive conditions' LoRA unused in a step
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)],
+    )
+    return Trainer(cfg.train, model, params, checkpoint_dir, accelerator=acc)
+
+
+def _loss_step(model, cache: EmbedCache, scheduler, condition: str, rows: torch.Tensor, cfg: ControlNetTrainConfig,
+               gen: torch.Generator, device, condition_images: torch.Tensor | None = None):
+    b = cfg.train.batch_size
+    pick = rows[torch.randint(0, len(rows), (b,), generator=gen)]
+    ce = cache.conditions[condition]
+    photo = ce.photo_index[pick]
+    z = sample_latent(cache.photo_mean[photo], cache.photo_logvar[photo], cache.scaling_factor, gen)
+    c = sample_latent(ce.mean[pick], ce.logvar[pick], cache.scaling_factor, gen)
+    if condition_images is not None:  # "cnn" ablation: the hint CNN reads the image
+        c = condition_images[pick]
+    text = cache.text[photo]
+    drop = torch.rand(b, generator=gen) < cfg.prompt_dropout
+    text = torch.where(drop[:, None, None], cache.empty_text.expand_as(text), text)
+    noise = torch.randn(z.shape, generator=gen)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=gen)
+    noisy = scheduler.add_noise(z, noise, t)
+    pred = model(noisy.to(device), t.to(device), text.to(device), c.to(device))
+    return F.mse_loss(pred.float(), noise.to(device))
+
+
+def train_base(controlnet, unet, scheduler, cache: EmbedCache, conditions: Sequence[str], cfg: ControlNetTrainConfig,
+               checkpoint_dir: str | Path | None = None, on_log: Callable[[dict], None] | None = None) -> TrainResult:
+    """Base training over ``conditions``; each must already have a LoRA-only adapter of that name
+    (``add_adapter(controlnet, c, rank, own_modules=False)``)."""
+    if not conditions:
+        raise ValueError("base training needs at least one base condition")
+    params: dict[int, torch.nn.Parameter] = {}
+    for c in conditions:
+        for p in set_trainable(controlnet, "base", c):
+            params[id(p)] = p
+    for p in params.values():  # set_trainable leaves only the last condition's LoRA on
+        p.requires_grad_(True)
+    unet.requires_grad_(False)
+    rows = {c: cache.pair_rows(c, "train") for c in conditions}
+    model = _ControlledDenoiser(controlnet, unet)
+    trainer = _make_trainer(cfg, model, list(params.values()), checkpoint_dir, unused=len(conditions) > 1)
+    device = trainer.accelerator.device
+
+    def loss_fn(m, step, gen):
+        cond = condition_schedule(list(conditions), cfg.train.seed, step)
+        set_adapter(controlnet, cond)
+        loss = _loss_step(m, cache, scheduler, cond, rows[cond], cfg, gen, device)
+        return loss, {f"loss/{cond}": loss.item()}
+
+    return trainer.fit(loss_fn, desc="train_base", on_log=on_log)
+
+
+def train_condition(controlnet, unet, scheduler, cache: EmbedCache, condition: str, cfg: ControlNetTrainConfig,
+                    mode: str = "adapter", checkpoint_dir: str | Path | None = None,
+                    condition_images: torch.Tensor | None = None, max_pairs: int | None = None,
+                    on_log: Callable[[dict], None] | None = None) -> TrainResult:
+    """Train one condition: ``mode="adapter"`` (its adapter only; the adapter named ``condition``
+    must exist with own modules) or ``"full"`` (every ControlNet weight: the full fine-tune
+    baselines). ``max_pairs`` limits the training pairs (the first ones of a fixed shuffle)."""
+    if mode == "adapter":
+        params = set_trainable(controlnet, "adapter", condition)
+    elif mode == "full":
+        controlnet.requires_grad_(True)
+        params = list(controlnet.parameters())
+    else:
+        raise ValueError(f"mode must be 'adapter' or 'full', got {mode!r}")
+    unet.requires_grad_(False)
+    rows = cache.pair_rows(condition, "train")
+    if max_pairs:
+        g = torch.Generator().manual_seed(cfg.train.seed)
+        rows = rows[torch.randperm(len(rows), generator=g)[:max_pairs]]
+    model = _ControlledDenoiser(controlnet, unet)
+    trainer = _make_trainer(cfg, model, params, checkpoint_dir, unused=False)
+    device = trainer.accelerator.device
+
+    def loss_fn(m, step, gen):
+        return _loss_step(m, cache, scheduler, condition, rows, cfg, gen, device, condition_images), {}
+
+    return trainer.fit(loss_fn, desc=f"train_{mode}[{condition}]", on_log=on_log)

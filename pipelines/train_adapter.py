@@ -1,0 +1,56 @@
+"""DVC stage ``train_adapter@<condition>`` (params: ``train_adapter``): a new condition's adapter
+on the frozen Base ControlNet -> ``models/adapters/<condition>``."""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pipelines  # noqa: F401  (tool defaults)
+import torch
+
+from pipelines.stage import checkpoint_dir, clear_checkpoints, read_params, resolve_backbone, timed_stage, write_curve
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ctrlora.models.adapters import add_adapter, base_hash, save_adapter
+    from ctrlora.models.backbone import load_backbone
+    from ctrlora.models.controlnet import CtrLoRAControlNet
+    from ctrlora.training.controlnet import ControlNetTrainConfig, train_condition
+    from ctrlora.training.embed import load_embed_cache
+    from ctrlora.training.loop import TrainConfig
+
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        raise SystemExit("usage: python -m pipelines.train_adapter <condition>")
+    condition = argv[0]
+    p = read_params("train_adapter")
+    out = ROOT / p["out"] / condition
+    with timed_stage(f"train_adapter@{condition}"):
+        torch.manual_seed(int(p["train"].get("seed", 0)))
+        bb = load_backbone(resolve_backbone(ROOT / p["backbone"]))
+        cache = load_embed_cache(ROOT / p["embed"], [condition])
+        controlnet = CtrLoRAControlNet.from_pretrained(ROOT / p["base"])
+        controlnet.requires_grad_(False)
+        bh = base_hash(controlnet)
+        add_adapter(controlnet, condition, rank=int(p["rank"]), own_modules=True)
+        ckpt = checkpoint_dir(f"train_adapter_{condition}", p)
+        cfg = ControlNetTrainConfig(TrainConfig.from_dict(p["train"]), prompt_dropout=float(p["prompt_dropout"]))
+        result = train_condition(controlnet, bb.unet, bb.scheduler, cache, condition, cfg, mode="adapter",
+                                 checkpoint_dir=ckpt, max_pairs=p.get("max_pairs"))
+        if out.exists():
+            shutil.rmtree(out)
+        save_adapter(controlnet, condition, out, base_hash=bh, extra={"stage": "train_adapter",
+                                                                      "steps": cfg.train.max_steps})
+        write_curve(result.history, ROOT / p["reports"] / f"{condition}_loss.csv", ["loss"])
+        clear_checkpoints(ckpt)
+        print(f"[train_adapter] {condition}: {json.loads((out / 'adapter_config.json').read_text())['num_params']} "
+              f"params -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
