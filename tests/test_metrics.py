@@ -196,6 +196,15 @@ def _shapes(n: int, size: int = 32, seed: int = 0):
     return imgs, labels, bright
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The detectors are tiny; one thread avoids spin-waiting when the cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def shapes_data():
     return _shapes(48, seed=0), _shapes(16, seed=1)
@@ -204,7 +213,6 @@ def shapes_data():
 @pytest.fixture(scope="module")
 def segmenter(shapes_data):
     (imgs, labels, _), _ = shapes_data
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     cfg = DetectorConfig(task="segmentation", channels=3, width=16, epochs=12, lr=1e-2, batch_size=8, seed=0)
     return train_detector(cfg, imgs, labels, progress=False)
 

@@ -65,18 +65,22 @@ class DetectorConfig:
     augment: add mild random Gaussian noise and a light blur to training inputs, so the
         detector tolerates the softer look of generated images (no flips: they would mirror
         the light direction and the arch).
+    class_balance: segmentation only; class c's cross-entropy weight is ``freq_c ** -balance``
+        (frequencies from the training labels, weights normalised to a pixel-weighted mean of
+        1), so small classes (molars at the edge of the arch) are not ignored. 0 disables.
     condition: free-text name of the condition the detector reads (stored in the config file).
     """
 
     task: str = "segmentation"
     channels: int = 10
     width: int = 16
-    epochs: int = 6
+    epochs: int = 3
     lr: float = 3e-3
     batch_size: int = 32
     weight_decay: float = 1e-4
     seed: int = 0
     augment: bool = True
+    class_balance: float = 0.5
     condition: str = ""
 
     def __post_init__(self) -> None:
@@ -243,6 +247,13 @@ def train_detector(cfg: DetectorConfig, images, targets, progress: bool = True) 
     total = max(1, cfg.epochs * steps_per_epoch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.15)
 
+    class_weight = None
+    if cfg.task == "segmentation" and cfg.class_balance > 0:
+        counts = torch.bincount(y.reshape(-1), minlength=cfg.channels).to(torch.float64)
+        freq = counts / counts.sum()
+        wts = torch.where(counts > 0, freq.clamp_min(1e-6) ** -cfg.class_balance, torch.zeros_like(freq))
+        class_weight = (wts / (wts * freq).sum()).to(torch.float32)
+
     model.train()
     bar = tqdm(total=total, desc=f"detector[{cfg.condition or cfg.task}]", disable=not progress, leave=False)
     t0 = time.perf_counter()
@@ -255,7 +266,7 @@ def train_detector(cfg: DetectorConfig, images, targets, progress: bool = True) 
                 xb = _augment(xb, gen)
             out = model(xb)
             if cfg.task == "segmentation":
-                loss = F.cross_entropy(out, yb)
+                loss = F.cross_entropy(out, yb, weight=class_weight)
             else:
                 loss = F.l1_loss(torch.sigmoid(out), yb)
             opt.zero_grad(set_to_none=True)
@@ -327,28 +338,31 @@ def load_detector(directory: str | Path) -> TinyUNet:
 
 @dataclass(frozen=True)
 class CannyParams:
-    """Parameters of skimage's ``feature.canny`` on the grayscale image in [0, 1]; must match
-    those the canny condition was extracted with."""
+    """How the canny condition is extracted; must match the condition's extractor. The defaults
+    are those of ``ctrlora.data.conditions.canny_edges``: BT.601 luma of the [0, 1] photo, then
+    skimage ``feature.canny`` with absolute thresholds."""
 
     sigma: float = 1.0
-    low_threshold: float | None = None
-    high_threshold: float | None = None
+    low_threshold: float | None = 0.1
+    high_threshold: float | None = 0.2
+    luma: tuple[float, float, float] = (0.299, 0.587, 0.114)
 
 
-def _gray01(images) -> np.ndarray:
-    """N×H×W×3 numpy (uint8 or [0, 1]) or N×3×H×W tensor in [-1, 1] → N×H×W float in [0, 1]
-    with skimage's ``rgb2gray`` luminance weights."""
-    x = to_model_input(images).numpy()  # N×3×H×W in [-1, 1]
+def _gray01(images, luma: tuple[float, float, float]) -> np.ndarray:
+    """Images in either convention → N×H×W float64 luma in [0, 1]."""
+    x = to_model_input(images).numpy().astype(np.float64)  # N×3×H×W in [-1, 1]
     rgb = (x + 1.0) / 2.0
-    wts = np.array([0.2125, 0.7154, 0.0721], dtype=np.float32).reshape(1, 3, 1, 1)
-    return (rgb * wts).sum(1)
+    return np.tensordot(np.asarray(luma, dtype=np.float64), rgb, axes=([0], [1]))
 
 
 def detect_canny(images, params: CannyParams) -> np.ndarray:
     """Canny edges of each image (boolean N×H×W)."""
     from skimage.feature import canny
 
-    gray = _gray01(images)
+    gray = _gray01(images, params.luma)
     return np.stack(
-        [canny(g, sigma=params.sigma, low_threshold=params.low_threshold, high_threshold=params.high_threshold) for g in gray]
+        [
+            canny(g, sigma=params.sigma, low_threshold=params.low_threshold, high_threshold=params.high_threshold)
+            for g in gray
+        ]
     )
