@@ -297,3 +297,16 @@ def test_condition_fidelity(segmenter, shapes_data):
     im = image_metrics(imgs, imgs)
     assert im == {"psnr": 100.0, "ssim": pytest.approx(1.0)}
     assert image_metrics((imgs * 255).astype(np.uint8), imgs)["psnr"] > 40
+
+
+def test_canny_params_match_the_condition_extractor(shapes_data):
+    """detect_canny's defaults must reproduce the canny condition exactly, or canny fidelity
+    would punish a perfect generation."""
+    from ctrlora.data.conditions import canny_edges, grayscale01
+
+    (imgs, _, _), _ = shapes_data
+    u8 = (imgs[:8] * 255).round().astype(np.uint8)
+    ours = detect_canny(u8, CannyParams())
+    theirs = np.stack([canny_edges(grayscale01(p.astype(np.float32) / 255.0)) for p in u8]).astype(bool)
+    assert ours.any()
+    assert (ours == theirs).all()
