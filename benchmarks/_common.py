@@ -1,0 +1,128 @@
+"""Small helpers shared by the benchmarks: per-step clocks, summaries, environment notes.
+
+Nothing here imports torch at module level, so a benchmark's parent process (which only starts
+children and merges their JSON) stays light.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `python benchmarks/x.py` from a checkout without an install
+    sys.path.insert(0, str(ROOT))
+
+
+class StepClock:
+    """Use as the trainer's ``on_log`` callback with ``log_every=1``: it is called once at the end
+    of every optimiser step (after ``optimizer.step()``), so the gaps between calls are whole
+    training steps (data, forward, backward, clipping, optimiser). On CUDA it synchronises first,
+    so queued kernels are inside the step they belong to."""
+
+    def __init__(self, cuda: bool = False):
+        self.cuda = cuda
+        self.stamps: list[float] = []
+        self.losses: list[float] = []
+
+    def __call__(self, row: dict) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+        self.stamps.append(time.perf_counter())
+        if "loss" in row:
+            self.losses.append(float(row["loss"]))
+
+    def step_times(self, warmup: int) -> list[float]:
+        """Durations of the steps after the first ``warmup`` (``warmup`` must be >= 1: step 1 has
+        no stamp before it)."""
+        if warmup < 1:
+            raise ValueError("warmup must be at least 1 (the first step has no start stamp)")
+        gaps = [b - a for a, b in zip(self.stamps, self.stamps[1:])]  # gaps[i] = step i + 2
+        return gaps[warmup - 1:]
+
+
+def summary(times: list[float]) -> dict:
+    if not times:
+        raise ValueError("no timed steps (steps must be >= 1)")
+    return {
+        "median_s": statistics.median(times),
+        "mean_s": statistics.fmean(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "n": len(times),
+    }
+
+
+def ratio(a: float, b: float) -> float | None:
+    return round(a / b, 4) if b else None
+
+
+def set_threads(device: str, threads: int | None) -> int:
+    """On CPU, fix torch's intra-op threads (default 1: the machine is shared; both variants of a
+    benchmark always run under the same setting). Returns the number in force."""
+    import torch
+
+    if device == "cpu":
+        torch.set_num_threads(int(threads or 1))
+    elif threads:
+        torch.set_num_threads(int(threads))
+    return torch.get_num_threads()
+
+
+def check_device(device: str) -> None:
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device here (use --device cpu)")
+    if device not in ("cpu", "cuda"):
+        raise SystemExit(f"--device must be cpu or cuda, got {device!r}")
+
+
+def mixed_precision(device: str, dtype: str) -> str:
+    """accelerate's ``mixed_precision`` for ``--dtype`` (autocast; the weights stay fp32)."""
+    table = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+    if dtype not in table:
+        raise SystemExit(f"--dtype must be one of {sorted(table)}, got {dtype!r}")
+    if device == "cpu" and dtype == "fp16":
+        raise SystemExit("--dtype fp16 needs --device cuda (fp16 autocast is not supported on CPU here)")
+    return table[dtype]
+
+
+def environment(device: str) -> dict:
+    import torch
+
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    try:
+        env["loadavg_1m"] = round(os.getloadavg()[0], 2)
+    except OSError:
+        pass
+    if device == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(0)
+        env["cuda"] = torch.version.cuda
+    try:
+        import diffusers
+        import peft
+
+        env["diffusers"], env["peft"] = diffusers.__version__, peft.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def use_device(device: str) -> None:
+    """Make accelerate (which picks CUDA whenever it exists) use ``device``."""
+    if device == "cpu":
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+    else:
+        os.environ.pop("ACCELERATE_USE_CPU", None)
