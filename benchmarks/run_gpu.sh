@@ -4,7 +4,8 @@
 #
 # Here, once (pure-Python wheel, any platform):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux_2_28_x86_64 -d .whl diffusers==0.42.1
+#       --platform manylinux_2_28_x86_64 -d .whl diffusers==0.42.1 peft==0.21.2
+# (peft is there already, but its version is unknown; the project pins 0.21.2)
 # Then through the device tool:  run(command="bash benchmarks/run_gpu.sh", carry=[".whl"], timeout_s=600)
 # Results: $OUT/*.json (+ gpu.txt, log.txt); copy the figures into benchmarks/README.md with the card.
 set -uo pipefail
@@ -14,11 +15,12 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 HF_HUB_OFFLINE=1
 PY="${PYTHON:-python3}"
 
-if ! "$PY" -c "import diffusers" 2>/dev/null; then
-  ls .whl/diffusers-*.whl >/dev/null 2>&1 || { echo "no diffusers here and no .whl/diffusers-*.whl (see the header)"; exit 2; }
+# the project's pinned diffusers (and peft) travel as wheels; install whatever is carried
+if ls .whl/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 2
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
+"$PY" -c "import diffusers, peft" || { echo "diffusers/peft missing: carry .whl/ (see the header)"; exit 2; }
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 {
