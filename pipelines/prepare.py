@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pipelines  # noqa: F401  (tool defaults)
-import yaml
+from pipelines.stage import read_params, timed_stage
 
 from ctrlora.data.contract import ContractConfig
 from ctrlora.data.prepare import PrepareConfig, prepare
@@ -15,7 +15,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def main() -> int:
-    p = yaml.safe_load((ROOT / "params.yaml").read_text())["prepare"]
+    p = read_params("prepare")
+    with timed_stage("prepare"):
+        return _run(p)
+
+
+def _run(p: dict) -> int:
     result = prepare(PrepareConfig(
         sources=tuple(ROOT / s for s in p["sources"]), out=ROOT / p["out"], data_root=ROOT / "data",
         test_fraction=float(p["test_fraction"]), conditions=tuple(p["conditions"]),

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pipelines  # noqa: F401  (tool defaults)
-import yaml
+from pipelines.stage import read_params, timed_stage
 
 from ctrlora.data.render import DatasetConfig, render_dataset
 
@@ -14,7 +14,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def main() -> int:
-    p = yaml.safe_load((ROOT / "params.yaml").read_text())["render"]
+    p = read_params("render")
+    with timed_stage("render"):
+        return _run(p)
+
+
+def _run(p: dict) -> int:
     stats = render_dataset(DatasetConfig(out=ROOT / p["out"], n=int(p["n"]), seed=int(p["seed"]),
                                          resolution=int(p["resolution"]), workers=int(p["workers"])))
     print(json.dumps(stats))
