@@ -11,6 +11,13 @@ from benchmarks import adapter_vs_full as avf
 from benchmarks import embed_cache as ec
 
 FAST = ["--steps", "2", "--warmup", "1", "--threads", "1"]
+# the CLIs set these for their own process; inside pytest they are restored afterwards
+CLI_ENV = {"ACCELERATE_USE_CPU": "true", "TQDM_DISABLE": "1"}
+
+
+def _cli_env(mp: pytest.MonkeyPatch) -> None:
+    for k, v in CLI_ENV.items():
+        mp.setenv(k, v)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +41,8 @@ def _restore_adapter(cn, snap):
 
 
 # ---------------------------------------------------------------------- embed cache
-def test_embed_cache_cli_prints_valid_json(capsys):
+def test_embed_cache_cli_prints_valid_json(capsys, monkeypatch):
+    _cli_env(monkeypatch)
     res = ec.main(["--synthetic", "--pairs", "8", "--batch", "4", "--rank", "4", "--rounds", "1", *FAST])
     out = json.loads(capsys.readouterr().out)
     assert out["benchmark"] == "embed_cache"
@@ -87,8 +95,10 @@ def variant_results():
     process for clean memory figures)."""
     torch.set_num_threads(1)
     out = {}
-    for v in avf.VARIANTS:
-        out[v] = avf.main(["--child", v, "--preset", "tiny", "--device", "cpu", "--batch", "2", *FAST])
+    with pytest.MonkeyPatch.context() as mp:
+        _cli_env(mp)
+        for v in avf.VARIANTS:
+            out[v] = avf.main(["--child", v, "--preset", "tiny", "--device", "cpu", "--batch", "2", *FAST])
     return out
 
 
