@@ -39,6 +39,8 @@ def _num(x: Any) -> float | None:
 
 
 def _check(value: float | None, threshold: float, op: str) -> dict[str, Any]:
+    if value is not None:
+        value = round(value, 9)  # 0.7 - 0.5 is 0.19999999999999996: compare what is reported
     if value is None:
         ok = False
     elif op == ">=":
