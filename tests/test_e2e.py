@@ -1,0 +1,165 @@
+"""End to end over the real project graph, at toy scale.
+
+A copy of this repository (its tracked files) becomes a fresh git + DVC repo in a temp dir with
+tiny parameters (a dozen scans, a few training steps). Then, with the real Prefect test harness
+and a real sqlite MLflow store:
+
+1. the ``pipeline`` flow runs every stage of the real ``dvc.yaml`` and registers one version per
+   adapter, tagged with the dataset hash DVC records for that condition's data;
+2. the lighting champion loads and generates in a fresh process;
+3. a second run is a no-op, in DVC and in the registry;
+4. new scans land (one of them corrupt): the retrain flow quarantines the bad one, ingests the
+   good ones, retrains, and registers a new version whose dataset hash differs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+BASE_CONDITIONS = ["segmentation", "depth", "canny", "palette"]
+NEW_CONDITIONS = ["lighting", "normal"]
+
+
+def _tiny_params(params: dict) -> dict:
+    p = json.loads(json.dumps(params))
+    p["render"].update(n=14, workers=1)
+    p["prepare"].update(test_fraction=0.3, workers=1)
+    tiny_train = {"batch_size": 4, "checkpoint_every": 0, "log_every": 1}
+    p["backbone"]["vae"]["train"].update(max_steps=2, **tiny_train)
+    p["backbone"]["unet"]["train"].update(max_steps=2, **tiny_train)
+    p["embed"]["batch_size"] = 64
+    p["train_base"]["train"].update(max_steps=4, **tiny_train)
+    p["train_adapter"]["train"].update(max_steps=2, **tiny_train)
+    p["train_adapter"]["max_pairs"] = None
+    p["baselines"]["save_steps"] = [1]
+    p["evaluate"].update(max_scans=3, ablation_max_scans=2, detector_max_scans=8, grid_rows=2,
+                         detector={"epochs": 1})
+    p["evaluate"]["sampling"].update(steps=2, batch_size=8)
+    p["flows"].update(retries=0, retry_delay_seconds=0)
+    return p
+
+
+def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    return subprocess.run(cmd, cwd=cwd, check=True, env=env, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e") / "project"
+    files = _run(["git", "ls-files"], REPO).stdout.split()
+    for rel in files:
+        if rel == "dvc.lock" or rel.startswith("tests/fixtures/"):
+            continue
+        dst = root / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, dst)
+    (root / ".venv").symlink_to(REPO / ".venv")  # dvc.yaml's commands use .venv/bin/python
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    (root / "params.yaml").write_text(yaml.safe_dump(_tiny_params(params), sort_keys=False))
+    _run(["git", "init", "-q"], root)
+    _run(["git", "add", "-A"], root)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "toy project"], root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    from prefect.testing.utilities import prefect_test_harness
+
+    db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{db}"
+    with prefect_test_harness(server_startup_timeout=None):
+        yield
+    if old is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+def _versions(client, condition: str) -> list:
+    return sorted(client.search_model_versions(f"name='ctrlora-{condition}'"), key=lambda v: int(v.version))
+
+
+@pytest.mark.slow
+def test_pipeline_register_noop_and_retrain_on_landed_scans(project, harness):
+    from mlflow import MlflowClient
+
+    from pipelines.flows import pipeline, retrain_on_new_scans
+    from pipelines.registry import dataset_hash_from_lock
+
+    # 1. the whole real graph, each stage a task run, then registration
+    first = pipeline(str(project))
+    stages = [s["stage"] for s in first["stages"]]
+    for expected in ("render", "prepare", "backbone", "embed", "train_base", "train_adapter@lighting",
+                     "train_adapter@normal", "train_baseline@random_base", "evaluate"):
+        assert expected in stages
+    assert all(s["status"] == "ran" for s in first["stages"])
+    metrics = json.loads((project / "metrics/evaluate.json").read_text())
+    client = MlflowClient()
+    for c in BASE_CONDITIONS + NEW_CONDITIONS:
+        (v1,) = _versions(client, c)
+        assert v1.tags["dataset_hash"] == dataset_hash_from_lock(project, c)
+        assert float(v1.tags["metric.fidelity"]) == pytest.approx(metrics[c]["fidelity"])
+        assert len(v1.tags["adapter_hash"]) == 64 and len(v1.tags["base_hash"]) == 64
+    assert str(client.get_model_version_by_alias("ctrlora-lighting", "champion").version) == "1"
+
+    # 2. the champion loads and generates in a fresh process
+    script = textwrap.dedent("""
+        import base64, io, sys
+        import numpy as np, pandas as pd, mlflow
+        from PIL import Image
+        model = mlflow.pyfunc.load_model("models:/ctrlora-lighting@champion")
+        cond = Image.open(sys.argv[1]).convert("RGB")
+        buf = io.BytesIO(); cond.save(buf, format="PNG")
+        out = model.predict(pd.DataFrame({"condition_image": [buf.getvalue()], "prompt": ["dental photo"],
+                                          "steps": [2], "seed": [0]}))
+        img = Image.open(io.BytesIO(out["image"].iloc[0]))
+        print(img.size, np.asarray(img).std())
+    """)
+    cond_png = next((project / "data/prepared/conditions/lighting").glob("*.png"))
+    proc = subprocess.run([sys.executable, "-c", script, str(cond_png)], cwd=project, capture_output=True,
+                          text=True, env=dict(os.environ), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    size, std = proc.stdout.strip().rsplit(" ", 1)
+    assert size == "(64, 64)" and float(std) > 0
+
+    # 3. nothing changed: DVC runs nothing, the registry gains nothing
+    second = pipeline(str(project))
+    assert {s["status"] for s in second["stages"]} == {"unchanged"}
+    for c in BASE_CONDITIONS + NEW_CONDITIONS:
+        assert len(_versions(client, c)) == 1
+
+    # 4. new scans land: three good, one corrupt (truncated photo), one still incomplete
+    incoming = project / "data/incoming"
+    _run([sys.executable, "-m", "ctrlora.cli", "render", "--out", str(incoming), "--n", "5", "--seed", "7",
+          "--workers", "1", "--no-progress"], project)
+    landed = sorted(p.name for p in incoming.iterdir())
+    corrupt, incomplete = landed[0], landed[1]
+    photo = incoming / corrupt / "photo.png"
+    photo.write_bytes(photo.read_bytes()[:100])
+    (incoming / incomplete / "READY").unlink()
+    old_hash = dataset_hash_from_lock(project, "lighting")
+
+    result = retrain_on_new_scans(str(project))
+    assert result["status"] == "retrained"
+    reason = json.loads((project / "data/quarantine" / corrupt / "reason.json").read_text())
+    assert "photo.png" in json.dumps(reason)
+    assert (incoming / incomplete).is_dir()  # left alone until complete
+    for good in landed[2:]:
+        assert (project / "data/scans" / good).is_dir()
+    new_hash = dataset_hash_from_lock(project, "lighting")
+    assert new_hash != old_hash
+    versions = _versions(client, "lighting")
+    assert [str(v.version) for v in versions] == ["1", "2"]
+    assert versions[0].tags["dataset_hash"] == old_hash and versions[1].tags["dataset_hash"] == new_hash
