@@ -29,7 +29,6 @@ snapshot of ``ctrlora/`` first on ``sys.path``; in a process that has already im
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import json
 import math
@@ -49,6 +48,8 @@ import mlflow.pyfunc
 import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+
+from ctrlora.data.files import sha256_file
 
 MODEL_PREFIX = "ctrlora-"
 EXPERIMENT = "ctrlora-register"
@@ -105,14 +106,6 @@ class ResolvedModel:
 
 def model_name(condition: str) -> str:
     return f"{MODEL_PREFIX}{condition}"
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _norm(path: str) -> str:

@@ -11,7 +11,6 @@ and are ignored by the expectations, so every broken file reports the first rule
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ctrlora.data.files import sha256_file  # noqa: F401  (re-exported for ingest)
 from ctrlora.data.labels import BACKGROUND, LABELS
 from ctrlora.data.scan import IMAGE_FILES, META, READY, REQUIRED_FILES, SCAN_ID_PATTERN
 
@@ -98,14 +98,6 @@ class ValidationOutcome:
 def _inside(path: str, root_real: str) -> bool:
     real = os.path.realpath(path)
     return real == root_real or real.startswith(root_real + os.sep)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _check_meta(data: bytes, scan_id: str, cfg: ContractConfig) -> tuple[bool, bool | None, str]:

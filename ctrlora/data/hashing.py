@@ -14,13 +14,11 @@ import json
 import os
 from pathlib import Path
 
+from ctrlora.data.files import file_digest
+
 
 def file_md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_digest(path, "md5")
 
 
 def dir_listing(folder: Path) -> list[dict[str, str]]:

@@ -19,6 +19,7 @@ from typing import Any
 from ctrlora.data.captions import caption_from_meta
 from ctrlora.data.conditions import CONDITIONS, encode_u8
 from ctrlora.data.contract import ContractConfig, ContractError, build_manifest, summary_report, validate
+from ctrlora.data.files import swap_into_place
 from ctrlora.data.hashing import dvc_dir_md5
 from ctrlora.data.ingest import pending_journal
 from ctrlora.data.scan import load_scan, png_bytes
@@ -150,7 +151,7 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
         _dump(tmp / "meta" / "validation.json", summary_report(outcome))
         hashes = {c: dvc_dir_md5(tmp / "conditions" / c) for c in cfg.conditions}
         _dump(tmp / "meta" / "hashes.json", hashes)
-        _swap_into_place(tmp, out)
+        swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -160,15 +161,3 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
 
 def _dump(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished folder into place; an old one is moved aside first and removed last
-    (a crash in between leaves the old data in ``.<name>.old-*`` and the new in ``.<name>.tmp-*``)."""
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, out)

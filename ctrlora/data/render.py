@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from ctrlora.data.files import swap_into_place
 from ctrlora.data.labels import BACKGROUND, GINGIVA, tooth_label
 from ctrlora.data.scan import Scan, write_scan
 
@@ -516,13 +517,7 @@ def render_dataset(cfg: DatasetConfig) -> dict[str, Any]:
                 _render_one(job)
                 bar.update()
         bar.close()
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out)
+        swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
