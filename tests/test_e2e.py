@@ -163,3 +163,8 @@ def test_pipeline_register_noop_and_retrain_on_landed_scans(project, harness):
     versions = _versions(client, "lighting")
     assert [str(v.version) for v in versions] == ["1", "2"]
     assert versions[0].tags["dataset_hash"] == old_hash and versions[1].tags["dataset_hash"] == new_hash
+    # what a person reading `pytest -s` sees: the versions and tags the retrain produced
+    for c in BASE_CONDITIONS + NEW_CONDITIONS:
+        for v in _versions(client, c):
+            tags = {k: v.tags[k] for k in ("dataset_hash", "adapter_hash", "base_hash", "metric.fidelity")}
+            print(f"ctrlora-{c} v{v.version} aliases={list(v.aliases)} {tags}")
