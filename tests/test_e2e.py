@@ -45,6 +45,7 @@ def _tiny_params(params: dict) -> dict:
                          detector={"epochs": 1})
     p["evaluate"]["sampling"].update(steps=2, batch_size=8)
     p["flows"].update(retries=0, retry_delay_seconds=0)
+    p["baselines"]["threads"] = p["evaluate"]["threads"] = 1  # toy models: threads only add overhead
     return p
 
 
@@ -77,14 +78,17 @@ def harness(tmp_path_factory):
     from prefect.testing.utilities import prefect_test_harness
 
     db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
-    old = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{db}"
+    # stage processes inherit this environment: a toy sqlite store, one CPU thread each
+    new = {"MLFLOW_TRACKING_URI": f"sqlite:///{db}", "OMP_NUM_THREADS": "1"}
+    old = {k: os.environ.get(k) for k in new}
+    os.environ.update(new)
     with prefect_test_harness(server_startup_timeout=None):
         yield
-    if old is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = old
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def _versions(client, condition: str) -> list:
@@ -92,6 +96,7 @@ def _versions(client, condition: str) -> list:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # ~3 min alone; the whole graph twice plus a retrain, on 2 cores
 def test_pipeline_register_noop_and_retrain_on_landed_scans(project, harness):
     from mlflow import MlflowClient
 
