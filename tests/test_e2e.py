@@ -171,5 +171,7 @@ def test_pipeline_register_noop_and_retrain_on_landed_scans(project, harness):
     # what a person reading `pytest -s` sees: the versions and tags the retrain produced
     for c in BASE_CONDITIONS + NEW_CONDITIONS:
         for v in _versions(client, c):
-            tags = {k: v.tags[k] for k in ("dataset_hash", "adapter_hash", "base_hash", "metric.fidelity")}
+            v = client.get_model_version(f"ctrlora-{c}", str(v.version))  # search results omit aliases
+            tags = {k: v.tags.get(k) for k in ("dataset_hash", "adapter_hash", "base_hash", "metric.fidelity",
+                                               "gate_reason")}
             print(f"ctrlora-{c} v{v.version} aliases={list(v.aliases)} {tags}")
