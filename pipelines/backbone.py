@@ -53,7 +53,7 @@ def main() -> int:
         captions = [photo_ds[i]["caption"] for i in range(len(photo_ds))]
         conds = []
         for c in p["vae_conditions"]:
-            ds = PairDataset(prepared, c, "train", preload=True)
+            ds = photo_ds if c == photo_ds.condition else PairDataset(prepared, c, "train", preload=True)
             conds.append(torch.stack([ds[i]["condition"] for i in range(len(ds))]))
         print(f"[backbone] {len(photos)} training photos, {sum(len(c) for c in conds)} condition images")
 

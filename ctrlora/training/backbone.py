@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ctrlora.models.controlnet import sample_latent
 from ctrlora.training.loop import TrainConfig, Trainer, TrainResult
 
 
@@ -132,14 +133,13 @@ def pretrain_unet(unet: torch.nn.Module, text_encoder: torch.nn.Module, tokenize
     text_encoder.requires_grad_(cfg.train_text_encoder)
     bundle = _Denoiser(unet, text_encoder)
     trainer = Trainer(cfg.train, bundle, bundle.parameters(), checkpoint_dir)
-    std = torch.exp(0.5 * latent_logvar)
     n_train_t = scheduler.config.num_train_timesteps
 
     def loss_fn(model, step, gen):
         b = cfg.train.batch_size
         dev = trainer.accelerator.device
         idx = torch.randint(0, n, (b,), generator=gen)
-        z = (latent_mean[idx] + std[idx] * torch.randn(latent_mean[idx].shape, generator=gen)) * scaling_factor
+        z = sample_latent(latent_mean[idx], latent_logvar[idx], scaling_factor, gen)
         noise = torch.randn(z.shape, generator=gen)
         t = torch.randint(0, n_train_t, (b,), generator=gen)
         drop = torch.rand(b, generator=gen) < cfg.prompt_dropout

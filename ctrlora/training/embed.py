@@ -2,7 +2,8 @@
 
 Faithfulness: the reference samples the VAE posterior afresh on every call (mean + std · noise).
 The cache therefore stores the posterior's **mean and log-variance**, not a sample, and
-:meth:`EmbedCache.sample` draws a fresh latent at train time with the step's generator.
+the trainers draw a fresh latent at train time with the step's generator
+(:func:`ctrlora.models.controlnet.sample_latent`).
 
 Layout of a cache directory::
 
@@ -52,18 +53,6 @@ class EmbedCache:
         ce = self.conditions[condition]
         mask = torch.tensor([self.splits[int(i)] == split for i in ce.photo_index])
         return torch.nonzero(mask).flatten()
-
-    @staticmethod
-    def _draw(mean, logvar, scale, gen):
-        return (mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)) * scale
-
-    def sample(self, condition: str, rows: torch.Tensor, gen: torch.Generator):
-        """Fresh posterior samples for the given pair rows: (photo latent, condition latent, text)."""
-        ce = self.conditions[condition]
-        photo = ce.photo_index[rows]
-        z = self._draw(self.photo_mean[photo], self.photo_logvar[photo], self.scaling_factor, gen)
-        c = self._draw(ce.mean[rows], ce.logvar[rows], self.scaling_factor, gen)
-        return z, c, self.text[photo]
 
 
 @torch.no_grad()
