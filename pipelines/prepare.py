@@ -23,9 +23,10 @@ def main() -> int:
 def _run(p: dict) -> int:
     result = prepare(PrepareConfig(
         sources=tuple(ROOT / s for s in p["sources"]), out=ROOT / p["out"], data_root=ROOT / "data",
-        test_fraction=float(p["test_fraction"]), conditions=tuple(p["conditions"]),
+        test_fraction=float(p["test_fraction"]),
+        validation_fraction=float(p.get("validation_fraction", 0.0)), conditions=tuple(p["conditions"]),
         contract=ContractConfig(resolution=int(p["resolution"])), workers=int(p["workers"])))
-    print(json.dumps({"scans": result.scans, "train": result.train, "test": result.test,
+    print(json.dumps({"scans": result.scans, "train": result.train, "validation": result.validation, "test": result.test,
                       "seconds": result.seconds, "sources": result.sources, "hashes": result.hashes}, indent=1))
     return 0
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "validation", "test")
 
 
 def read_pairs(prepared_root: Path, condition: str, split: str | None = None) -> list[dict[str, Any]]:

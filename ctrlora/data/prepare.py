@@ -31,6 +31,7 @@ class PrepareConfig:
     out: Path  # data/prepared
     data_root: Path  # the data folder: every input path must stay inside it
     test_fraction: float = 0.1
+    validation_fraction: float = 0.1
     conditions: tuple[str, ...] = tuple(CONDITIONS)
     contract: ContractConfig = ContractConfig()
     workers: int = 2
@@ -39,6 +40,8 @@ class PrepareConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+        if not 0.0 <= self.validation_fraction < 1.0 - self.test_fraction:
+            raise ValueError(f"validation_fraction must be in [0, 1 - test_fraction), got {self.validation_fraction}")
         unknown = [c for c in self.conditions if c not in CONDITIONS]
         if unknown:
             raise ValueError(f"unknown conditions {unknown}; known: {list(CONDITIONS)}")
@@ -49,16 +52,27 @@ class PrepareResult:
     out: Path
     scans: int
     train: int
+    validation: int
     test: int
     hashes: dict[str, str]
     seconds: float
     sources: dict[str, int] = field(default_factory=dict)
 
 
-def split_of(scan_id: str, test_fraction: float) -> str:
-    """Deterministic split from the scan id alone (stable when scans are added or removed)."""
+SPLIT_RULE = ("u = sha256('ctrlora-split:' + id)[:8] / 2**64; test if u < test_fraction, "
+              "validation if u < test_fraction + validation_fraction, else train")
+
+
+def split_of(scan_id: str, test_fraction: float, validation_fraction: float = 0.0) -> str:
+    """Deterministic split from the scan id alone (stable when scans are added or removed).
+
+    Test is carved first, so adding a validation split never moves a scan into or out of test;
+    validation is then taken from what was train (every choice of defaults is made there)."""
     digest = hashlib.sha256(f"ctrlora-split:{scan_id}".encode()).digest()
-    return "test" if int.from_bytes(digest[:8], "big") / 2.0**64 < test_fraction else "train"
+    u = int.from_bytes(digest[:8], "big") / 2.0**64
+    if u < test_fraction:
+        return "test"
+    return "validation" if u < test_fraction + validation_fraction else "train"
 
 
 def _scan_dirs(sources: tuple[Path, ...]) -> tuple[list[Path], dict[str, int]]:
@@ -117,7 +131,7 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
     try:
         for sub in ["photos", "meta", *[f"conditions/{c}" for c in cfg.conditions]]:
             (tmp / sub).mkdir(parents=True)
-        splits = {d.name: split_of(d.name, cfg.test_fraction) for d in dirs}
+        splits = {d.name: split_of(d.name, cfg.test_fraction, cfg.validation_fraction) for d in dirs}
         jobs = [(str(d), str(tmp), splits[d.name], tuple(cfg.conditions)) for d in sorted(dirs, key=lambda p: p.name)]
         results: list[tuple[str, str, str]] = []
         bar = tqdm(total=len(jobs), desc="prepare", unit="scan", disable=not cfg.progress)
@@ -144,10 +158,10 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
         manifest = outcome.manifest.copy()
         manifest.insert(1, "split", manifest["scan_id"].map(splits))
         manifest.to_csv(tmp / "meta" / "manifest.csv", index=False)
-        train = sorted(s for s, v in splits.items() if v == "train")
-        test = sorted(s for s, v in splits.items() if v == "test")
-        _dump(tmp / "meta" / "splits.json", {"test_fraction": cfg.test_fraction, "rule": "sha256('ctrlora-split:' + id)[:8] / 2**64 < test_fraction",
-                                              "train": train, "test": test})
+        by_split = {k: sorted(s for s, v in splits.items() if v == k) for k in ("train", "validation", "test")}
+        _dump(tmp / "meta" / "splits.json", {"test_fraction": cfg.test_fraction,
+                                              "validation_fraction": cfg.validation_fraction,
+                                              "rule": SPLIT_RULE, **by_split})
         _dump(tmp / "meta" / "validation.json", summary_report(outcome))
         hashes = {c: dvc_dir_md5(tmp / "conditions" / c) for c in cfg.conditions}
         _dump(tmp / "meta" / "hashes.json", hashes)
@@ -155,7 +169,8 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return PrepareResult(out=out, scans=len(dirs), train=len(train), test=len(test), hashes=hashes,
+    return PrepareResult(out=out, scans=len(dirs), train=len(by_split["train"]),
+                         validation=len(by_split["validation"]), test=len(by_split["test"]), hashes=hashes,
                          seconds=round(time.perf_counter() - start, 2), sources=counts)
 
 

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ctrlora.data.pairs import PairDataset
+from ctrlora.data.pairs import SPLITS, PairDataset
 
 
 @dataclass
@@ -69,7 +69,7 @@ def build_embed_cache(vae, text_encoder, tokenizer, prepared_root: str | Path, c
 
     for name in conditions:
         pairs = []
-        for split in ("train", "test"):
+        for split in SPLITS:
             ds = PairDataset(prepared_root, name, split)
             pairs += [(ds, i, split) for i in range(len(ds))]
         idx, means, logvars = [], [], []
