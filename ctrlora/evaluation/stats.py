@@ -1,0 +1,139 @@
+"""Paired percentile bootstrap over scans: intervals for means, differences and gain ratios.
+
+Every figure the evaluation reports is a mean over held-out scans, and every comparison is
+*paired*: the two sides were measured on the same scans with the same sampling noise. The
+bootstrap therefore resamples **scan indices** (with replacement) and applies the same indices
+to every array of a comparison, which keeps the pairing and lets per-scan difficulty cancel.
+
+Inputs are per-scan scores:
+
+* 1-D ``[scans]``: one value per scan;
+* 2-D ``[seeds, scans]``: one row per training (or sampling) seed on the same scans. Rows are
+  **averaged over seeds first**, then scans are resampled. The interval is then about the
+  scan population given these seeds; seed-to-seed spread is not added on top (with 2–3 seeds
+  it cannot be estimated reliably), so report the seeds next to the interval.
+
+All arrays of one comparison must have the same number of scans; a mismatch raises
+``ValueError`` (it would silently break the pairing). Results are deterministic given ``seed``
+(NumPy's ``default_rng``). NaN scores are not allowed: drop or impute them before calling.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+__all__ = ["Interval", "per_scan", "bootstrap_mean", "bootstrap_diff", "bootstrap_gain_ratio", "resample_indices"]
+
+
+@dataclass
+class Interval:
+    """A point estimate with its percentile bootstrap interval.
+
+    value: the estimate on the full sample; low, high: the ``level`` percentile interval;
+    n: scans resampled; level: coverage (0.95 = 2.5th to 97.5th percentile).
+    """
+
+    value: float
+    low: float
+    high: float
+    n: int
+    level: float = 0.95
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready dict; non-finite numbers (an undefined ratio, ``-inf`` lower end)
+        become ``None``."""
+        out = {}
+        for k, v in asdict(self).items():
+            if isinstance(v, (float, np.floating)):
+                v = float(v) if np.isfinite(v) else None
+            out[k] = v
+        return out
+
+    def clears(self, threshold: float) -> bool:
+        """True when the lower end of the interval is at or above ``threshold``."""
+        return bool(np.isfinite(self.value) and np.isfinite(self.low) and self.low >= threshold)
+
+
+def per_scan(x, name: str = "x") -> np.ndarray:
+    """``[scans]`` or ``[seeds, scans]`` scores → float64 ``[scans]`` (mean over seeds)."""
+    a = np.asarray(x, dtype=np.float64)
+    if a.ndim == 2:
+        if a.shape[0] == 0:
+            raise ValueError(f"{name}: no seeds (shape {a.shape})")
+        a = a.mean(axis=0)
+    elif a.ndim != 1:
+        raise ValueError(f"{name}: per-scan scores must be [scans] or [seeds, scans], got shape {a.shape}")
+    if a.size == 0:
+        raise ValueError(f"{name}: no scans")
+    if np.isnan(a).any():
+        raise ValueError(f"{name}: NaN per-scan scores ({int(np.isnan(a).sum())} of {a.size})")
+    return a
+
+
+def _aligned(**arrays) -> list[np.ndarray]:
+    out = [per_scan(v, k) for k, v in arrays.items()]
+    sizes = {k: len(v) for k, v in zip(arrays, out)}
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"paired bootstrap needs the same scans on every side, got scan counts {sizes}")
+    return out
+
+
+def resample_indices(n: int, n_boot: int, seed: int) -> np.ndarray:
+    """``[n_boot, n]`` scan indices drawn with replacement (deterministic by ``seed``)."""
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be ≥ 1, got {n_boot}")
+    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+
+
+def _interval(value: float, boots: np.ndarray, n: int, level: float) -> Interval:
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    boots = boots[np.isfinite(boots)]
+    if boots.size == 0:
+        return Interval(float(value), float("nan"), float("nan"), n, level)
+    a = (1.0 - level) / 2.0
+    lo, hi = np.quantile(boots, [a, 1.0 - a])
+    return Interval(float(value), float(lo), float(hi), n, level)
+
+
+def bootstrap_mean(x, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> Interval:
+    """Mean of per-scan scores with its bootstrap interval over scans."""
+    (a,) = _aligned(x=x)
+    idx = resample_indices(len(a), n_boot, seed)
+    return _interval(a.mean(), a[idx].mean(axis=1), len(a), level)
+
+
+def bootstrap_diff(x, y, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> Interval:
+    """mean(x − y) for per-scan scores aligned by scan (e.g. controlled − uncontrolled)."""
+    a, b = _aligned(x=x, y=y)
+    d = a - b
+    idx = resample_indices(len(d), n_boot, seed)
+    return _interval(d.mean(), d[idx].mean(axis=1), len(d), level)
+
+
+def bootstrap_gain_ratio(num, den, base, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> Interval:
+    """(mean(num) − mean(base)) / (mean(den) − mean(base)), the three aligned by scan and
+    resampled jointly (same indices for all), e.g. combined gain ÷ single gain over uncontrolled.
+
+    A ratio of gains only means something when the denominator gain is positive. A resample whose
+    denominator gain is ≤ 0 counts as ``-inf`` (nothing was kept of no gain), so a denominator
+    gain indistinguishable from zero drives the lower end to ``-inf`` instead of producing a
+    spuriously large ratio; a full-sample denominator gain ≤ 0 gives ``value = nan``. Percentiles
+    are taken without interpolation (lower rank for ``low``, higher rank for ``high``) so that
+    infinite resamples stay well defined.
+    """
+    a, b, c = _aligned(num=num, den=den, base=base)
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    den_gain = b.mean() - c.mean()
+    value = (a.mean() - c.mean()) / den_gain if den_gain > 0 else float("nan")
+    idx = resample_indices(len(a), n_boot, seed)
+    bc = c[idx].mean(axis=1)
+    ng, dg = a[idx].mean(axis=1) - bc, b[idx].mean(axis=1) - bc
+    with np.errstate(divide="ignore", invalid="ignore"):
+        boots = np.where(dg > 0, ng / np.where(dg > 0, dg, 1.0), -np.inf)
+    q = (1.0 - level) / 2.0
+    lo = float(np.quantile(boots, q, method="lower"))
+    hi = float(np.quantile(boots, 1.0 - q, method="higher"))
+    return Interval(float(value), lo, hi, len(a), level)
