@@ -18,7 +18,14 @@ from ctrlora.evaluation.detectors import (
     save_detector,
     train_detector,
 )
-from ctrlora.evaluation.fidelity import PRIMARY_METRIC, condition_fidelity, image_metrics, primary_fidelity
+from ctrlora.evaluation.fidelity import (
+    PRIMARY_METRIC,
+    condition_fidelity,
+    condition_scores,
+    image_metrics,
+    image_scores,
+    primary_fidelity,
+)
 from ctrlora.evaluation.grids import PAD, TITLE_H, colorize_labels, plot_curves, save_grid
 
 
@@ -149,6 +156,53 @@ def test_normal_angular_error():
 # --------------------------------------------------------------------------- grids
 
 
+# --------------------------------------------------------------------------- per image
+
+
+def test_per_image_miou_is_per_image_and_differs_from_pooled():
+    true = np.zeros((2, 4, 4), np.int64)
+    true[0, :2] = 1            # image 0: half class 1
+    true[1, 0, 0] = 1          # image 1: one pixel of class 1
+    pred = true.copy()
+    pred[1, 0, 0] = 0          # image 1 misses its one pixel
+    per = M.miou_per_image(pred, true, 2)
+    assert per[0] == 1.0
+    assert per[1] == pytest.approx((15 / 16 + 0.0) / 2)  # background 15/16, class 1 0/1
+    pooled = M.miou(pred, true, 2)
+    assert pooled == pytest.approx((23 / 24 + 8 / 9) / 2)
+    assert per.mean() != pytest.approx(pooled)  # image-averaged vs pooled are different figures
+    with pytest.raises(ValueError, match="stack"):
+        M.miou_per_image(true[0], true[0], 2)
+
+
+def test_per_image_edges_ssim_psnr_mae_agree_with_their_means():
+    rng = np.random.default_rng(5)
+    e = np.zeros((3, 12, 12), bool)
+    e[0, 6, 2:10] = True
+    e[1, 3, 3] = True           # image 2 has no edges at all
+    pred = e.copy()
+    pred[1] = False             # image 1: the edge is missed
+    s = M.edge_scores_per_image(pred, e)
+    assert s["f1"].tolist() == [1.0, 0.0, 1.0]  # both empty → 1
+    assert M.edge_scores(pred[:1], e[:1])["f1"] == s["f1"][0]
+    a, b = rng.random((4, 16, 16, 3)), rng.random((4, 16, 16, 3))
+    assert M.ssim_per_image(a, b).mean() == pytest.approx(M.mean_ssim(a, b))
+    assert M.ssim_per_image(a, a) == pytest.approx(np.ones(4))
+    assert M.psnr_per_image(a, b, 1.0).mean() == pytest.approx(M.mean_psnr(a, b, 1.0))
+    assert M.psnr_per_image(a, a, 1.0).tolist() == [100.0] * 4
+    assert M.mae_per_image(a, b).mean() == pytest.approx(M.mae(a, b))
+    assert M.mae_per_image(a, b)[2] == pytest.approx(M.mae(a[2], b[2]))
+
+
+def test_per_image_normal_error_marks_empty_masks_nan():
+    n = np.full((2, 4, 4, 3), 0.5)
+    n[..., 2] = 1.0  # +z everywhere
+    mask = np.ones((2, 4, 4), bool)
+    mask[1] = False
+    err = M.normal_angular_error_per_image(n, n, mask)
+    assert err[0] == pytest.approx(0.0, abs=1e-6) and np.isnan(err[1])
+
+
 def test_grid_png_size_and_curves(tmp_path):
     rng = np.random.default_rng(4)
     rows = [
@@ -270,6 +324,9 @@ def test_condition_fidelity(segmenter, shapes_data):
     _, (imgs, labels, _) = shapes_data
     seg = condition_fidelity("segmentation", imgs, labels, {"segmentation": segmenter})
     assert set(seg) == {"miou", "pixel_acc"} and seg["miou"] > 0.75
+    per = condition_scores("segmentation", imgs, labels, {"segmentation": segmenter})
+    assert set(per) == set(seg) and all(v.shape == (len(imgs),) for v in per.values())
+    assert {k: v.mean() for k, v in per.items()} == pytest.approx(seg)  # the mean is of the per-scan values
     # a blank "generation" carries no segmentation
     blank = condition_fidelity("segmentation", np.full_like(imgs, 0.1), labels, {"segmentation": segmenter})
     assert blank["miou"] < seg["miou"] - 0.3
@@ -279,6 +336,7 @@ def test_condition_fidelity(segmenter, shapes_data):
     edges = detect_canny(imgs, params)
     c = condition_fidelity("canny", imgs, edges, canny=params)
     assert c["edge_f1"] == 1.0
+    assert (condition_scores("canny", imgs, edges, canny=params)["edge_f1"] == 1.0).all()
     c_blank = condition_fidelity("canny", np.full_like(imgs, 0.1), edges, canny=params)
     assert c_blank["edge_f1"] == 0.0
 
@@ -296,6 +354,10 @@ def test_condition_fidelity(segmenter, shapes_data):
 
     im = image_metrics(imgs, imgs)
     assert im == {"psnr": 100.0, "ssim": pytest.approx(1.0)}
+    noisy = np.clip(imgs + 0.05 * np.random.default_rng(0).standard_normal(imgs.shape), 0, 1)
+    per_im = image_scores(noisy, imgs)
+    assert per_im["psnr"].shape == (len(imgs),) and image_metrics(noisy, imgs) == pytest.approx(
+        {k: v.mean() for k, v in per_im.items()})
     assert image_metrics((imgs * 255).astype(np.uint8), imgs)["psnr"] > 40
 
 

@@ -66,6 +66,7 @@ def check(n_train: int, n_test: int, epochs: int | None, conditions=CONDITIONS, 
         if cond == "segmentation":
             base = {"miou": M.miou(np.zeros_like(test[cond], dtype=np.int64), test[cond].astype(np.int64), cfg.channels)}
             pred = predict(model, test["photo"])
+            scores["miou_pooled"] = M.miou(pred, test[cond].astype(np.int64), cfg.channels)
             scores["per_class_iou"] = [None if np.isnan(v) else round(float(v), 4)
                                        for v in M.per_class_iou(pred, test[cond].astype(np.int64), cfg.channels)]
         else:

@@ -13,6 +13,10 @@ that was fed in:
 
 Every primary metric is "higher is better" and lies in [0, 1] (SSIM can dip below 0 in theory).
 
+:func:`condition_scores` returns one value per scan (image-level mIoU, SSIM, edge F1, …) so
+comparisons can carry paired bootstrap intervals; :func:`condition_fidelity` returns their means.
+mIoU and edge F1 are image-averaged (each scan weighs the same), not pooled over the stack.
+
 Inputs (numpy, one row per example):
 * ``generated`` / ``ground_truth`` images: ``N×H×W×3``, uint8 or float in [0, 1];
 * segmentation data: integer label maps ``N×H×W`` (the raw ``segmentation.png`` labels);
@@ -35,8 +39,10 @@ __all__ = [
     "PRIMARY_METRIC",
     "DETECTED_CONDITIONS",
     "default_detector_config",
+    "condition_scores",
     "condition_fidelity",
     "primary_fidelity",
+    "image_scores",
     "image_metrics",
 ]
 
@@ -113,7 +119,42 @@ def _edges(x: np.ndarray, n: int, hw: tuple[int, int]) -> np.ndarray:
     return a.astype(bool)
 
 
-def condition_fidelity(  # noqa: C901 — one branch per kind of condition
+def _detector_for(name: str, detectors: Mapping[str, object] | None):
+    if detectors is None or name not in detectors:
+        raise ValueError(f"condition {name!r} needs a trained detector in `detectors[{name!r}]`")
+    det = detectors[name]
+    task, channels = DETECTED_CONDITIONS[name]
+    # a segmenter's class count is its own (the dental default is NUM_LABELS)
+    if det.config.task != task or (task == "regression" and det.config.channels != channels):
+        raise ValueError(
+            f"detector for {name!r} is a {det.config.task} model with {det.config.channels} channels; "
+            f"expected {task} with {channels}"
+        )
+    return det
+
+
+def _detected_scores(name: str, gen: np.ndarray, data: np.ndarray, detectors, normal_mask) -> dict[str, np.ndarray]:
+    det = _detector_for(name, detectors)
+    task, channels = DETECTED_CONDITIONS[name]
+    n, h, w = gen.shape[:3]
+    pred = predict(det, gen)
+    if task == "segmentation":
+        true = np.asarray(data)
+        if true.shape != (n, h, w) or not np.issubdtype(true.dtype, np.integer):
+            raise ValueError(
+                f"segmentation data must be integer label maps N×H×W = {(n, h, w)}, got {true.dtype} {true.shape}"
+            )
+        return {"miou": M.miou_per_image(pred, true, det.config.channels),
+                "pixel_acc": (pred == true).reshape(n, -1).mean(axis=1)}
+    true = _map01(data, n, (h, w), channels, f"{name} data")
+    out = {"ssim": M.ssim_per_image(pred, true, data_range=1.0), "mae": M.mae_per_image(pred, true)}
+    if name == "normal":
+        mask = None if normal_mask is None else np.asarray(normal_mask, bool)
+        out["angular_error_deg"] = M.normal_angular_error_per_image(pred, true, mask)
+    return out
+
+
+def condition_scores(
     condition_name: str,
     generated_images: np.ndarray,
     input_condition_data: np.ndarray,
@@ -123,76 +164,53 @@ def condition_fidelity(  # noqa: C901 — one branch per kind of condition
     extractor: Callable[[np.ndarray], np.ndarray] | None = None,
     edge_tolerance_px: int = 1,
     normal_mask: np.ndarray | None = None,
-) -> dict[str, float]:
-    """How faithfully ``generated_images`` carry ``input_condition_data`` (see module doc).
+) -> dict[str, np.ndarray]:
+    """Per-scan fidelity of ``generated_images`` to ``input_condition_data`` (see module doc):
+    ``{metric: float64 array [N]}``, one value per image, including
+    ``PRIMARY_METRIC[condition_name]``.
 
     ``detectors`` maps condition names to trained detectors (:func:`~.detectors.train_detector`
     or :func:`~.detectors.load_detector`); needed for segmentation, lighting, depth and normal.
     ``canny`` holds the canny condition's extractor parameters (required for ``"canny"``).
     ``extractor`` re-extracts any other derived condition from ``N×H×W×3`` images in [0, 1].
     ``normal_mask`` (``N×H×W`` bool) restricts the normal angular error to those pixels (e.g.
-    the foreground); by default pixels whose input normal is the zero vector are left out.
-    Returns a flat dict of floats that includes ``PRIMARY_METRIC[condition_name]``.
+    the foreground); by default pixels whose input normal is the zero vector are left out (an
+    image with no such pixel gets NaN angular error).
     """
     gen = _images01(generated_images, "generated_images")
     n, h, w = gen.shape[:3]
     name = condition_name
-
     if name in DETECTED_CONDITIONS:
-        if detectors is None or name not in detectors:
-            raise ValueError(f"condition {name!r} needs a trained detector in `detectors[{name!r}]`")
-        det = detectors[name]
-        task, channels = DETECTED_CONDITIONS[name]
-        # a segmenter's class count is its own (the dental default is NUM_LABELS)
-        if det.config.task != task or (task == "regression" and det.config.channels != channels):
-            raise ValueError(
-                f"detector for {name!r} is a {det.config.task} model with {det.config.channels} channels; "
-                f"expected {task} with {channels}"
-            )
-        pred = predict(det, gen)
-        if task == "segmentation":
-            true = np.asarray(input_condition_data)
-            if true.shape != (n, h, w) or not np.issubdtype(true.dtype, np.integer):
-                raise ValueError(
-                    f"segmentation data must be integer label maps N×H×W = {(n, h, w)}, "
-                    f"got {true.dtype} {true.shape}"
-                )
-            return {
-                "miou": M.miou(pred, true, det.config.channels),
-                "pixel_acc": M.pixel_accuracy(pred, true),
-            }
-        true = _map01(input_condition_data, n, (h, w), channels, f"{name} data")
-        out = {
-            "ssim": M.mean_ssim(pred, true, data_range=1.0),
-            "mae": M.mae(pred, true),
-        }
-        if name == "normal":
-            if normal_mask is None:
-                out["angular_error_deg"] = M.normal_angular_error(pred, true)
-            else:
-                out["angular_error_deg"] = M.normal_angular_error(pred, true, np.asarray(normal_mask, bool))
-        return out
-
+        return _detected_scores(name, gen, input_condition_data, detectors, normal_mask)
     if name == "canny":
         if canny is None:
             raise ValueError("condition 'canny' needs `canny=CannyParams(...)` matching its extractor")
-        pred = detect_canny(gen, canny)
-        true = _edges(input_condition_data, n, (h, w))
-        s = M.edge_scores(pred, true, edge_tolerance_px)
+        s = M.edge_scores_per_image(detect_canny(gen, canny), _edges(input_condition_data, n, (h, w)),
+                                    edge_tolerance_px)
         return {"edge_f1": s["f1"], "edge_precision": s["precision"], "edge_recall": s["recall"]}
-
     if extractor is not None:
         pred = np.asarray(extractor(gen), dtype=np.float32)
         true = np.asarray(input_condition_data)
         true = true.astype(np.float32) / 255.0 if true.dtype == np.uint8 else true.astype(np.float32)
         if pred.shape != true.shape or pred.shape[0] != n:
             raise ValueError(f"{name}: extractor output {pred.shape} does not match the data {true.shape}")
-        return {"ssim": M.mean_ssim(pred, true, data_range=1.0), "mae": M.mae(pred, true)}
-
+        return {"ssim": M.ssim_per_image(pred, true, data_range=1.0), "mae": M.mae_per_image(pred, true)}
     raise ValueError(
         f"cannot score condition {name!r}: it is neither detected ({sorted(DETECTED_CONDITIONS)}) nor "
         "canny, and no `extractor` was given"
     )
+
+
+def condition_fidelity(condition_name: str, generated_images: np.ndarray, input_condition_data: np.ndarray,
+                       detectors: Mapping[str, object] | None = None, **kwargs) -> dict[str, float]:
+    """Mean over scans of :func:`condition_scores` (same arguments): ``{metric: float}``.
+
+    Every figure is image-averaged (the mean of the per-scan values, NaN scans left out), so it
+    equals the mean the bootstrap intervals are built on. For a data-set-level (pooled) mIoU use
+    :func:`~.metrics.miou` on the stacked predictions.
+    """
+    per = condition_scores(condition_name, generated_images, input_condition_data, detectors, **kwargs)
+    return {k: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for k, v in per.items()}
 
 
 def primary_fidelity(condition_name: str, scores: Mapping[str, float]) -> float:
@@ -202,11 +220,16 @@ def primary_fidelity(condition_name: str, scores: Mapping[str, float]) -> float:
     return float(scores[PRIMARY_METRIC[condition_name]])
 
 
-def image_metrics(generated: np.ndarray, ground_truth: np.ndarray) -> dict[str, float]:
-    """PSNR (dB, per image capped at 100, averaged) and SSIM (per image, averaged) of generated
-    images against the ground-truth photographs, both ``N×H×W×3`` uint8 or float in [0, 1]."""
+def image_scores(generated: np.ndarray, ground_truth: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-image PSNR (dB, capped at 100) and SSIM of generated images against the ground-truth
+    photographs, both ``N×H×W×3`` uint8 or float in [0, 1] → ``{"psnr", "ssim"}`` arrays ``[N]``."""
     g = _images01(generated, "generated")
     t = _images01(ground_truth, "ground_truth")
     if g.shape != t.shape:
         raise ValueError(f"image_metrics: shape mismatch, got {g.shape} and {t.shape}")
-    return {"psnr": M.mean_psnr(g, t, data_range=1.0), "ssim": M.mean_ssim(g, t, data_range=1.0)}
+    return {"psnr": M.psnr_per_image(g, t, data_range=1.0), "ssim": M.ssim_per_image(g, t, data_range=1.0)}
+
+
+def image_metrics(generated: np.ndarray, ground_truth: np.ndarray) -> dict[str, float]:
+    """Means of :func:`image_scores`: ``{"psnr", "ssim"}``."""
+    return {k: float(v.mean()) for k, v in image_scores(generated, ground_truth).items()}

@@ -12,6 +12,10 @@ Conventions
 * Images for PSNR / SSIM are ``H×W`` (gray) or ``H×W×C`` (channel last); stacks go through
   :func:`mean_ssim` / :func:`mean_psnr`, which score image by image and average.
 * Normal maps are encoded as in ``normal.png``: RGB in [0, 1] holding (n + 1) / 2.
+* ``*_per_image`` functions take stacks ``N×…`` and return a float64 array ``[N]``, one score per
+  image, for paired bootstrap intervals over images (:mod:`.stats`). Their mean is the
+  image-averaged figure; for mIoU and edge F1 it differs from the pooled stack figure of
+  :func:`miou` / :func:`edge_scores` (pooling weights images by their pixel / edge counts).
 """
 from __future__ import annotations
 
@@ -23,17 +27,23 @@ from scipy import ndimage
 __all__ = [
     "confusion_matrix",
     "miou",
+    "miou_per_image",
     "per_class_iou",
     "pixel_accuracy",
     "edge_scores",
     "edge_f1",
+    "edge_scores_per_image",
     "psnr",
     "mean_psnr",
+    "psnr_per_image",
     "ssim",
     "mean_ssim",
+    "ssim_per_image",
     "mae",
+    "mae_per_image",
     "rmse",
     "normal_angular_error",
+    "normal_angular_error_per_image",
 ]
 
 
@@ -42,6 +52,14 @@ def _check_same_shape(a: np.ndarray, b: np.ndarray, what: str) -> None:
         raise ValueError(f"{what}: shape mismatch, got {a.shape} and {b.shape}")
     if a.size == 0:
         raise ValueError(f"{what}: empty arrays")
+
+
+def _stacks(a: np.ndarray, b: np.ndarray, what: str, min_ndim: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    a, b = np.asarray(a), np.asarray(b)
+    _check_same_shape(a, b, what)
+    if a.ndim < min_ndim:
+        raise ValueError(f"{what}: expected a stack of images (N×…, {min_ndim}+ dims), got shape {a.shape}")
+    return a, b
 
 
 # --------------------------------------------------------------------------- segmentation
@@ -91,6 +109,13 @@ def miou(pred_labels: np.ndarray, true_labels: np.ndarray, num_classes: int, ign
         present = ~np.isnan(iou)
         return float(iou[present].mean())  # at least one class is present in a non-empty map
     return float(np.where(np.isnan(iou), 1.0, iou).mean())
+
+
+def miou_per_image(pred_labels: np.ndarray, true_labels: np.ndarray, num_classes: int,
+                   ignore_absent: bool = True) -> np.ndarray:
+    """:func:`miou` of each image of two ``N×H×W`` label stacks (classes present in that image)."""
+    pred, true = _stacks(pred_labels, true_labels, "miou_per_image")
+    return np.array([miou(p, t, num_classes, ignore_absent) for p, t in zip(pred, true)], dtype=np.float64)
 
 
 def pixel_accuracy(pred_labels: np.ndarray, true_labels: np.ndarray) -> float:
@@ -144,6 +169,15 @@ def edge_scores(pred_edges: np.ndarray, true_edges: np.ndarray, tolerance_px: in
     return {"precision": precision, "recall": recall, "f1": float(f1)}
 
 
+def edge_scores_per_image(pred_edges: np.ndarray, true_edges: np.ndarray,
+                          tolerance_px: int = 1) -> dict[str, np.ndarray]:
+    """:func:`edge_scores` of each image of two ``N×H×W`` edge stacks: ``{"precision", "recall",
+    "f1"}`` → arrays ``[N]``."""
+    pred, true = _stacks(pred_edges, true_edges, "edge_scores_per_image")
+    rows = [edge_scores(p, t, tolerance_px) for p, t in zip(pred, true)]
+    return {k: np.array([r[k] for r in rows], dtype=np.float64) for k in ("precision", "recall", "f1")}
+
+
 def edge_f1(pred_edges: np.ndarray, true_edges: np.ndarray, tolerance_px: int = 1) -> float:
     """F1 of :func:`edge_scores` (harmonic mean of tolerant precision and recall)."""
     return edge_scores(pred_edges, true_edges, tolerance_px)["f1"]
@@ -172,13 +206,14 @@ def mean_psnr(a: np.ndarray, b: np.ndarray, data_range: float, max_db: float | N
     """PSNR image by image over the leading axis of two stacks, averaged. Each image's value is
     capped at ``max_db`` (so one exact copy does not turn the mean into ``inf``); pass
     ``max_db=None`` to keep ``inf``."""
-    a = np.asarray(a)
-    b = np.asarray(b)
-    _check_same_shape(a, b, "mean_psnr")
-    vals = [psnr(x, y, data_range) for x, y in zip(a, b)]
-    if max_db is not None:
-        vals = [min(v, max_db) for v in vals]
-    return float(np.mean(vals))
+    return float(np.mean(psnr_per_image(a, b, data_range, max_db)))
+
+
+def psnr_per_image(a: np.ndarray, b: np.ndarray, data_range: float, max_db: float | None = 100.0) -> np.ndarray:
+    """PSNR of each image of two stacks (capped at ``max_db`` as in :func:`mean_psnr`)."""
+    a, b = _stacks(a, b, "psnr_per_image", min_ndim=2)
+    vals = np.array([psnr(x, y, data_range) for x, y in zip(a, b)], dtype=np.float64)
+    return vals if max_db is None else np.minimum(vals, max_db)
 
 
 def _infer_data_range(a: np.ndarray, b: np.ndarray) -> float:
@@ -260,14 +295,25 @@ def mean_ssim(
 ) -> float:
     """:func:`ssim` image by image over the leading axis of two stacks (``N×H×W`` or
     ``N×H×W×C``), averaged. ``channel_axis`` refers to the axes of one image."""
+    return float(np.mean(ssim_per_image(a, b, data_range, channel_axis, win_size)))
+
+
+def ssim_per_image(
+    a: np.ndarray,
+    b: np.ndarray,
+    data_range: float | None = None,
+    channel_axis: int | None = None,
+    win_size: int | None = None,
+) -> np.ndarray:
+    """:func:`ssim` of each image of two stacks (``N×H×W`` or ``N×H×W×C``) → array ``[N]``."""
     a = np.asarray(a)
     b = np.asarray(b)
-    _check_same_shape(a, b, "mean_ssim")
+    _check_same_shape(a, b, "ssim_per_image")
     if a.ndim not in (3, 4):
-        raise ValueError(f"mean_ssim: expected a stack N×H×W or N×H×W×C, got shape {a.shape}")
+        raise ValueError(f"ssim_per_image: expected a stack N×H×W or N×H×W×C, got shape {a.shape}")
     if data_range is None:
         data_range = _infer_data_range(a, b)
-    return float(np.mean([ssim(x, y, data_range, channel_axis, win_size) for x, y in zip(a, b)]))
+    return np.array([ssim(x, y, data_range, channel_axis, win_size) for x, y in zip(a, b)], dtype=np.float64)
 
 
 def mae(a: np.ndarray, b: np.ndarray) -> float:
@@ -276,6 +322,13 @@ def mae(a: np.ndarray, b: np.ndarray) -> float:
     b = np.asarray(b, dtype=np.float64)
     _check_same_shape(a, b, "mae")
     return float(np.mean(np.abs(a - b)))
+
+
+def mae_per_image(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Mean absolute error of each image of two stacks → array ``[N]``."""
+    a, b = _stacks(a, b, "mae_per_image", min_ndim=2)
+    d = np.abs(a.astype(np.float64) - b.astype(np.float64))
+    return d.reshape(len(d), -1).mean(axis=1)
 
 
 def rmse(a: np.ndarray, b: np.ndarray) -> float:
@@ -319,3 +372,20 @@ def normal_angular_error(
     cos = (p * t).sum(-1) / np.maximum(pn * tn, 1e-12)
     ang = np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
     return float(ang[sel].mean())
+
+
+def normal_angular_error_per_image(
+    pred_rgb01: np.ndarray, true_rgb01: np.ndarray, mask: np.ndarray | None = None
+) -> np.ndarray:
+    """:func:`normal_angular_error` of each image of two ``N×H×W×3`` stacks → array ``[N]``;
+    NaN for an image where the mask (or the non-zero true normals) selects no pixel."""
+    p, t = _stacks(pred_rgb01, true_rgb01, "normal_angular_error_per_image", min_ndim=4)
+    masks = [None] * len(p) if mask is None else np.asarray(mask).astype(bool)
+    if mask is not None and masks.shape != p.shape[:-1]:
+        raise ValueError(f"mask shape {masks.shape} does not match the maps' pixels {p.shape[:-1]}")
+    out = np.full(len(p), np.nan)
+    for i, (a, b, m) in enumerate(zip(p, t, masks)):
+        sel = (np.linalg.norm(2.0 * np.asarray(b, np.float64) - 1.0, axis=-1) > 1e-3) if m is None else m
+        if sel.any():
+            out[i] = normal_angular_error(a, b, sel)
+    return out
