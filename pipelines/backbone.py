@@ -55,23 +55,25 @@ def main() -> int:
         for c in p["vae_conditions"]:
             ds = photo_ds if c == photo_ds.condition else PairDataset(prepared, c, "train", preload=True)
             conds.append(torch.stack([ds[i]["condition"] for i in range(len(ds))]))
-        print(f"[backbone] {len(photos)} training photos, {sum(len(c) for c in conds)} condition images")
+        conds = torch.cat(conds)
+        print(f"[backbone] {len(photos)} training photos, {len(conds)} condition images")
 
         cfg = TinyBackboneConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in p["tiny"].items()})
         bb = build_tiny_backbone(cfg, CAPTION_VOCABULARY)
-        vae_res = pretrain_vae(bb.vae, torch.cat([photos, *conds]), VAEPretrainConfig(
-            TrainConfig.from_dict(p["vae"]["train"]), kl_weight=float(p["vae"]["kl_weight"])),
-            checkpoint_dir=ckpt / "vae")
+        vae_res = pretrain_vae(bb.vae, photos, conds, VAEPretrainConfig(
+            TrainConfig.from_dict(p["vae"]["train"]), kl_weight=float(p["vae"]["kl_weight"]),
+            photo_fraction=float(p["vae"]["photo_fraction"])), checkpoint_dir=ckpt / "vae")
         mean, logvar = encode_posterior(bb.vae, photos)
         factor = set_latent_scaling(bb.vae, mean, logvar, seed=int(p["seed"]))
         print(f"[backbone] latent scaling factor {factor:.4f}")
         unet_res = pretrain_unet(bb.unet, bb.text_encoder, bb.tokenizer, bb.scheduler, mean, logvar, factor, captions,
                                  UNetPretrainConfig(TrainConfig.from_dict(p["unet"]["train"]),
-                                                    prompt_dropout=float(p["unet"]["prompt_dropout"])),
+                                                    prompt_dropout=float(p["unet"]["prompt_dropout"]),
+                                                    min_snr_gamma=float(p["unet"]["min_snr_gamma"])),
                                  checkpoint_dir=ckpt / "unet")
         bb.save(out)
         clear_checkpoints(ckpt)
-        write_curve(vae_res.history, reports / "vae_loss.csv", ("loss", "l1", "kl"))
+        write_curve(vae_res.history, reports / "vae_loss.csv", ("loss", "l1", "photo_l1", "kl"))
         write_curve(unet_res.history, reports / "unet_loss.csv")
         backbone_samples(bb, captions[:8], reports / "samples.png", real=photos[:8], seed=int(p["seed"]))
         print(f"[backbone] saved {out}; samples: {reports / 'samples.png'}")

@@ -1,4 +1,5 @@
-"""The shared training loop: step-addressed randomness, checkpoints, kill-and-resume equality."""
+"""The shared training loop: step-addressed randomness, checkpoints, kill-and-resume equality,
+the learning-rate schedule and EMA; the denoising objective."""
 from __future__ import annotations
 
 import json
@@ -23,7 +24,8 @@ SCRIPT = textwrap.dedent(
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
     w_true = torch.linspace(-1, 1, 8)
     cfg = TrainConfig(max_steps=12, batch_size=4, learning_rate=3e-2, checkpoint_every=4,
-                      gradient_accumulation_steps=2, log_every=1, seed=3)
+                      gradient_accumulation_steps=2, log_every=1, seed=3, warmup_steps=3,
+                      lr_schedule="cosine", min_lr_ratio=0.1, ema_decay=0.9)
     trainer = Trainer(cfg, model, model.parameters(), checkpoint_dir=os.path.join(out, "ckpt"))
     def loss_fn(m, step, gen):
         if step == kill_at:
@@ -32,7 +34,9 @@ SCRIPT = textwrap.dedent(
         y = (x @ w_true)[:, None] + 0.1 * torch.randn(cfg.batch_size, 1, generator=gen)
         return torch.nn.functional.mse_loss(m(x), y), {}
     result = trainer.fit(loss_fn, desc="toy")
-    json.dump({"history": result.history, "resumed_from": result.resumed_from}, open(os.path.join(out, "result.json"), "w"))
+    weights = [p.detach().flatten().tolist() for p in model.parameters()]
+    json.dump({"history": result.history, "resumed_from": result.resumed_from, "weights": weights},
+              open(os.path.join(out, "result.json"), "w"))
     """
 )
 
@@ -63,6 +67,7 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):
     ref_losses = [r["loss"] for r in ref["history"]]
     res_losses = [r["loss"] for r in res["history"]]
     assert res_losses == ref_losses  # bit-identical on CPU with the same seed
+    assert res["weights"] == ref["weights"]  # the EMA shadow was checkpointed and restored
     assert sum(ref_losses[-4:]) < sum(ref_losses[:4])  # it does learn
 
 
@@ -82,3 +87,60 @@ def test_trainer_refuses_nothing_to_train():
 def test_unknown_option_is_named():
     with pytest.raises(ValueError, match="learning_rat"):
         TrainConfig.from_dict({"learning_rat": 1.0})
+
+
+def test_learning_rate_schedule_warms_up_then_follows_cosine():
+    cfg = TrainConfig(max_steps=110, learning_rate=1.0, warmup_steps=10, lr_schedule="cosine", min_lr_ratio=0.1)
+    assert cfg.lr_factor(1) == pytest.approx(0.1)
+    assert cfg.lr_factor(10) == pytest.approx(1.0)
+    assert cfg.lr_factor(60) == pytest.approx(0.55)  # half-way down the cosine
+    assert cfg.lr_factor(110) == pytest.approx(0.1)
+    assert TrainConfig(max_steps=5).lr_factor(3) == 1.0
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(lr_schedule="step")
+    with pytest.raises(ValueError, match="warmup_steps"):
+        TrainConfig(max_steps=5, warmup_steps=5)
+
+
+def test_ema_weights_replace_the_trained_ones_at_the_end():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(1, 1, bias=False)
+    start = model.weight.detach().clone()
+    cfg = TrainConfig(max_steps=40, batch_size=8, learning_rate=0.1, ema_decay=0.99, max_grad_norm=None)
+    trainer = Trainer(cfg, model, model.parameters())
+    raw = {}
+
+    def loss_fn(m, step, gen):
+        raw["w"] = m.weight.detach().clone()
+        x = torch.randn(8, 1, generator=gen)
+        return ((m(x) - 3 * x) ** 2).mean(), {}
+
+    trainer.fit(loss_fn)
+    final = model.weight.detach()
+    # the average lags the raw weights: between the start and the last raw value
+    assert float(start) < float(final) < float(raw["w"])
+
+
+def test_denoising_target_and_min_snr_weights():
+    from diffusers import DDPMScheduler
+
+    from ctrlora.training.diffusion import denoising_loss, denoising_target, min_snr_weights, snr
+
+    eps = DDPMScheduler(prediction_type="epsilon")
+    v = DDPMScheduler(prediction_type="v_prediction")
+    x0, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([0, 500, 999])
+    assert torch.equal(denoising_target(eps, x0, noise, t), noise)
+    a = v.alphas_cumprod[t].sqrt()[:, None, None, None]
+    s = (1 - v.alphas_cumprod[t]).sqrt()[:, None, None, None]
+    assert torch.allclose(denoising_target(v, x0, noise, t), a * noise - s * x0, atol=1e-6)
+    r = snr(v, t)
+    w = min_snr_weights(v, t, gamma=5.0)
+    assert torch.allclose(w, torch.clamp(r, max=5.0) / (r + 1))
+    assert w[0] < 1 and w[2] == pytest.approx(float(r[2] / (r[2] + 1)))  # high noise: snr < gamma
+    # an exact prediction has zero loss; gamma = 0 is plain MSE
+    assert float(denoising_loss(v, denoising_target(v, x0, noise, t), x0, noise, t, 5.0)) == 0.0
+    pred = torch.zeros_like(x0)
+    assert float(denoising_loss(eps, pred, x0, noise, t)) == pytest.approx(float((noise ** 2).mean()), rel=1e-5)
+    with pytest.raises(ValueError, match="prediction_type"):
+        denoising_target(DDPMScheduler(prediction_type="sample"), x0, noise, t)

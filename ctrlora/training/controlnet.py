@@ -1,8 +1,9 @@
 """Training the Base ControlNet and condition adapters (and the full-ControlNet baselines).
 
-The loss is the one of ControlNet / CtrLoRA: the frozen UNet predicts the noise of a noisy
-photo latent with the ControlNet's residuals added to its skips, and only the ControlNet side
-learns. Everything comes from the embed cache (fresh posterior samples every step), except in
+The loss is the one of ControlNet / CtrLoRA: the frozen UNet denoises a noisy photo latent with
+the ControlNet's residuals added to its skips, and only the ControlNet side learns. The target is
+the backbone's own (epsilon for SD 1.5, v for the tiny preset; :mod:`ctrlora.training.diffusion`),
+unweighted MSE as in the reference. Everything comes from the embed cache (fresh posterior samples every step), except in
 the ``cnn`` ablation, whose hint CNN reads the condition *image*.
 
 Modes (see :func:`ctrlora.models.adapters.set_trainable`):
@@ -21,11 +22,11 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator, DistributedDataParallelKwargs
 
 from ctrlora.models.adapters import set_adapter, set_trainable
 from ctrlora.models.controlnet import sample_latent
+from ctrlora.training.diffusion import denoising_loss
 from ctrlora.training.embed import EmbedCache
 from ctrlora.training.loop import TrainConfig, Trainer, TrainResult
 
@@ -84,7 +85,7 @@ def _loss_step(model, cache: EmbedCache, scheduler, condition: str, rows: torch.
     t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=gen)
     noisy = scheduler.add_noise(z, noise, t)
     pred = model(noisy.to(device), t.to(device), text.to(device), c.to(device))
-    return F.mse_loss(pred.float(), noise.to(device))
+    return denoising_loss(scheduler, pred, z, noise, t)
 
 
 def train_base(controlnet, unet, scheduler, cache: EmbedCache, conditions: Sequence[str], cfg: ControlNetTrainConfig,
