@@ -2,7 +2,9 @@
 
 * ``preset: tiny`` — build the tiny dental backbone and pretrain it on the training photographs
   (VAE on photos + condition images, then the text-conditioned UNet), save it in the diffusers
-  SD layout under ``models/backbone`` and write a grid of samples drawn from noise.
+  SD layout under ``models/backbone``, measure it on the validation split
+  (``metrics/backbone.json``: VAE reconstruction, pixel Fréchet distance of samples from noise
+  with the real-vs-real floor beside it) and draw ``reports/backbone/samples.png``.
 * ``preset: sd15`` — only check the local SD 1.5 directory named by ``sd15_path`` and record it
   (path + content hash) in ``models/backbone/backbone.json``; later stages load it from there.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import pipelines  # noqa: F401  (tool defaults)
@@ -21,62 +24,100 @@ from pipelines.stage import checkpoint_dir, clear_checkpoints, read_params, time
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def main() -> int:
-    from ctrlora.data.captions import CAPTION_VOCABULARY
+def _split_tensors(prepared: Path, conditions: list[str], split: str):
+    """Photos [N, 3, H, W] in [-1, 1], captions, and each condition's images in [0, 1]."""
     from ctrlora.data.pairs import PairDataset
-    from ctrlora.models.backbone import TinyBackboneConfig, backbone_hash, build_tiny_backbone, load_backbone
+
+    first = PairDataset(prepared, conditions[0], split, preload=True)
+    photos = torch.stack([first[i]["photo"] for i in range(len(first))])
+    captions = [first[i]["caption"] for i in range(len(first))]
+    conds = {}
+    for c in conditions:
+        ds = first if c == first.condition else PairDataset(prepared, c, split, preload=True)
+        conds[c] = torch.stack([ds[i]["condition"] for i in range(len(ds))])
+    return photos, captions, conds
+
+
+def _record_sd15(p: dict, out: Path) -> None:
+    from ctrlora.models.backbone import backbone_hash, load_backbone
+
+    src = Path(p["sd15_path"]).expanduser().resolve()
+    load_backbone(src)  # raises, listing what is missing
+    out.mkdir(parents=True)
+    (out / "backbone.json").write_text(json.dumps({"preset": "sd15", "path": str(src),
+                                                   "hash": backbone_hash(src)}, indent=1))
+
+
+def _pretrain(p: dict, photos, captions, conds, ckpt: Path):
+    from ctrlora.data.captions import CAPTION_VOCABULARY
+    from ctrlora.models.backbone import TinyBackboneConfig, build_tiny_backbone
     from ctrlora.training.backbone import (UNetPretrainConfig, VAEPretrainConfig, encode_posterior,
                                            pretrain_unet, pretrain_vae, set_latent_scaling)
     from ctrlora.training.loop import TrainConfig
-    from ctrlora.training.sampling import backbone_samples
 
+    cfg = TinyBackboneConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in p["tiny"].items()})
+    bb = build_tiny_backbone(cfg, CAPTION_VOCABULARY)
+    vae_res = pretrain_vae(bb.vae, photos, torch.cat(list(conds.values())), VAEPretrainConfig(
+        TrainConfig.from_dict(p["vae"]["train"]), kl_weight=float(p["vae"]["kl_weight"]),
+        photo_fraction=float(p["vae"]["photo_fraction"])), checkpoint_dir=ckpt / "vae")
+    mean, logvar = encode_posterior(bb.vae, photos)
+    factor = set_latent_scaling(bb.vae, mean, logvar, seed=int(p["seed"]))
+    print(f"[backbone] latent scaling factor {factor:.4f}")
+    unet_res = pretrain_unet(bb.unet, bb.text_encoder, bb.tokenizer, bb.scheduler, mean, logvar, factor, captions,
+                             UNetPretrainConfig(TrainConfig.from_dict(p["unet"]["train"]),
+                                                prompt_dropout=float(p["unet"]["prompt_dropout"]),
+                                                min_snr_gamma=float(p["unet"]["min_snr_gamma"])),
+                             checkpoint_dir=ckpt / "unet")
+    return bb, vae_res, unet_res
+
+
+def _measure(p: dict, bb, train_photos, reports: Path) -> dict:
+    """Backbone quality on the validation split, and the sample grid."""
+    from ctrlora.evaluation.backbone import (backbone_samples, pixel_frechet_distance, text_to_image,
+                                             to_uint8, vae_reconstruction)
+
+    q = p["quality"]
+    photos, captions, conds = _split_tensors(ROOT / p["prepared"], list(p["vae_conditions"]), "validation")
+    n = min(int(q["samples"]), len(photos))
+    t = time.perf_counter()
+    gen = text_to_image(bb, captions[:n], steps=int(q["steps"]), guidance_scale=float(q["guidance_scale"]),
+                        seed=int(p["seed"]))
+    real, floor_set = to_uint8(photos[:n]), to_uint8(train_photos[:n])
+    metrics = {"vae": vae_reconstruction(bb.vae, photos, conds),
+               "samples": {"n": n, "steps": int(q["steps"]), "guidance_scale": float(q["guidance_scale"]),
+                           **{f"pixfd{k}": pixel_frechet_distance(gen, real, k) for k in (8, 16)},
+                           **{f"pixfd{k}_real_floor": pixel_frechet_distance(floor_set, real, k) for k in (8, 16)}},
+               "split": "validation"}
+    backbone_samples(bb, captions[:8], reports / "samples.png", real=photos[:8], generated=gen[:8])
+    print(f"[backbone] validation: {json.dumps(metrics)} ({time.perf_counter() - t:.1f} s)")
+    return metrics
+
+
+def main() -> int:
     p = read_params("backbone")
-    out = ROOT / p["out"]
-    reports = ROOT / p["reports"]
+    out, reports = ROOT / p["out"], ROOT / p["reports"]
     with timed_stage("backbone"):
         if out.exists():
             shutil.rmtree(out)
         if p["preset"] == "sd15":
-            src = Path(p["sd15_path"]).expanduser().resolve()
-            load_backbone(src)  # raises, listing what is missing
-            out.mkdir(parents=True)
-            (out / "backbone.json").write_text(json.dumps({"preset": "sd15", "path": str(src),
-                                                           "hash": backbone_hash(src)}, indent=1))
+            _record_sd15(p, out)
             return 0
         if p["preset"] != "tiny":
             raise ValueError(f"params.yaml backbone.preset must be 'tiny' or 'sd15', got {p['preset']!r}")
         ckpt = checkpoint_dir("backbone", p)
         torch.manual_seed(int(p["seed"]))
-        prepared = ROOT / p["prepared"]
-        photo_ds = PairDataset(prepared, p["vae_conditions"][0], "train", preload=True)
-        photos = torch.stack([photo_ds[i]["photo"] for i in range(len(photo_ds))])
-        captions = [photo_ds[i]["caption"] for i in range(len(photo_ds))]
-        conds = []
-        for c in p["vae_conditions"]:
-            ds = photo_ds if c == photo_ds.condition else PairDataset(prepared, c, "train", preload=True)
-            conds.append(torch.stack([ds[i]["condition"] for i in range(len(ds))]))
-        conds = torch.cat(conds)
-        print(f"[backbone] {len(photos)} training photos, {len(conds)} condition images")
-
-        cfg = TinyBackboneConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in p["tiny"].items()})
-        bb = build_tiny_backbone(cfg, CAPTION_VOCABULARY)
-        vae_res = pretrain_vae(bb.vae, photos, conds, VAEPretrainConfig(
-            TrainConfig.from_dict(p["vae"]["train"]), kl_weight=float(p["vae"]["kl_weight"]),
-            photo_fraction=float(p["vae"]["photo_fraction"])), checkpoint_dir=ckpt / "vae")
-        mean, logvar = encode_posterior(bb.vae, photos)
-        factor = set_latent_scaling(bb.vae, mean, logvar, seed=int(p["seed"]))
-        print(f"[backbone] latent scaling factor {factor:.4f}")
-        unet_res = pretrain_unet(bb.unet, bb.text_encoder, bb.tokenizer, bb.scheduler, mean, logvar, factor, captions,
-                                 UNetPretrainConfig(TrainConfig.from_dict(p["unet"]["train"]),
-                                                    prompt_dropout=float(p["unet"]["prompt_dropout"]),
-                                                    min_snr_gamma=float(p["unet"]["min_snr_gamma"])),
-                                 checkpoint_dir=ckpt / "unet")
+        photos, captions, conds = _split_tensors(ROOT / p["prepared"], list(p["vae_conditions"]), "train")
+        print(f"[backbone] {len(photos)} training photos, {sum(len(c) for c in conds.values())} condition images")
+        bb, vae_res, unet_res = _pretrain(p, photos, captions, conds, ckpt)
         bb.save(out)
         clear_checkpoints(ckpt)
         write_curve(vae_res.history, reports / "vae_loss.csv", ("loss", "l1", "photo_l1", "kl"))
         write_curve(unet_res.history, reports / "unet_loss.csv")
-        backbone_samples(bb, captions[:8], reports / "samples.png", real=photos[:8], seed=int(p["seed"]))
-        print(f"[backbone] saved {out}; samples: {reports / 'samples.png'}")
+        metrics = _measure(p, bb, photos, reports)
+        target = ROOT / p["metrics"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(metrics, indent=1) + "\n")
+        print(f"[backbone] saved {out}; samples: {reports / 'samples.png'}; metrics: {target}")
     return 0
 
 
