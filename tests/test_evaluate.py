@@ -1,7 +1,9 @@
-"""The evaluate stage's library and the baseline trainers: quality bar on known numbers, a tiny
-end-to-end evaluation (random tiny models, 1-2 DDIM steps) and a few steps of each baseline."""
+"""The evaluate stage's library: the quality bar on known intervals, the run's configuration,
+a tiny end-to-end evaluation from models saved on disk (tiny real models, 1 DDIM step), per-scan
+seeding, and a few steps of each research baseline trainer."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 from pathlib import Path
@@ -14,98 +16,135 @@ import torch  # noqa: E402
 
 from ctrlora.evaluation import quality_bar as Q  # noqa: E402
 from ctrlora.evaluation import run as R  # noqa: E402
+from ctrlora.evaluation.stats import Interval, bootstrap_diff, bootstrap_gain_ratio  # noqa: E402
 
 SIZE = 32  # detectors need H, W divisible by 8
 
 
 # ---------------------------------------------------------------------------- quality bar
-def _metrics(**over):
-    m = {
-        "segmentation": {"fidelity": 0.7},
-        "canny": {"fidelity": 0.5},
-        "lighting": {"fidelity": 0.8, "trainable_params": 100},
-        "combined": {"segmentation": {"fidelity": 0.65}, "lighting": {"fidelity": 0.75}},
-        "baselines": {
-            "uncontrolled": {"segmentation": {"fidelity": 0.45}, "canny": {"fidelity": 0.35},
-                             "lighting": {"fidelity": 0.6}},
-            "full_finetune": {"fidelity": 0.85, "trainable_params": 1000},
-            "random_base": {"fidelity": 0.7, "trainable_params": 100},
-        },
-    }
-    for path, value in over.items():
-        node = m
-        keys = path.split("__")
-        for k in keys[:-1]:
-            node = node[k]
-        if value is None:
-            del node[keys[-1]]
-        else:
-            node[keys[-1]] = value
-    return m
+def _bar(gains, ratios, adapter_params=None, controlnet_params=1000):
+    return Q.quality_bar(gains, ratios, {"lighting": 100} if adapter_params is None else adapter_params,
+                         controlnet_params, conditions=["segmentation", "canny", "lighting"],
+                         combined=["segmentation", "lighting"], new_conditions=["lighting"])
 
 
-def _bar(m):
-    return Q.evaluate_quality_bar(m, ["segmentation", "canny", "lighting"], ["lighting"], "lighting",
-                                  ["segmentation", "lighting"])
+def _noise(rng, n, std):
+    e = rng.standard_normal(n)
+    return std * (e - e.mean())  # zero mean: the sample mean is exactly the stated value
 
 
-def test_quality_bar_thresholds_are_the_issues():
-    assert Q.CONTROL_MARGIN["segmentation"] == 0.2
-    assert Q.DEFAULT_CONTROL_MARGIN == 0.1
-    assert Q.FULL_FINETUNE_RATIO == 0.90
-    assert Q.PARAM_FRACTION == 0.15
-    assert Q.COMBINED_RATIO == 0.90
+def _gain(value, noise=0.0, n=100, seed=0):
+    """An interval on a paired difference of mean ``value`` (+ per-scan noise of that std)."""
+    rng = np.random.default_rng(seed)
+    base = rng.random(n)
+    return bootstrap_diff(base + value + _noise(rng, n, noise), base)
 
 
-def test_quality_bar_passes_on_good_numbers():
-    bar = _bar(_metrics())
-    assert set(bar) == {"controlled_vs_uncontrolled/segmentation", "controlled_vs_uncontrolled/canny",
-                        "controlled_vs_uncontrolled/lighting", "adapter_vs_full_finetune/lighting",
-                        "adapter_param_fraction/lighting", "adapter_vs_random_base/lighting",
-                        "combined_vs_single/segmentation", "combined_vs_single/lighting", "all"}
-    for k, v in bar.items():
-        assert set(v) == {"value", "threshold", "pass"}, k
+def _ratio(ratio, noise=0.0, n=100, seed=0):
+    """An interval on a gain ratio of ``ratio``: single gain 0.3, combined gain 0.3 × ratio."""
+    rng = np.random.default_rng(seed)
+    base = rng.random(n)
+    return bootstrap_gain_ratio(base + 0.3 * ratio + _noise(rng, n, noise), base + 0.3, base)
+
+
+def _good():
+    return ({"segmentation": _gain(0.3), "canny": _gain(0.2), "lighting": _gain(0.15)},
+            {"segmentation": _ratio(0.95), "lighting": _ratio(1.0)})
+
+
+def test_quality_bar_thresholds_are_constants():
+    assert Q.LEVEL == 0.95
+    assert Q.CONTROL_MARGIN == {"segmentation": 0.2} and Q.DEFAULT_CONTROL_MARGIN == 0.1
+    assert Q.control_margin("palette") == Q.control_margin("normal") == Q.control_margin("depth") == 0.1
+    assert Q.COMBINED_RATIO == 0.90 and Q.PARAM_FRACTION == 0.15 and Q.FULL_FINETUNE_RATIO == 0.90
+
+
+def test_quality_bar_passes_on_clear_gains():
+    bar = _bar(*_good())
+    assert set(bar["checks"]) == {"controlled_vs_uncontrolled/segmentation", "controlled_vs_uncontrolled/canny",
+                                  "controlled_vs_uncontrolled/lighting", "combined_vs_single/segmentation",
+                                  "combined_vs_single/lighting", "adapter_param_fraction/lighting"}
+    for k, v in bar["checks"].items():
+        assert set(v) == {"value", "low", "high", "threshold", "n_scans", "seeds", "level", "pass"}, k
         assert v["pass"] is True, (k, v)
-    assert bar["controlled_vs_uncontrolled/segmentation"]["value"] == pytest.approx(0.25)
-    assert bar["adapter_vs_full_finetune/lighting"]["value"] == pytest.approx(0.8 / 0.85, abs=1e-6)
-    assert bar["adapter_param_fraction/lighting"]["value"] == pytest.approx(0.1)
-    assert bar["all"] == {"value": 8.0, "threshold": 8.0, "pass": True}
+    seg = bar["checks"]["controlled_vs_uncontrolled/segmentation"]
+    assert seg["value"] == seg["low"] == seg["high"] == pytest.approx(0.3) and seg["n_scans"] == 100
+    assert seg["seeds"] == 1 and seg["threshold"] == 0.2
+    assert bar["checks"]["adapter_param_fraction/lighting"]["value"] == pytest.approx(0.1)
+    assert (bar["passed"], bar["total"], bar["pass"]) == (6, 6, True)
+    json.dumps(bar)
 
 
-@pytest.mark.parametrize("over, check", [
-    ({"segmentation__fidelity": 0.64}, "controlled_vs_uncontrolled/segmentation"),  # +0.19 < 0.2
-    ({"canny__fidelity": 0.44}, "controlled_vs_uncontrolled/canny"),               # +0.09 < 0.1
-    ({"baselines__full_finetune__fidelity": 0.9}, "adapter_vs_full_finetune/lighting"),  # 0.889 < 0.9
-    ({"lighting__trainable_params": 151}, "adapter_param_fraction/lighting"),      # 0.151 > 0.15
-    ({"baselines__random_base__fidelity": 0.8}, "adapter_vs_random_base/lighting"),  # a tie does not beat
-    ({"combined__lighting__fidelity": 0.71}, "combined_vs_single/lighting"),       # 0.8875 < 0.9
-    ({"baselines__full_finetune": None},                                           # missing = fail
-     ["adapter_vs_full_finetune/lighting", "adapter_param_fraction/lighting"]),
-    ({"baselines__uncontrolled__canny": None}, "controlled_vs_uncontrolled/canny"),
+def test_a_mean_above_the_bar_fails_when_its_interval_reaches_below():
+    gains, ratios = _good()
+    gains["segmentation"] = _gain(0.23, noise=0.3)  # mean ≥ 0.2, but the 95 % interval dips under
+    ratios["lighting"] = _ratio(0.95, noise=0.3)
+    bar = _bar(gains, ratios)
+    seg, light = bar["checks"]["controlled_vs_uncontrolled/segmentation"], bar["checks"]["combined_vs_single/lighting"]
+    assert seg["value"] >= 0.2 and seg["low"] < 0.2 and seg["pass"] is False
+    assert light["value"] >= 0.9 and light["low"] < 0.9 and light["pass"] is False
+    assert bar["passed"] == 4 and bar["pass"] is False
+
+
+@pytest.mark.parametrize("which, interval", [
+    ("segmentation", _gain(0.19)),   # +0.19 < 0.2
+    ("canny", _gain(0.09)),          # +0.09 < 0.1
 ])
-def test_quality_bar_fails_just_past_each_threshold(over, check):
-    checks = [check] if isinstance(check, str) else check
-    bar = _bar(_metrics(**over))
-    failed = [k for k, v in bar.items() if not v["pass"] and k != "all"]
-    assert failed == checks
-    assert bar["all"]["pass"] is False and bar["all"]["value"] == bar["all"]["threshold"] - len(checks)
+def test_quality_bar_fails_just_below_each_margin(which, interval):
+    gains, ratios = _good()
+    gains[which] = interval
+    bar = _bar(gains, ratios)
+    failed = [k for k, v in bar["checks"].items() if not v["pass"]]
+    assert failed == [f"controlled_vs_uncontrolled/{which}"]
 
 
-def test_quality_bar_boundaries_are_inclusive_where_the_issue_says_at_least():
-    bar = _bar(_metrics(segmentation__fidelity=0.7, baselines__uncontrolled__segmentation__fidelity=0.5,
-                        baselines__full_finetune__fidelity=0.8 / 0.9, lighting__trainable_params=150))
-    assert bar["controlled_vs_uncontrolled/segmentation"]["pass"]  # exactly +0.2
-    assert bar["adapter_vs_full_finetune/lighting"]["pass"]         # exactly 90 %
-    assert bar["adapter_param_fraction/lighting"]["pass"]           # exactly 15 %
+def test_quality_bar_boundaries_are_inclusive():
+    exact = bootstrap_diff(np.full(20, 0.7), np.full(20, 0.5))  # 0.19999999999999996 in floating point
+    gains, ratios = _good()
+    gains["segmentation"] = exact
+    ratios["lighting"] = _ratio(0.9)
+    bar = _bar(gains, ratios, adapter_params={"lighting": 150})
+    assert all(v["pass"] for v in bar["checks"].values()), bar
+    over = _bar(gains, {**ratios, "lighting": _ratio(0.89)}, adapter_params={"lighting": 151})
+    assert not over["checks"]["combined_vs_single/lighting"]["pass"]
+    assert not over["checks"]["adapter_param_fraction/lighting"]["pass"]
 
 
-def test_ablation_summary():
-    s = R.ablation_summary([(0, 0.2), (100, 0.3), (200, 0.6), (300, 0.65), (500, 0.7)])
-    assert s["final"] == pytest.approx(0.7) and s["gain"] == pytest.approx(0.5)
-    assert s["steps_to_90pct"] == 300.0       # 0.65 - 0.2 = 0.45 >= 0.9 * 0.5
-    assert s["max_jump_fraction"] == pytest.approx(0.6)  # 0.3 -> 0.6
-    flat = R.ablation_summary([(0, 0.5), (100, 0.4)])
-    assert flat["steps_to_90pct"] is None and flat["max_jump_fraction"] is None
+def test_quality_bar_missing_or_undefined_inputs_fail():
+    gains, ratios = _good()
+    del gains["canny"]
+    ratios["segmentation"] = bootstrap_gain_ratio(np.ones(10), np.zeros(10), np.zeros(10) + 0.5)  # single gain < 0
+    bar = _bar(gains, ratios, adapter_params={}, controlnet_params=None)
+    checks = bar["checks"]
+    assert checks["controlled_vs_uncontrolled/canny"] == {**Q.missing_check(0.1)} and not checks[
+        "controlled_vs_uncontrolled/canny"]["pass"]
+    assert checks["combined_vs_single/segmentation"]["value"] is None
+    assert not checks["combined_vs_single/segmentation"]["pass"]
+    assert checks["adapter_param_fraction/lighting"]["value"] is None
+    assert bar["passed"] == 3 and bar["total"] == 6
+    json.dumps(bar)
+
+
+def test_quality_bar_refuses_intervals_of_another_level():
+    with pytest.raises(ValueError, match="95"):
+        Q.interval_check(Interval(0.5, 0.4, 0.6, 10, level=0.8), 0.2)
+
+
+# ---------------------------------------------------------------------------- configuration
+def test_eval_config_guidance_passes_and_validation():
+    cfg = R.EvalConfig(["segmentation"], ["lighting"], guidance=[7.5, 1.0], gate_guidance=1.0,
+                       other_guidance_max_scans=64)
+    assert cfg.passes(200) == [(1.0, 200), (7.5, 64)]  # the gate first, on every scan
+    assert cfg.passes(10) == [(1.0, 10), (7.5, 10)]
+    assert R.EvalConfig(["segmentation"], ["lighting"], guidance=[1.0], other_guidance_max_scans=None).passes(5) == \
+        [(1.0, 5)]
+    assert R.guidance_key(1) == "1.0" and R.guidance_key(7.5) == "7.5"
+    with pytest.raises(ValueError, match="gate_guidance"):
+        R.EvalConfig(["segmentation"], ["lighting"], guidance=[7.5], gate_guidance=1.0)
+    with pytest.raises(ValueError, match="without an adapter"):
+        R.EvalConfig(["segmentation"], ["normal"])  # default combination needs lighting
+    with pytest.raises(ValueError, match="distinct"):
+        R.EvalConfig(["segmentation"], ["lighting"], guidance=[1.0, 1.0])
 
 
 # ---------------------------------------------------------------------------- tiny models
@@ -126,13 +165,12 @@ def _perturb(module, seed, scale=0.05):
 
 
 def _tiny_data(n, seed):
+    from ctrlora.data.conditions import color_lut
     from ctrlora.evaluation.detectors import CannyParams, detect_canny
 
     rng = np.random.default_rng(seed)
     photos = (rng.random((n, SIZE, SIZE, 3)) * 255).astype(np.uint8)
     labels = rng.integers(0, 10, (n, SIZE, SIZE)).astype(np.int64)
-    from ctrlora.data.conditions import color_lut
-
     seg = color_lut()[labels].astype(np.uint8)
     light = np.repeat((rng.random((n, SIZE, SIZE, 1)) * 255).astype(np.uint8), 3, -1)
     edges = np.repeat(detect_canny(photos, CannyParams())[..., None], 3, -1).astype(np.uint8) * 255
@@ -140,79 +178,142 @@ def _tiny_data(n, seed):
                       {"segmentation": seg, "canny": edges, "lighting": light}, labels)
 
 
-def test_score_on_the_ground_truth_itself():
-    """Canny re-detected from the very photographs the edges came from: F1 = 1."""
+def test_per_scan_fidelity_on_the_ground_truth_itself():
+    """Canny re-detected from the very photographs the edges came from: F1 = 1 on every scan."""
     data = _tiny_data(3, 0)
-    r = R.score("canny", data.photos, data, {})
-    assert r["fidelity"] == 1.0 and r["edge_f1"] == 1.0
-    assert r["image_psnr"] == 100.0 and r["image_ssim"] == pytest.approx(1.0)
+    per = R.per_scan_fidelity("canny", data.photos, data, {})
+    assert per.shape == (3,) and (per == 1.0).all()
+    with pytest.raises(ValueError, match="generated images for"):
+        R.per_scan_fidelity("canny", data.photos[:2], data, {})
 
 
-def test_tiny_evaluation_run(tmp_path):
-    from ctrlora.evaluation.detectors import DetectorConfig, train_detector
-    from ctrlora.models.adapters import add_adapter, adapter_param_counts
+def _save_tiny_models(root: Path, base_conditions, new_conditions):
+    """A tiny backbone, a base ControlNet and one adapter per condition, saved as the training
+    stages save them; returns the adapter folders."""
+    from ctrlora.models import adapters as A
     from ctrlora.models.controlnet import CtrLoRAControlNet
 
     torch.manual_seed(0)
     bb = _tiny_backbone()
-    vsf = bb.vae_scale_factor
+    bb.save(root / "backbone")
+    cn = CtrLoRAControlNet.from_unet(bb.unet, vae_scale_factor=bb.vae_scale_factor)
+    _perturb(cn, 1)  # non-zero zero-convs: the control does something
+    cn.save_pretrained(root / "base")
+    want = A.base_hash(cn)
+    dirs = {}
+    for c in [*base_conditions, *new_conditions]:
+        A.add_adapter(cn, c, rank=2, own_modules=c in new_conditions)
+        dirs[c] = A.save_adapter(cn, c, root / "adapters" / c, want)
+    return dirs
 
-    def cn(kind="vae", seed=1):
-        m = CtrLoRAControlNet.from_unet(bb.unet, condition_embedding=kind, vae_scale_factor=vsf)
-        _perturb(m, seed)  # non-zero zero-convs: the control does something
-        return m.eval()
 
-    main = cn()
-    for c in ("segmentation", "canny"):
-        add_adapter(main, c, rank=2, own_modules=False)
-    add_adapter(main, "lighting", rank=2, own_modules=True)
-    rnd = cn(seed=2)
-    add_adapter(rnd, "lighting", rank=2, own_modules=True)
-    n_lighting = 1234
-    models = R.EvalModels(bb, main, trainable_params={"lighting": n_lighting}, random_base=rnd,
-                          full_finetune=cn(seed=3), cnn={1: cn("cnn", 4), 2: cn("cnn", 5)},
-                          vae_scratch={1: cn(seed=6), 2: cn(seed=7)},
-                          baseline_params={"random_base": n_lighting, "full_finetune": 99999, "cnn": 1, "vae_scratch": 1})
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from ctrlora.evaluation.detectors import DetectorConfig, train_detector
+    from ctrlora.evaluation.loading import detector_targets
+
+    root = tmp_path_factory.mktemp("eval")
+    dirs = _save_tiny_models(root, ["segmentation", "canny"], ["lighting"])
+    models = R.load_models(root / "backbone", root / "base", dirs)
     train, test = _tiny_data(8, 1), _tiny_data(4, 2)
     detectors = {"segmentation": train_detector(DetectorConfig(task="segmentation", channels=10, width=4, epochs=1),
                                                 train.photos, train.labels, progress=False),
                  "lighting": train_detector(DetectorConfig(task="regression", channels=1, width=4, epochs=1),
-                                            train.photos, R.detector_targets("lighting", train), progress=False)}
+                                            train.photos, detector_targets("lighting", train), progress=False)}
     cfg = R.EvalConfig(["segmentation", "canny"], ["lighting"], combined={"segmentation": 1.0, "lighting": 0.5},
-                       baseline_condition="lighting",
-                       sampling=R.SamplingConfig(steps=1, guidance_scale=2.0, batch_size=4, seed=5),
-                       ablation_max_scans=2, grid_rows=3)
-    m = R.run_evaluation(models, test, detectors, cfg, tmp_path / "reports", progress=False, log=lambda s: None)
-    json.dumps(R.json_ready(m))  # serialisable
+                       sampling=R.SamplingConfig(steps=1, batch_size=4, seed=5), guidance=[1.0, 2.0],
+                       gate_guidance=1.0, other_guidance_max_scans=3, n_boot=200, grid_rows=3)
+    calls = []
+    real_generate = R.generate
 
-    assert set(m) == {"segmentation", "canny", "lighting", "combined", "baselines", "quality_bar"}
-    for c in ("segmentation", "canny", "lighting"):
-        assert {"fidelity", "image_psnr", "image_ssim", "n_scans"} <= set(m[c]), c
-        assert m[c]["n_scans"] == 4
-    assert m["segmentation"]["fidelity"] == m["segmentation"]["miou"]
-    assert m["canny"]["fidelity"] == m["canny"]["edge_f1"]
-    assert m["lighting"]["fidelity"] == m["lighting"]["ssim"]
-    assert m["lighting"]["trainable_params"] == n_lighting and "trainable_params" not in m["segmentation"]
-    assert set(m["combined"]) == {"segmentation", "lighting", "image_psnr", "image_ssim", "weights"}
-    assert m["combined"]["weights"] == {"segmentation": 1.0, "lighting": 0.5}
-    bl = m["baselines"]
-    assert set(bl) == {"uncontrolled", "random_base", "full_finetune", "cnn", "vae_scratch"}
-    assert set(bl["uncontrolled"]) == {"segmentation", "canny", "lighting", "image_psnr", "image_ssim"}
-    assert bl["full_finetune"]["trainable_params"] == 99999
-    for name in ("cnn", "vae_scratch"):
-        assert set(bl[name]) == {"step_00001", "step_00002", "summary", "trainable_params", "n_scans"}
-        assert bl[name]["n_scans"] == 2
-    # controlled and uncontrolled generations differ (the control is applied)
-    assert m["lighting"]["image_psnr"] != bl["uncontrolled"]["image_psnr"]
+    def counting_generate(pipe, data, conditions, s, **kw):
+        calls.append((s.guidance_scale, tuple(sorted(conditions)), len(data)))
+        return real_generate(pipe, data, conditions, s, **kw)
+
+    R.generate = counting_generate
+    try:
+        m = R.run_evaluation(models, test, detectors, cfg, root / "reports", progress=False, log=lambda s: None)
+    finally:
+        R.generate = real_generate
+    return m, models, cfg, root, calls
+
+
+def test_load_models_counts_the_controlnet_itself(tiny_run):
+    from ctrlora.models.controlnet import CtrLoRAControlNet
+
+    m, models, _, root, _ = tiny_run
+    plain = CtrLoRAControlNet.from_pretrained(root / "base")
+    assert models.controlnet_params == sum(p.numel() for p in plain.parameters())
+    assert set(models.adapter_params) == {"segmentation", "canny", "lighting"}
+    assert 0 < models.adapter_params["lighting"] < models.controlnet_params
+    assert m["params"]["controlnet"] == models.controlnet_params
+    assert m["params"]["adapter_fraction"]["lighting"] == pytest.approx(
+        models.adapter_params["lighting"] / models.controlnet_params, abs=1e-6)
+
+
+def test_tiny_evaluation_schema(tiny_run):
+    m, _, cfg, _, _ = tiny_run
+    json.dumps(R.json_ready(m))  # serialisable
+    assert set(m) == {"segmentation", "canny", "lighting", "combined", "uncontrolled", "quality_bar", "at_guidance",
+                      "params", "protocol", "timing_seconds"}
+    for c, metric in (("segmentation", "miou"), ("canny", "edge_f1"), ("lighting", "ssim")):
+        e = m[c]
+        assert e["metric"] == metric and e["fidelity"] == e[metric], c
+        assert e["n_scans"] == 4 and e["guidance"] == 1.0
+        assert {"image_psnr", "image_ssim", "uncontrolled", "gain"} <= set(e)
+        assert set(e["gain"]) == {"value", "low", "high", "n", "level"}
+        assert e["gain"]["value"] == pytest.approx(e["fidelity"] - e["uncontrolled"], abs=2e-6)
+        assert e["gain"]["low"] <= e["gain"]["value"] <= e["gain"]["high"]
+    assert m["lighting"]["adapter_params"] > 0
+    comb = m["combined"]
+    assert comb["weights"] == {"segmentation": 1.0, "lighting": 0.5} and comb["n_scans"] == 4
+    for c in ("segmentation", "lighting"):
+        assert set(comb[c]) == {"fidelity", "gain", "single_gain", "ratio"}
+        assert comb[c]["single_gain"] == m[c]["gain"]["value"]
     qb = m["quality_bar"]
-    assert qb["adapter_param_fraction/lighting"]["value"] == pytest.approx(n_lighting / 99999, abs=1e-6)
-    assert qb == Q.evaluate_quality_bar(m, cfg.conditions, ["lighting"], "lighting", ["segmentation", "lighting"])
-    rep = tmp_path / "reports"
-    for f in ("segmentation", "canny", "lighting", "combined", "uncontrolled", "baselines_lighting",
-              "embedding_ablation", "fidelity_vs_steps"):
+    assert qb["gates"] is True and qb["guidance"] == 1.0 and qb["level"] == 0.95
+    assert set(qb["checks"]) == {"controlled_vs_uncontrolled/segmentation", "controlled_vs_uncontrolled/canny",
+                                 "controlled_vs_uncontrolled/lighting", "combined_vs_single/segmentation",
+                                 "combined_vs_single/lighting", "adapter_param_fraction/lighting"}
+    assert qb["checks"]["controlled_vs_uncontrolled/canny"]["low"] == m["canny"]["gain"]["low"]
+    other = m["at_guidance"]["2.0"]
+    assert set(other) == {"guidance", "n_scans", "conditions", "combined", "uncontrolled", "quality_bar"}
+    assert other["n_scans"] == 3 and other["conditions"]["lighting"]["n_scans"] == 3
+    assert other["quality_bar"]["gates"] is False and other["quality_bar"]["total"] == qb["total"]
+    p = m["protocol"]
+    assert p["split"] == "test" and p["gate_guidance"] == 1.0 and p["scans_per_guidance"] == {"1.0": 4, "2.0": 3}
+    assert p["bootstrap"]["n_boot"] == 200 and p["bootstrap"]["level"] == 0.95
+
+
+def test_tiny_evaluation_generates_each_image_once(tiny_run):
+    _, _, cfg, _, calls = tiny_run
+    per_pass = [(), ("canny",), ("lighting",), ("lighting", "segmentation"), ("segmentation",)]
+    assert sorted(c[1] for c in calls if c[0] == 1.0) == per_pass
+    assert sorted(c[1] for c in calls if c[0] == 2.0) == per_pass
+    assert {c[2] for c in calls if c[0] == 1.0} == {4} and {c[2] for c in calls if c[0] == 2.0} == {3}
+
+
+def test_tiny_evaluation_reports_and_per_scan_scores(tiny_run):
+    m, _, cfg, root, _ = tiny_run
+    rep = root / "reports"
+    for f in ("segmentation", "canny", "lighting", "combined", "uncontrolled"):
         assert (rep / f"{f}.png").stat().st_size > 0, f
-    lines = (rep / "fidelity_vs_steps.csv").read_text().splitlines()
-    assert lines[0] == "step,cnn,vae_scratch" and [ln.split(",")[0] for ln in lines[1:]] == ["0", "1", "2"]
+        assert (rep / "guidance_2.0" / f"{f}.png").stat().st_size > 0, f
+    with open(rep / "per_scan.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert set(rows[0]) == {"guidance", "model", "condition", "scan_id", "fidelity"}
+
+    def col(g, model, c):
+        return np.array([float(r["fidelity"]) for r in rows if r["guidance"] == g and r["model"] == model
+                         and r["condition"] == c])
+
+    for c in cfg.conditions:  # the reported means are the means of the per-scan scores
+        assert col("1.0", c, c).mean() == pytest.approx(m[c]["fidelity"], abs=1e-6)
+        assert col("1.0", "uncontrolled", c).mean() == pytest.approx(m[c]["uncontrolled"], abs=1e-6)
+        assert len(col("2.0", c, c)) == 3
+        assert bootstrap_diff(col("1.0", c, c), col("1.0", "uncontrolled", c), n_boot=200).value == pytest.approx(
+            m[c]["gain"]["value"], abs=2e-6)
+    assert col("1.0", "combined", "lighting").mean() == pytest.approx(m["combined"]["lighting"]["fidelity"], abs=1e-6)
 
 
 def test_generation_is_per_scan_seeded():

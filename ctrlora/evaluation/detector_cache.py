@@ -1,0 +1,41 @@
+"""Detectors phase of the evaluation: a trained re-detector per detected condition, trained once
+on the training scans and cached on disk under a key of its configuration and training scans."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from .detectors import load_detector, save_detector, train_detector
+from .fidelity import DETECTED_CONDITIONS, default_detector_config
+from .loading import EvalData, detector_targets
+
+__all__ = ["get_detectors"]
+
+KEY_NAME = "train_key.json"
+
+
+def get_detectors(conditions: Sequence[str], train: EvalData, cache_dir: str | Path | None,
+                  overrides: Mapping[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
+    """A trained re-detector per detected condition (segmentation, lighting, depth, normal) among
+    ``conditions``. With ``cache_dir``, a detector is loaded from ``<cache_dir>/<c>`` when its
+    configuration and training scans match, else trained and saved there."""
+    ids_hash = hashlib.sha256("\n".join(train.scan_ids).encode()).hexdigest()[:16]
+    out = {}
+    for c in conditions:
+        if c not in DETECTED_CONDITIONS:
+            continue
+        cfg = default_detector_config(c, **dict(overrides or {}))
+        key = {"config": asdict(cfg), "train_scans": len(train), "train_ids_sha256": ids_hash}
+        d = Path(cache_dir) / c if cache_dir else None
+        if d is not None and (d / KEY_NAME).is_file() and json.loads((d / KEY_NAME).read_text()) == key:
+            out[c] = load_detector(d)
+            continue
+        model = train_detector(cfg, train.photos, detector_targets(c, train), progress=progress)
+        if d is not None:
+            save_detector(model, d)
+            (d / KEY_NAME).write_text(json.dumps(key, indent=1, sort_keys=True))
+        out[c] = model
+    return out
