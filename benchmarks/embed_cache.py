@@ -81,29 +81,23 @@ def _synthetic_captions(n: int, seed: int) -> list[str]:
     return out
 
 
-def build_cache(backbone, photos, condition_images, captions, condition: str, device: str, batch: int = 64):
+def build_cache(backbone, photos, condition_images, captions, condition: str, batch: int = 64):
     """An :class:`EmbedCache` of these pairs, computed as the ``embed`` stage computes it (VAE
     posterior mean / log-variance of photos and condition images, text-encoder states)."""
     import torch
 
-    from ctrlora.training.embed import ConditionEmbeds, EmbedCache, encode_text
+    from ctrlora.models.latents import encode_posterior, encode_text
+    from ctrlora.training.embed import ConditionEmbeds, EmbedCache
 
     vae, n = backbone.vae, len(captions)
-    pm, pl, cm, cl = [], [], [], []
-    with torch.no_grad():
-        for i in range(0, n, batch):
-            d = vae.encode(photos[i:i + batch].to(device)).latent_dist
-            pm.append(d.mean.cpu())
-            pl.append(d.logvar.cpu())
-            d = vae.encode(condition_images[i:i + batch].to(device)).latent_dist
-            cm.append(d.mean.cpu())
-            cl.append(d.logvar.cpu())
-    text = encode_text(backbone.text_encoder, backbone.tokenizer, captions, batch, device)
-    empty = encode_text(backbone.text_encoder, backbone.tokenizer, [""], 1, device)
+    photo_mean, photo_logvar = encode_posterior(vae, photos, batch)
+    cond_mean, cond_logvar = encode_posterior(vae, condition_images, batch)
+    text = encode_text(backbone.text_encoder, backbone.tokenizer, captions, batch)
+    empty = encode_text(backbone.text_encoder, backbone.tokenizer, [""])
     ids = [f"pair{i:05d}" for i in range(n)]
-    cond = ConditionEmbeds(torch.arange(n, dtype=torch.long), torch.cat(cm), torch.cat(cl))
+    cond = ConditionEmbeds(torch.arange(n, dtype=torch.long), cond_mean, cond_logvar)
     return EmbedCache(ids, ["train"] * n, list(captions), float(vae.config.scaling_factor),
-                      torch.cat(pm), torch.cat(pl), text, empty, {condition: cond})
+                      photo_mean, photo_logvar, text, empty, {condition: cond})
 
 
 def _controlnet(backbone, condition: str, rank: int, base_dir: str | None, seed: int):
@@ -154,7 +148,7 @@ def build_setup(synthetic: bool = True, prepared: str | None = None, backbone_di
     for m in (bb.vae, bb.text_encoder, bb.unet):
         m.to(device).eval().requires_grad_(False)
     t0 = time.perf_counter()
-    cache = build_cache(bb, photos, conds, captions, condition, device)
+    cache = build_cache(bb, photos, conds, captions, condition)
     build_s = time.perf_counter() - t0
     cn = _controlnet(bb, condition, rank, base_dir, seed)
     return Setup(bb, cn, condition, photos, conds, captions, cache, device, build_s, source)
@@ -170,34 +164,24 @@ def _train_config(batch: int, steps: int, mp: str, seed: int):
                                              mixed_precision=mp, log_every=1, seed=seed), prompt_dropout=0.3)
 
 
-def _posterior_sample(dist, scaling_factor: float, gen):
-    """(mean + std * noise) * scale with the noise drawn from the step's CPU generator, the way
-    ``sample_latent`` draws it from the cache (same random stream, any device)."""
-    import torch
-
-    mean, logvar = dist.mean, torch.clamp(dist.logvar, -30.0, 20.0)
-    noise = torch.randn(mean.shape, generator=gen).to(device=mean.device, dtype=mean.dtype)
-    return (mean + torch.exp(0.5 * logvar) * noise) * scaling_factor
-
-
 def on_the_fly_loss(model, s: Setup, cfg, gen, device):
     """The loss of ``_loss_step`` with every input encoded inside the step (same random draws in
     the same order: pairs, photo noise, condition noise, prompt dropout, noise, timesteps)."""
     import torch
     import torch.nn.functional as F
 
+    from ctrlora.models.latents import encode_posterior, encode_text, sample_latent
+
     bb = s.backbone
     b = cfg.train.batch_size
     pick = torch.randint(0, len(s.captions), (b,), generator=gen)
     sf = float(bb.vae.config.scaling_factor)
     with torch.no_grad():
-        z = _posterior_sample(bb.vae.encode(s.photos[pick].to(device)).latent_dist, sf, gen)
-        c = _posterior_sample(bb.vae.encode(s.condition_images[pick].to(device)).latent_dist, sf, gen)
+        z = sample_latent(*encode_posterior(bb.vae, s.photos[pick], None, out_device=None), sf, gen)
+        c = sample_latent(*encode_posterior(bb.vae, s.condition_images[pick], None, out_device=None), sf, gen)
         drop = torch.rand(b, generator=gen) < cfg.prompt_dropout
         captions = ["" if d else s.captions[i] for i, d in zip(pick.tolist(), drop.tolist())]
-        ids = bb.tokenizer(captions, padding="max_length", max_length=bb.tokenizer.model_max_length,
-                           truncation=True, return_tensors="pt").input_ids.to(device)
-        text = bb.text_encoder(ids)[0]
+        text = encode_text(bb.text_encoder, bb.tokenizer, captions, None, out_device=None)
     noise = torch.randn(z.shape, generator=gen).to(device)
     t = torch.randint(0, bb.scheduler.config.num_train_timesteps, (b,), generator=gen).to(device)
     noisy = bb.scheduler.add_noise(z, noise, t)

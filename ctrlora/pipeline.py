@@ -45,10 +45,13 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ctrlora.models import adapters as A
-from ctrlora.models.controlnet import CtrLoRAControlNet, posterior_params
+from ctrlora.models.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_NAME, active_adapter, base_hash,
+                                     combine_residuals, list_adapters, load_adapter, read_adapter_config,
+                                     set_adapter)
+from ctrlora.models.controlnet import CtrLoRAControlNet
+from ctrlora.models.latents import encode_posterior, encode_text, sample_latent
 
-BASE_ONLY = A.BASE_NAME  # "__base__": the base ControlNet with no adapter
+BASE_ONLY = BASE_NAME  # "__base__": the base ControlNet with no adapter
 SCHEDULERS = ("ddim", "dpm")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -67,6 +70,20 @@ class _Condition:
     adapter: str          # adapter name or BASE_ONLY
     weight: float
     images: torch.Tensor  # [1 or B, 3, H, W] float32 in [0, 1], on CPU
+
+
+@dataclass
+class _ControlInputs:
+    """What the ControlNet reads during one call: per condition its adapter and weight, and
+    either the VAE posterior ``mean`` / ``logvar`` [N, 1, total, C, h, w] (``"vae"``) or the
+    condition images ``hint`` [N, branches * total, 3, H, W] (``"cnn"``)."""
+
+    adapters: list[str]
+    weights: list[float]
+    mean: torch.Tensor | None = None
+    logvar: torch.Tensor | None = None
+    scaling_factor: float = 1.0
+    hint: torch.Tensor | None = None
 
 
 # ---------------------------------------------------------------------- condition images
@@ -186,19 +203,19 @@ class CtrLoRAPipeline(DiffusionPipeline):
             raise FileNotFoundError(f"not a base ControlNet directory (no config.json): {base_dir}")
         adapters = dict(adapters or {})
         for name, d in adapters.items():
-            if not (Path(d) / A.ADAPTER_CONFIG).is_file() or not (Path(d) / A.ADAPTER_WEIGHTS).is_file():
+            if not (Path(d) / ADAPTER_CONFIG).is_file() or not (Path(d) / ADAPTER_WEIGHTS).is_file():
                 raise FileNotFoundError(f"adapter {name!r}: {d} is not an adapter directory "
-                                        f"(needs {A.ADAPTER_CONFIG} and {A.ADAPTER_WEIGHTS})")
+                                        f"(needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
         backbone = load_backbone(backbone_dir, torch_dtype=torch_dtype)
         controlnet = CtrLoRAControlNet.from_pretrained(base_dir, local_files_only=True, use_safetensors=True)
-        want_hash = A.base_hash(controlnet) if adapters else None
+        want_hash = base_hash(controlnet) if adapters else None
         for name, d in adapters.items():
-            recorded = A.read_adapter_config(d).get("condition")
+            recorded = read_adapter_config(d).get("condition")
             if check_names and recorded != name:
                 raise ValueError(f"adapter {name!r}: {d} is an adapter for condition {recorded!r}; "
                                  f"name it {recorded!r} (or pass check_names=False)")
-            A.load_adapter(controlnet, d, name=name, expected_base_hash=want_hash)
-        A.set_adapter(controlnet, None)
+            load_adapter(controlnet, d, name=name, expected_base_hash=want_hash)
+        set_adapter(controlnet, None)
         controlnet.eval()
         if torch_dtype is not None:
             controlnet.to(dtype=torch_dtype)
@@ -209,17 +226,13 @@ class CtrLoRAPipeline(DiffusionPipeline):
 
     @property
     def adapter_names(self) -> list[str]:
-        return sorted(A.list_adapters(self.controlnet))
+        return sorted(list_adapters(self.controlnet))
 
     # ------------------------------------------------------------------ pieces
     def encode_prompt(self, prompts: list[str], device, dtype) -> torch.Tensor:
         """Text states [len(prompts), L, D], as diffusers' Stable Diffusion pipeline makes them."""
-        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(device)
-        mask = None
-        if getattr(self.text_encoder.config, "use_attention_mask", False):
-            mask = (ids != self.tokenizer.pad_token_id).long()
-        return self.text_encoder(ids, attention_mask=mask)[0].to(dtype=dtype)
+        states = encode_text(self.text_encoder, self.tokenizer, prompts, batch_size=None, out_device=None)
+        return states.to(device=device, dtype=dtype)
 
     def make_scheduler(self, name: str | SchedulerMixin) -> SchedulerMixin:
         """A fresh scheduler for one call: ``"ddim"`` (ldm's DDIM: final step to alpha_bar[0],
@@ -235,7 +248,7 @@ class CtrLoRAPipeline(DiffusionPipeline):
         raise ValueError(f"scheduler must be one of {SCHEDULERS} (or a scheduler instance), got {name!r}")
 
     def _parse_conditions(self, conditions: Mapping[str, Any] | None) -> list[_Condition]:
-        known = set(A.list_adapters(self.controlnet))
+        known = set(list_adapters(self.controlnet))
         out = []
         for label, value in (conditions or {}).items():
             if not isinstance(value, (tuple, list)) or len(value) not in (2, 3):
@@ -272,14 +285,6 @@ class CtrLoRAPipeline(DiffusionPipeline):
         return randn_tensor((lead * batch, *tail), generator=generator, device=device, dtype=dtype).view(
             lead, batch, *tail)
 
-    @staticmethod
-    def _weighted_sum(stacked: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
-        """``sum_i w_i * stacked[i]`` in the order of :func:`ctrlora.models.adapters.combine_residuals`."""
-        acc = stacked[0] * weights[0]
-        for i in range(1, len(weights)):
-            acc = acc + stacked[i] * weights[i]
-        return acc
-
     def control_residuals(
         self,
         cond_inputs: torch.Tensor,
@@ -298,6 +303,7 @@ class CtrLoRAPipeline(DiffusionPipeline):
         ``text_states`` [M, L, D] and ``sample`` ([M, C, h, w], ``"cnn"`` only) are that batch's.
         ``batched=True``: one ControlNet forward over N x M samples with per-sample adapters;
         ``False``: N separate forwards, each with its adapter switched in (the reference's way).
+        Either way the N residual lists are summed by :func:`combine_residuals`.
         Returns ``(down_block_res_samples, mid_block_res_sample)`` for the UNet (batch M)."""
         n, m = cond_inputs.shape[:2]
         if n != len(adapters) or n != len(weights):
@@ -308,20 +314,173 @@ class CtrLoRAPipeline(DiffusionPipeline):
                      sample=None if sample is None else sample.repeat(n, 1, 1, 1),
                      conditioning_scale=control_strength,
                      adapter_names=[name for name in adapters for _ in range(m)])
-            down = [self._weighted_sum(r.view(n, m, *r.shape[1:]), weights) for r in out.down_block_res_samples]
-            mid = self._weighted_sum(out.mid_block_res_sample.view(n, m, *out.mid_block_res_sample.shape[1:]),
-                                     weights)
-            return down, mid
-        previous = A.active_adapter(cn)
+            down = [r.view(n, m, *r.shape[1:]) for r in out.down_block_res_samples]
+            mid = out.mid_block_res_sample.view(n, m, *out.mid_block_res_sample.shape[1:])
+            outs = [([r[i] for r in down], mid[i]) for i in range(n)]
+            return combine_residuals(outs, list(weights))
+        previous = active_adapter(cn)
         try:
             outs = []
             for i, name in enumerate(adapters):
-                A.set_adapter(cn, None if name == BASE_ONLY else name)
+                set_adapter(cn, None if name == BASE_ONLY else name)
                 outs.append(cn(cond_inputs[i], timestep, text_states, sample=sample,
                                conditioning_scale=control_strength))
         finally:
-            A.set_adapter(cn, previous)
-        return A.combine_residuals(outs, list(weights))
+            set_adapter(cn, previous)
+        return combine_residuals(outs, list(weights))
+
+    # ------------------------------------------------------------------ one call, in phases
+    @staticmethod
+    def _prompt_batch(prompt, negative_prompt, conds: list[_Condition]) -> tuple[list[str], list[str], int]:
+        """Prompts and negative prompts broadcast against the condition batches -> (prompts,
+        negatives, B); each of them must hold 1 or B entries."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("no prompt")
+        sizes = {len(prompts)} | {c.images.shape[0] for c in conds}
+        batch = max(sizes)
+        if sizes - {1, batch}:
+            raise ValueError(f"batch sizes do not match: prompts {len(prompts)}, conditions "
+                             f"{ {c.label: c.images.shape[0] for c in conds} } (each must be 1 or B)")
+        if len(prompts) == 1:
+            prompts = prompts * batch
+        if negative_prompt is None:
+            negatives = [""] * batch
+        elif isinstance(negative_prompt, str):
+            negatives = [negative_prompt] * batch
+        else:
+            negatives = list(negative_prompt)
+            if len(negatives) != batch:
+                raise ValueError(f"{len(negatives)} negative prompts for a batch of {batch}")
+        return prompts, negatives, batch
+
+    def _output_size(self, conds: list[_Condition], height: int | None, width: int | None) -> tuple[int, int]:
+        """Output size (default: the conditions' size, else the UNet's sample size); condition
+        images of another size are resized to it, bilinearly."""
+        mult = self.vae_scale_factor * 2 ** (len(self.unet.config.down_block_types) - 1)
+        if height is None or width is None:
+            shapes = {tuple(c.images.shape[2:]) for c in conds}
+            if len(shapes) > 1:
+                raise ValueError(f"condition images differ in size {sorted(shapes)}; pass height and width")
+            h0, w0 = shapes.pop() if shapes else (self.unet.config.sample_size * self.vae_scale_factor,) * 2
+            height, width = height or h0, width or w0
+        if height % mult or width % mult:
+            raise ValueError(f"height and width must be multiples of {mult}, got {height}x{width}")
+        for c in conds:
+            if tuple(c.images.shape[2:]) != (height, width):
+                c.images = F.interpolate(c.images, size=(height, width), mode="bilinear",
+                                         align_corners=False, antialias=True).clamp(0, 1)
+        return height, width
+
+    def _text_states(self, prompts: list[str], negatives: list[str] | None, per_prompt: int,
+                     device, dtype) -> torch.Tensor:
+        """Text states of the UNet batch: ``[uncond | cond]`` (diffusers' order) with CFG
+        (``negatives`` given), else the prompts' alone."""
+        text = self.encode_prompt(prompts, device, dtype).repeat_interleave(per_prompt, 0)
+        if negatives is None:
+            return text
+        uncond = self.encode_prompt(negatives, device, dtype).repeat_interleave(per_prompt, 0)
+        return torch.cat([uncond, text])
+
+    def prepare_latents(self, sched: SchedulerMixin, total: int, height: int, width: int, generator,
+                        latents: torch.Tensor | None, device, dtype) -> torch.Tensor:
+        """Initial latents [total, C, h, w]: ``latents`` or standard normal noise, times the
+        scheduler's ``init_noise_sigma``."""
+        latent_shape = (total, self.unet.config.in_channels, height // self.vae_scale_factor,
+                        width // self.vae_scale_factor)
+        if latents is None:
+            latents = randn_tensor(latent_shape, generator=generator, device=device, dtype=dtype)
+        elif tuple(latents.shape) != latent_shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {latent_shape}")
+        return latents.to(device=device, dtype=dtype) * sched.init_noise_sigma
+
+    def prepare_conditions(self, conds: list[_Condition], batch: int, per_prompt: int, branches: int,
+                           device) -> _ControlInputs | None:
+        """What the ControlNet reads, prepared once per call (``None`` without conditions):
+        ``"vae"``: every condition's posterior (the VAE encoder is deterministic, so encoding once
+        and drawing a fresh sample at every step equals the reference's encode-on-every-call);
+        ``"cnn"``: the condition images themselves, for every CFG branch."""
+        if not conds:
+            return None
+        control = _ControlInputs([c.adapter for c in conds], [c.weight for c in conds])
+        cn_dtype = self.controlnet.dtype
+        if self.controlnet.config.condition_embedding == "vae":
+            means, logvars = [], []
+            for c in conds:
+                mean, logvar = encode_posterior(self.vae, c.images, batch_size=None, out_device=None)
+                means.append(_expand_batch(mean, batch, per_prompt))
+                logvars.append(_expand_batch(logvar, batch, per_prompt))
+            control.mean = torch.stack(means).to(cn_dtype)[:, None]  # [N, 1, total, C, h, w]
+            control.logvar = torch.stack(logvars).to(cn_dtype)[:, None]
+            control.scaling_factor = self.vae.config.scaling_factor
+        else:
+            hint = torch.stack([_expand_batch(c.images, batch, per_prompt) for c in conds])
+            hint = hint.to(device=device, dtype=cn_dtype)[:, None].expand(-1, branches, -1, -1, -1, -1)
+            control.hint = hint.reshape(len(conds), branches * hint.shape[2], *hint.shape[3:])
+        return control
+
+    def _step_residuals(self, control: _ControlInputs, t, model_in: torch.Tensor, text: torch.Tensor,
+                        generator, branches: int, control_strength: float, batched: bool):
+        """The weighted ControlNet residuals of one step. ``"vae"``: a fresh posterior sample per
+        condition, CFG branch and image; ``"cnn"``: the images plus the noisy latent."""
+        cn_dtype = self.controlnet.dtype
+        n, total = len(control.adapters), model_in.shape[0] // branches
+        if control.hint is not None:
+            cond_in, sample = control.hint, model_in.to(cn_dtype)
+        else:
+            tail = tuple(control.mean.shape[3:])
+            noise = self._noise(generator, n * branches, total, tail, model_in.device, cn_dtype)
+            noise = noise.view(n, branches, total, *tail)
+            cond_in = sample_latent(control.mean.expand(noise.shape), control.logvar.expand(noise.shape),
+                                    control.scaling_factor, noise=noise).reshape(n, branches * total, *tail)
+            sample = None
+        return self.control_residuals(cond_in, t, text.to(cn_dtype), control.adapters, control.weights,
+                                      control_strength, sample=sample, batched=batched)
+
+    def denoise(self, latents: torch.Tensor, text: torch.Tensor, sched: SchedulerMixin,
+                control: _ControlInputs | None, generator, guidance_scale: float, control_strength: float,
+                eta: float, progress: bool, batched: bool) -> torch.Tensor:
+        """The sampling loop: ControlNet residuals (if any conditions), UNet, CFG, scheduler step."""
+        cfg = guidance_scale > 1.0
+        branches = 2 if cfg else 1
+        dtype = latents.dtype
+        step_params = set(inspect.signature(sched.step).parameters)
+        step_kwargs = {}
+        if "eta" in step_params:
+            step_kwargs["eta"] = eta
+        if "generator" in step_params:
+            step_kwargs["generator"] = generator
+        saved_bar = dict(getattr(self, "_progress_bar_config", {}) or {})
+        if not progress:
+            self._progress_bar_config = {**saved_bar, "disable": True}
+        try:
+            with self.progress_bar(total=len(sched.timesteps)) as bar:
+                for t in sched.timesteps:
+                    model_in = torch.cat([latents] * branches) if cfg else latents
+                    model_in = sched.scale_model_input(model_in, t)
+                    down = mid = None
+                    if control is not None:
+                        down, mid = self._step_residuals(control, t, model_in, text, generator, branches,
+                                                         control_strength, batched)
+                        down, mid = [d.to(dtype) for d in down], mid.to(dtype)
+                    noise_pred = self.unet(model_in, t, encoder_hidden_states=text,
+                                           down_block_additional_residuals=down,
+                                           mid_block_additional_residual=mid).sample
+                    if cfg:
+                        uncond_pred, text_pred = noise_pred.chunk(2)
+                        noise_pred = uncond_pred + guidance_scale * (text_pred - uncond_pred)
+                    latents = sched.step(noise_pred, t, latents, **step_kwargs).prev_sample
+                    bar.update()
+        finally:
+            self._progress_bar_config = saved_bar
+        return latents
+
+    def _decode(self, latents: torch.Tensor, output_type: str):
+        if output_type == "latent":
+            return latents
+        decoded = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        return self.image_processor.postprocess(decoded, output_type=output_type,
+                                                do_denormalize=[True] * decoded.shape[0])
 
     # ------------------------------------------------------------------ call
     @torch.no_grad()
@@ -381,134 +540,22 @@ class CtrLoRAPipeline(DiffusionPipeline):
         if num_images_per_prompt < 1:
             raise ValueError("num_images_per_prompt must be >= 1")
         conds = self._parse_conditions(conditions)
-        device = self._execution_device
-        dtype = self.unet.dtype
-        cn_cfg = self.controlnet.config
-
-        # ---- batch size: prompts and condition batches broadcast against each other
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise ValueError("no prompt")
-        sizes = {len(prompts)} | {c.images.shape[0] for c in conds}
-        batch = max(sizes)
-        if sizes - {1, batch}:
-            raise ValueError(f"batch sizes do not match: prompts {len(prompts)}, conditions "
-                             f"{ {c.label: c.images.shape[0] for c in conds} } (each must be 1 or B)")
-        if len(prompts) == 1:
-            prompts = prompts * batch
-        if negative_prompt is None:
-            negatives = [""] * batch
-        elif isinstance(negative_prompt, str):
-            negatives = [negative_prompt] * batch
-        else:
-            negatives = list(negative_prompt)
-            if len(negatives) != batch:
-                raise ValueError(f"{len(negatives)} negative prompts for a batch of {batch}")
+        device, dtype = self._execution_device, self.unet.dtype
+        prompts, negatives, batch = self._prompt_batch(prompt, negative_prompt, conds)
         total = batch * num_images_per_prompt
         gen = self._generators(seed, generator, total)
-
-        # ---- size
-        mult = self.vae_scale_factor * 2 ** (len(self.unet.config.down_block_types) - 1)
-        if height is None or width is None:
-            shapes = {tuple(c.images.shape[2:]) for c in conds}
-            if len(shapes) > 1:
-                raise ValueError(f"condition images differ in size {sorted(shapes)}; pass height and width")
-            h0, w0 = shapes.pop() if shapes else (self.unet.config.sample_size * self.vae_scale_factor,) * 2
-            height, width = height or h0, width or w0
-        if height % mult or width % mult:
-            raise ValueError(f"height and width must be multiples of {mult}, got {height}x{width}")
-        for c in conds:
-            if tuple(c.images.shape[2:]) != (height, width):
-                c.images = F.interpolate(c.images, size=(height, width), mode="bilinear",
-                                         align_corners=False, antialias=True).clamp(0, 1)
-
-        # ---- text: [uncond | cond] (diffusers' order)
+        height, width = self._output_size(conds, height, width)
         cfg = guidance_scale > 1.0
-        text = self.encode_prompt(prompts, device, dtype).repeat_interleave(num_images_per_prompt, 0)
-        if cfg:
-            uncond = self.encode_prompt(negatives, device, dtype).repeat_interleave(num_images_per_prompt, 0)
-            text = torch.cat([uncond, text])
-        branches = 2 if cfg else 1
+        text = self._text_states(prompts, negatives if cfg else None, num_images_per_prompt, device, dtype)
 
-        # ---- scheduler and initial noise
         sched = self.make_scheduler(scheduler)
         sched.set_timesteps(num_inference_steps, device=device)
-        latent_shape = (total, self.unet.config.in_channels, height // self.vae_scale_factor,
-                        width // self.vae_scale_factor)
-        if latents is None:
-            latents = randn_tensor(latent_shape, generator=gen, device=device, dtype=dtype)
-        elif tuple(latents.shape) != latent_shape:
-            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {latent_shape}")
-        latents = latents.to(device=device, dtype=dtype) * sched.init_noise_sigma
-        step_kwargs = {}
-        step_params = set(inspect.signature(sched.step).parameters)
-        if "eta" in step_params:
-            step_kwargs["eta"] = eta
-        if "generator" in step_params:
-            step_kwargs["generator"] = gen
+        latents = self.prepare_latents(sched, total, height, width, gen, latents, device, dtype)
+        control = self.prepare_conditions(conds, batch, num_images_per_prompt, 2 if cfg else 1, device)
+        latents = self.denoise(latents, text, sched, control, gen, guidance_scale, control_strength, eta,
+                               progress, batch_conditions)
 
-        # ---- conditions: posterior (mean, std) once per call, or the images for "cnn"
-        names = [c.adapter for c in conds]
-        weights = [c.weight for c in conds]
-        cn_dtype = self.controlnet.dtype
-        if conds and cn_cfg.condition_embedding == "vae":
-            means, stds = [], []
-            for c in conds:
-                mean, logvar = posterior_params(self.vae, c.images.to(device))
-                means.append(_expand_batch(mean, batch, num_images_per_prompt))
-                stds.append(_expand_batch(torch.exp(0.5 * logvar), batch, num_images_per_prompt))
-            cond_mean = torch.stack(means).to(cn_dtype)[:, None]  # [N, 1, total, C, h, w]
-            cond_std = torch.stack(stds).to(cn_dtype)[:, None]
-            scaling = self.vae.config.scaling_factor
-        elif conds:
-            hint = torch.stack([_expand_batch(c.images, batch, num_images_per_prompt) for c in conds])
-            hint = hint.to(device=device, dtype=cn_dtype)[:, None].expand(-1, branches, -1, -1, -1, -1)
-            hint = hint.reshape(len(conds), branches * total, *hint.shape[3:])
-
-        # ---- denoising loop
-        saved_bar = dict(getattr(self, "_progress_bar_config", {}) or {})
-        if not progress:
-            self._progress_bar_config = {**saved_bar, "disable": True}
-        try:
-            with self.progress_bar(total=len(sched.timesteps)) as bar:
-                for t in sched.timesteps:
-                    model_in = torch.cat([latents] * branches) if cfg else latents
-                    model_in = sched.scale_model_input(model_in, t)
-                    down = mid = None
-                    if conds:
-                        if cn_cfg.condition_embedding == "vae":
-                            # a fresh posterior sample per condition, CFG branch and image
-                            noise = self._noise(gen, len(conds) * branches, total, tuple(cond_mean.shape[3:]),
-                                                device, cn_dtype)
-                            noise = noise.view(len(conds), branches, total, *cond_mean.shape[3:])
-                            cond_in = ((cond_mean + cond_std * noise) * scaling).reshape(
-                                len(conds), branches * total, *cond_mean.shape[3:])
-                            sample = None
-                        else:
-                            cond_in, sample = hint, model_in.to(cn_dtype)
-                        down, mid = self.control_residuals(
-                            cond_in, t, text.to(cn_dtype), names, weights, control_strength, sample=sample,
-                            batched=batch_conditions)
-                        down = [d.to(dtype) for d in down]
-                        mid = mid.to(dtype)
-                    noise_pred = self.unet(model_in, t, encoder_hidden_states=text,
-                                           down_block_additional_residuals=down,
-                                           mid_block_additional_residual=mid).sample
-                    if cfg:
-                        uncond_pred, text_pred = noise_pred.chunk(2)
-                        noise_pred = uncond_pred + guidance_scale * (text_pred - uncond_pred)
-                    latents = sched.step(noise_pred, t, latents, **step_kwargs).prev_sample
-                    bar.update()
-        finally:
-            self._progress_bar_config = saved_bar
-
-        # ---- decode
-        if output_type == "latent":
-            images = latents
-        else:
-            decoded = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
-            images = self.image_processor.postprocess(decoded, output_type=output_type,
-                                                      do_denormalize=[True] * decoded.shape[0])
+        images = self._decode(latents, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)

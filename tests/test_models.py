@@ -12,7 +12,9 @@ from _models_helpers import randomize_adapter, residuals, tiny_vocab
 from ctrlora.models import adapters as A
 from ctrlora.models.backbone import (Backbone, TinyBackboneConfig, backbone_hash, build_tiny_backbone,
                                      load_backbone)
-from ctrlora.models.controlnet import CtrLoRAControlNet, encode_condition, sample_latent
+from ctrlora.models.controlnet import CtrLoRAControlNet
+from ctrlora.models.latents import (LOGVAR_MAX, LOGVAR_MIN, encode_condition, encode_posterior, encode_text,
+                                    sample_latent, tokenize)
 
 RANK = 4
 
@@ -188,6 +190,38 @@ def test_encode_condition_samples_the_posterior_afresh(backbone):
     torch.testing.assert_close(z, (dist.mean + dist.std * noise) * 0.5)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         encode_condition(backbone.vae, images * 2 - 1)
+
+
+def test_sample_latent_clamps_the_log_variance_as_diffusers():
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    mean = torch.zeros(2, 4, 3, 3)
+    logvar = torch.linspace(-60.0, 40.0, mean.numel()).view(mean.shape)
+    noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(0))
+    dist = DiagonalGaussianDistribution(torch.cat([mean, logvar], dim=1))
+    assert float(dist.logvar.min()) == LOGVAR_MIN and float(dist.logvar.max()) == LOGVAR_MAX
+    # the raw (cached) log-variance and diffusers' clamped one give the same sample
+    torch.testing.assert_close(sample_latent(mean, logvar, 1.0, noise=noise), dist.mean + dist.std * noise)
+    torch.testing.assert_close(sample_latent(mean, logvar, 0.5, noise=noise),
+                               sample_latent(mean, dist.logvar, 0.5, noise=noise))
+    with pytest.raises(ValueError, match="noise has shape"):
+        sample_latent(mean, logvar, 1.0, noise=noise[:1])
+
+
+def test_encode_posterior_and_text_do_not_depend_on_the_batch_size(backbone):
+    images = torch.rand(5, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    mean, logvar = encode_posterior(backbone.vae, images, batch_size=2)
+    whole = encode_posterior(backbone.vae, images, batch_size=None, out_device=None)
+    assert mean.device.type == "cpu" and mean.shape == whole[0].shape
+    torch.testing.assert_close(mean, whole[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logvar, whole[1], rtol=1e-5, atol=1e-5)
+    captions = ["upper molar photo", "lower incisor", "", "teeth"]
+    ids = tokenize(backbone.tokenizer, captions)
+    assert ids.shape == (4, backbone.tokenizer.model_max_length)
+    states = encode_text(backbone.text_encoder, backbone.tokenizer, captions, batch_size=3)
+    with torch.no_grad():
+        direct = backbone.text_encoder(ids)[0]
+    torch.testing.assert_close(states, direct, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------- adapters

@@ -32,6 +32,9 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2DCrossAttn, get_down_block
 
+# Kept importable here while the trainers move to ctrlora.models.latents.
+from ctrlora.models.latents import encode_condition, sample_latent  # noqa: F401
+
 CONDITION_EMBEDDINGS = ("vae", "cnn")
 
 
@@ -264,7 +267,7 @@ class CtrLoRAControlNet(ModelMixin, ConfigMixin):
 
         Args:
             controlnet_cond: ``"vae"``: condition latent [B, C_lat, h, w] (posterior sample times
-                the VAE scaling factor, see :func:`encode_condition`); ``"cnn"``: condition image
+                the VAE scaling factor, see :func:`ctrlora.models.latents.encode_condition`); ``"cnn"``: condition image
                 [B, 3, H, W] in [0, 1].
             timestep: scalar or [B] diffusion timesteps.
             encoder_hidden_states: text context [B, L, D].
@@ -324,35 +327,3 @@ class CtrLoRAControlNet(ModelMixin, ConfigMixin):
         if not return_dict:
             return down, mid
         return ControlNetOutput(down_block_res_samples=down, mid_block_res_sample=mid)
-
-
-# ---------------------------------------------------------------------- condition latents
-def sample_latent(
-    mean: torch.Tensor,
-    logvar: torch.Tensor,
-    scaling_factor: float,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Draw ``(mean + std * noise) * scaling_factor`` from a stored VAE posterior (same clamping of
-    the log-variance as diffusers' ``DiagonalGaussianDistribution``)."""
-    logvar = torch.clamp(logvar, -30.0, 20.0)
-    std = torch.exp(0.5 * logvar)
-    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    return (mean + std * noise) * scaling_factor
-
-
-def posterior_params(vae, images01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """VAE posterior (mean, logvar) of condition images in [0, 1] (for an embed cache)."""
-    images01 = images01.to(device=vae.device, dtype=vae.dtype)
-    dist = vae.encode(images01).latent_dist
-    return dist.mean, dist.logvar
-
-
-def encode_condition(vae, images01: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Condition image(s) [B, 3, H, W] in **[0, 1]** -> condition latent, as the reference does it:
-    a fresh *sample* of the VAE posterior (not its mode) times ``vae.config.scaling_factor``.
-    Call it anew for every step / CFG branch / adapter to stay faithful."""
-    if images01.min() < -1e-3 or images01.max() > 1 + 1e-3:
-        raise ValueError("condition images must be in [0, 1] (the reference feeds the VAE [0, 1], not [-1, 1])")
-    mean, logvar = posterior_params(vae, images01)
-    return sample_latent(mean, logvar, vae.config.scaling_factor, generator)

@@ -3,7 +3,7 @@
 Faithfulness: the reference samples the VAE posterior afresh on every call (mean + std · noise).
 The cache therefore stores the posterior's **mean and log-variance**, not a sample, and
 the trainers draw a fresh latent at train time with the step's generator
-(:func:`ctrlora.models.controlnet.sample_latent`).
+(:func:`ctrlora.models.latents.sample_latent`).
 
 Layout of a cache directory::
 
@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ctrlora.data.pairs import SPLITS, PairDataset
+from ctrlora.models.latents import encode_posterior, encode_text
 
 
 @dataclass
@@ -59,7 +60,6 @@ class EmbedCache:
 def build_embed_cache(vae, text_encoder, tokenizer, prepared_root: str | Path, conditions: list[str],
                       batch_size: int = 128, progress: bool = True) -> EmbedCache:
     """Encode every pair of ``conditions`` under ``prepared_root`` with the frozen VAE / text encoder."""
-    device = next(vae.parameters()).device
     photo_rows: dict[str, int] = {}
     scan_ids: list[str] = []
     splits: list[str] = []
@@ -78,39 +78,26 @@ def build_embed_cache(vae, text_encoder, tokenizer, prepared_root: str | Path, c
             items = [(ds[i], split) for ds, i, split in pairs[start:start + batch_size]]
             new = [(it, sp) for it, sp in items if it["scan_id"] not in photo_rows]
             if new:
-                photos = torch.stack([it["photo"] for it, _ in new]).to(device)
-                dist = vae.encode(photos).latent_dist
-                for k, (it, sp) in enumerate(new):
+                mean, logvar = encode_posterior(vae, torch.stack([it["photo"] for it, _ in new]), batch_size=None)
+                for it, sp in new:
                     photo_rows[it["scan_id"]] = len(scan_ids)
                     scan_ids.append(it["scan_id"])
                     splits.append(sp)
                     captions.append(it["caption"])
-                photo_mean.append(dist.mean.cpu())
-                photo_logvar.append(dist.logvar.cpu())
-            cond = torch.stack([it["condition"] for it, _ in items]).to(device)
-            dist = vae.encode(cond).latent_dist
-            means.append(dist.mean.cpu())
-            logvars.append(dist.logvar.cpu())
+                photo_mean.append(mean)
+                photo_logvar.append(logvar)
+            mean, logvar = encode_posterior(vae, torch.stack([it["condition"] for it, _ in items]), batch_size=None)
+            means.append(mean)
+            logvars.append(logvar)
             idx += [photo_rows[it["scan_id"]] for it, _ in items]
         if not idx:
             raise ValueError(f"{prepared_root}: condition {name!r} has no pairs")
         per_cond[name] = ConditionEmbeds(torch.tensor(idx, dtype=torch.long), torch.cat(means), torch.cat(logvars))
 
-    text = encode_text(text_encoder, tokenizer, captions, batch_size, device)
-    empty = encode_text(text_encoder, tokenizer, [""], 1, device)
+    text = encode_text(text_encoder, tokenizer, captions, batch_size)
+    empty = encode_text(text_encoder, tokenizer, [""])
     return EmbedCache(scan_ids, splits, captions, float(vae.config.scaling_factor),
                       torch.cat(photo_mean), torch.cat(photo_logvar), text, empty, per_cond)
-
-
-@torch.no_grad()
-def encode_text(text_encoder, tokenizer, captions: list[str], batch_size: int = 256,
-                device: torch.device | str = "cpu") -> torch.Tensor:
-    out = []
-    for i in range(0, len(captions), batch_size):
-        ids = tokenizer(captions[i:i + batch_size], padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids.to(device)
-        out.append(text_encoder(ids)[0].cpu())
-    return torch.cat(out)
 
 
 def save_embed_cache(cache: EmbedCache, out_dir: str | Path) -> None:
