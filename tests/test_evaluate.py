@@ -1,6 +1,6 @@
 """The evaluate stage's library: the quality bar on known intervals, the run's configuration,
-a tiny end-to-end evaluation from models saved on disk (tiny real models, 1 DDIM step), per-scan
-seeding, and a few steps of each research baseline trainer."""
+a tiny end-to-end evaluation from models saved on disk (tiny real models, 1 DDIM step) and
+per-scan seeding. The research baselines' trainers are tested with the research graph."""
 from __future__ import annotations
 
 import csv
@@ -336,73 +336,3 @@ def test_generation_is_per_scan_seeded():
     assert a.dtype == np.uint8 and a.shape == (3, SIZE, SIZE, 3)
     # batched BLAS may round one 8-bit level differently; the seeds (noise) are the same
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
-
-
-# ---------------------------------------------------------------------------- baseline trainers
-def test_baseline_trainers_few_steps(tmp_path):
-    from PIL import Image
-
-    from ctrlora.models import adapters as A
-    from ctrlora.models.controlnet import CtrLoRAControlNet
-    from ctrlora.training.embed import ConditionEmbeds, EmbedCache, encode_text
-    from pipelines.train_baseline import condition_images_for_cache, train_one
-
-    torch.manual_seed(0)
-    bb = _tiny_backbone()
-    n, lat = 6, SIZE // bb.vae_scale_factor
-    ids = [f"s{i}" for i in range(n)]
-    caps = ["dental photo of both jaws"] * n
-    g = torch.Generator().manual_seed(0)
-    cache = EmbedCache(ids, ["train"] * 4 + ["test"] * 2, caps, 0.5,
-                       torch.randn(n, 4, lat, lat, generator=g), torch.full((n, 4, lat, lat), -4.0),
-                       encode_text(bb.text_encoder, bb.tokenizer, caps), encode_text(bb.text_encoder, bb.tokenizer, [""]),
-                       {"lighting": ConditionEmbeds(torch.arange(n).flip(0), torch.randn(n, 4, lat, lat, generator=g),
-                                                    torch.full((n, 4, lat, lat), -4.0))})
-    prepared = tmp_path / "prepared"
-    (prepared / "conditions" / "lighting").mkdir(parents=True)
-    for i, sid in enumerate(ids):
-        Image.fromarray(np.full((SIZE, SIZE, 3), 40 * i, np.uint8)).save(prepared / "conditions" / "lighting" / f"{sid}.png")
-    imgs = condition_images_for_cache(prepared, cache, "lighting")
-    assert imgs.shape == (n, 3, SIZE, SIZE)
-    # pair row 0 belongs to photo row 5 (flipped index): its image is scan s5's
-    assert float(imgs[0].mean()) == pytest.approx(200 / 255, abs=1e-6)
-
-    base = CtrLoRAControlNet.from_unet(bb.unet, vae_scale_factor=bb.vae_scale_factor)
-    _perturb(base, 9)
-    base.save_pretrained(tmp_path / "base")
-    recipe = {"train": {"max_steps": 2, "batch_size": 2, "learning_rate": 1e-3, "log_every": 2, "seed": 0},
-              "rank": 2, "prompt_dropout": 0.3, "max_pairs": None}
-    cfg = {"init_seed": 0, "full_learning_rate": 1e-4, "save_steps": [1]}
-    out = tmp_path / "baselines"
-    infos = {name: train_one(name, bb, cache, "lighting", recipe, cfg, out / name, base_dir=tmp_path / "base",
-                             prepared=prepared) for name in ("random_base", "full_finetune", "cnn", "vae_scratch")}
-    for name, info in infos.items():
-        assert info["steps"] == 2 and len(info["history"]) == 2, name
-        assert json.loads((out / name / "baseline.json").read_text())["trainable_params"] == info["trainable_params"]
-
-    # random_base: a fresh random base (not the UNet's weights), only the adapter trained
-    rb = CtrLoRAControlNet.from_pretrained(out / "random_base" / "base")
-    w_rb = rb.down_blocks[0].resnets[0].conv1.weight
-    assert not torch.equal(w_rb, bb.unet.down_blocks[0].resnets[0].conv1.weight)
-    A.load_adapter(rb, out / "random_base" / "adapter")  # records this base's hash
-    assert infos["random_base"]["trainable_params"] == A.read_adapter_config(out / "random_base" / "adapter")["num_params"]
-    # full fine-tune: every weight of the trained base trains, and moved
-    ff = CtrLoRAControlNet.from_pretrained(out / "full_finetune" / "controlnet")
-    assert infos["full_finetune"]["trainable_params"] == infos["full_finetune"]["total_params"] == \
-        sum(p.numel() for p in base.parameters())
-    assert not torch.equal(ff.controlnet_mid_block.weight, base.controlnet_mid_block.weight)
-    assert infos["random_base"]["trainable_params"] <= 0.5 * infos["full_finetune"]["trainable_params"]
-    # cnn / vae_scratch: snapshots at the save steps and the last step; UNet-initialised
-    for name, kind in (("cnn", "cnn"), ("vae_scratch", "vae")):
-        assert infos[name]["save_steps"] == [1, 2]
-        s1 = CtrLoRAControlNet.from_pretrained(out / name / "step_00001")
-        s2 = CtrLoRAControlNet.from_pretrained(out / name / "step_00002")
-        assert s1.config.condition_embedding == kind
-        assert not torch.equal(s1.controlnet_mid_block.weight, s2.controlnet_mid_block.weight)
-        assert infos[name]["trainable_params"] == infos[name]["total_params"]
-    assert infos["cnn"]["trainable_params"] > infos["vae_scratch"]["trainable_params"]  # + hint CNN
-
-    with pytest.raises(ValueError, match="save_steps"):
-        train_one("vae_scratch", bb, cache, "lighting", recipe, {**cfg, "save_steps": [5]}, out / "bad")
-    with pytest.raises(ValueError, match="unknown baseline"):
-        train_one("nope", bb, cache, "lighting", recipe, cfg, out / "bad")
