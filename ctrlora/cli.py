@@ -1,23 +1,25 @@
-"""The ``ctrlora`` command.
+"""The ctrlora command: the library's own tools, on local folders and files.
 
 Each sub-command lives in its own module exposing ``add_arguments(parser)`` and
-``run(args) -> int``; modules are imported only when their command runs, so ``ctrlora sizes``
-never pays for MLflow. Commands that talk to the MLflow registry live in :mod:`pipelines`
-(the library itself stays free of DVC / Prefect / MLflow imports).
+``run(args) -> int``; a module keeps its heavy imports inside ``run``, so building the parser
+stays cheap. Commands that talk to the MLflow registry belong to the MLOps shell
+(``ctrlora-ops``, in :mod:`pipelines`), not to the library.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
-COMMANDS: dict[str, tuple[str, str]] = {
+from ctrlora import generate_cli
+from ctrlora.data import render_cli
+from ctrlora.models import convert, sizes
+
+COMMANDS = {
     # name: (module, one-line help)
-    "render": ("ctrlora.data.render_cli", "render synthetic dental scans"),
-    "sizes": ("ctrlora.models.sizes", "print parameter counts of the base ControlNet and one adapter as JSON"),
-    "convert": ("ctrlora.models.convert", "convert published ldm-format CtrLoRA checkpoints"),
-    "generate": ("ctrlora.generate_cli", "generate images from condition images with adapters"),
-    "registry": ("pipelines.registry_cli", "list / promote / roll back adapters in the MLflow registry"),
+    "render": (render_cli, "render synthetic dental scans"),
+    "sizes": (sizes, "print parameter counts of the base ControlNet and one adapter as JSON"),
+    "convert": (convert, "convert published ldm-format CtrLoRA checkpoints"),
+    "generate": (generate_cli, "generate images from condition images with adapter folders"),
 }
 
 
@@ -26,22 +28,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
-        p.set_defaults(_module=module)
-        try:
-            importlib.import_module(module).add_arguments(p)
-        except ModuleNotFoundError as exc:  # command not built yet in this checkout
-            if exc.name is None or not module.startswith(exc.name):
-                raise
-            p.set_defaults(_missing=str(exc))
+        p.set_defaults(_run=module.run)
+        module.add_arguments(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "_missing", None):
-        print(f"ctrlora {args.command}: not available: {args._missing}", file=sys.stderr)
-        return 2
-    return int(importlib.import_module(args._module).run(args) or 0)
+    return int(args._run(args) or 0)
 
 
 if __name__ == "__main__":

@@ -35,12 +35,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-import pipelines  # noqa: F401  (applies tool defaults before Prefect is imported)
-
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+
+from pipelines.dvclock import dataset_hashes
+from pipelines.settings import REPO_ROOT, load_params
 
 EVENT = "dental.scans.landed"
 RESOURCE_ID = "ctrlora.incoming"
@@ -48,7 +47,6 @@ INCOMING = "data/incoming"
 READY = "READY"
 DEFAULT_FLOWS: dict[str, Any] = {"retries": 2, "retry_delay_seconds": 30, "prepare_stage": "prepare"}
 DEFAULT_SCHEDULE: dict[str, Any] = {"cron": None, "interval": 86400, "poll_seconds": 10}
-PREPARED_CONDITIONS = "data/prepared/conditions/"
 
 
 class StageFailed(RuntimeError):
@@ -61,17 +59,12 @@ class StageFailed(RuntimeError):
 
 # --------------------------------------------------------------------------- params / DVC helpers
 
-def _params(root: Path) -> dict[str, Any]:
-    path = root / "params.yaml"
-    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
-
-
 def flows_params(root: Path) -> dict[str, Any]:
-    return {**DEFAULT_FLOWS, **(_params(root).get("flows") or {})}
+    return {**DEFAULT_FLOWS, **(load_params(root).get("flows") or {})}
 
 
 def schedule_params(root: Path) -> dict[str, Any]:
-    return {**DEFAULT_SCHEDULE, **(_params(root).get("schedule") or {})}
+    return {**DEFAULT_SCHEDULE, **(load_params(root).get("schedule") or {})}
 
 
 def dvc_stages(root: str | Path) -> list[str]:
@@ -104,20 +97,6 @@ def _dvc(root: Path, *args: str) -> subprocess.CompletedProcess:
 
 def _tail(text: str, n: int = 40) -> str:
     return "\n".join(text.strip().splitlines()[-n:])
-
-
-def lock_dataset_hashes(root: Path) -> dict[str, str]:
-    """{condition: hash} for every ``data/prepared/conditions/<c>`` out recorded in dvc.lock."""
-    lock = root / "dvc.lock"
-    if not lock.is_file():
-        return {}
-    out: dict[str, str] = {}
-    for entry in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values():
-        for item in entry.get("outs") or []:
-            path = str(item.get("path", "")).rstrip("/")
-            if path.startswith(PREPARED_CONDITIONS) and item.get("md5"):
-                out[path[len(PREPARED_CONDITIONS):]] = str(item["md5"])
-    return out
 
 
 def complete_scans(incoming: Path) -> list[str]:
@@ -229,12 +208,12 @@ def retrain_on_new_scans(repo_root: str = ".", run_pipeline: bool = True) -> dic
     logger.info("%d complete scan(s) landed: %s", len(landed), ", ".join(landed))
     report = ingest_task(str(root))
     logger.info("ingest: accepted %s, quarantined %s", report.get("accepted"), report.get("quarantined"))
-    before = lock_dataset_hashes(root)
+    before = dataset_hashes(root)
     cfg = flows_params(root)
     repro_target.with_options(retries=int(cfg["retries"]),
                               retry_delay_seconds=float(cfg["retry_delay_seconds"]))(
         str(root), str(cfg["prepare_stage"]))
-    after = lock_dataset_hashes(root)
+    after = dataset_hashes(root)
     changed = sorted(c for c in after if before.get(c) != after[c])
     if not changed:
         msg = "dataset hashes unchanged after ingest + prepare: no retraining needed"
@@ -310,7 +289,8 @@ def _api_url() -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.flows", description=__doc__.splitlines()[0])
-    parser.add_argument("--repo", type=Path, default=Path.cwd(), help="project root (default: .)")
+    parser.add_argument("--repo", type=Path, default=REPO_ROOT,
+                        help=f"project root (default: {REPO_ROOT})")
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("run", help="run the pipeline flow once")
     sub.add_parser("retrain", help="run the retrain-on-new-scans flow once")

@@ -8,9 +8,8 @@ adapter hash and dataset hash is reported, not registered again.
 
 Looks for adapters in ``models/adapters/<c>/`` (new conditions) and ``models/base/adapters/<c>/``
 (base conditions), reads each one's dataset hash from ``dvc.lock``, the metrics from
-``metrics/evaluate.json`` and the gate from ``params.yaml`` section ``register``. When the graph
-has not produced those outputs yet in this checkout it says so and exits 0 without touching the
-registry.
+``metrics/evaluate.json`` and the gate from ``params.yaml`` section ``register``. Before the graph
+has produced those outputs it says which are missing and exits 0 without opening the registry.
 """
 from __future__ import annotations
 
@@ -22,15 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-import pipelines  # noqa: F401  (applies tool defaults)
-
-BACKBONE = "models/backbone"
-BASE = "models/base"
-ADAPTER_ROOTS = ("models/base/adapters", "models/adapters")  # later roots register later (newer)
-METRICS = "metrics/evaluate.json"
-DEFAULT_REGISTER = {"gate": {"metric": "fidelity", "mode": "max", "min_delta": 0.0}}
+from ctrlora.models.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from pipelines.dvclock import LOCK_FILE, dataset_hash_from_lock, lock_hash
+from pipelines.gate import gate_config
+from pipelines.settings import (ADAPTER_ROOTS, BACKBONE_DIR, BASE_DIR, METRICS_FILE,
+                                PREPARED_CONDITIONS, REPO_ROOT, load_params)
 
 
 @dataclass
@@ -40,12 +35,10 @@ class Candidate:
 
 
 def register_params(root: Path) -> dict[str, Any]:
-    """params.yaml section ``register`` merged over the defaults (the section may be absent)."""
-    path = root / "params.yaml"
-    params = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
-    section = params.get("register") or {}
-    return {**DEFAULT_REGISTER, **section,
-            "gate": {**DEFAULT_REGISTER["gate"], **(section.get("gate") or {})}}
+    """params.yaml section ``register`` with the gate completed from the defaults (the section
+    may be absent)."""
+    section = load_params(root).get("register") or {}
+    return {**section, "gate": gate_config(section.get("gate"))}
 
 
 def find_adapters(root: Path) -> list[Candidate]:
@@ -55,7 +48,7 @@ def find_adapters(root: Path) -> list[Candidate]:
         if not base.is_dir():
             continue
         for d in sorted(p for p in base.iterdir() if p.is_dir()):
-            if (d / "adapter_model.safetensors").is_file():
+            if (d / ADAPTER_WEIGHTS).is_file():
                 found.append(Candidate(d.name, d))
     return found
 
@@ -72,10 +65,32 @@ def git_commit(root: Path) -> str:
 
 
 def missing_outputs(root: Path) -> list[str]:
-    missing = [p for p in ("dvc.lock", BACKBONE, BASE, METRICS) if not (root / p).exists()]
+    missing = [p for p in (LOCK_FILE, BACKBONE_DIR, BASE_DIR, METRICS_FILE)
+               if not (root / p).exists()]
     if not missing and not find_adapters(root):
         missing.append("an adapter under " + " or ".join(f"{r}/<condition>/" for r in ADAPTER_ROOTS))
     return missing
+
+
+def _register_one(root: Path, cand: Candidate, metrics_all: dict, commit: str,
+                  gate: dict[str, Any], dry_run: bool, log):
+    """Register one adapter (or say what would be registered); None on a dry run."""
+    from pipelines.registration import register_adapter  # MLflow only when registering
+
+    c = cand.condition
+    dataset_hash = dataset_hash_from_lock(root, c)
+    cfg_file = cand.adapter_dir / ADAPTER_CONFIG
+    adapter_cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    base_hash = adapter_cfg.get("base_hash") or lock_hash(root, BASE_DIR)
+    metrics = metrics_all.get(c) if isinstance(metrics_all.get(c), dict) else {}
+    if dry_run:
+        log(f"register: would register {c} from {cand.adapter_dir.relative_to(root)} "
+            f"(dataset {dataset_hash}, metrics {metrics})")
+        return None
+    return register_adapter(
+        c, cand.adapter_dir, dataset_hash=dataset_hash, base_hash=base_hash,
+        backbone_dir=root / BACKBONE_DIR, base_dir=root / BASE_DIR, metrics=metrics,
+        git_commit=commit, gate=gate, dataset_path=root / PREPARED_CONDITIONS / c)
 
 
 def register_all(root: Path, *, dry_run: bool = False, log=print) -> tuple[list, list[str]] | None:
@@ -85,33 +100,20 @@ def register_all(root: Path, *, dry_run: bool = False, log=print) -> tuple[list,
     missing = missing_outputs(root)
     if missing:
         log(f"register: nothing to register yet -- missing {', '.join(missing)} in {root} "
-            "(the DVC graph has not produced them in this checkout); registry untouched")
+            "(the DVC graph has not produced them yet); registry untouched")
         return None
-    from pipelines import registry  # MLflow only when there is something to register
-    cfg = register_params(root)
-    metrics_all = json.loads((root / METRICS).read_text())
+    gate = register_params(root)["gate"]
+    metrics_all = json.loads((root / METRICS_FILE).read_text())
     commit = git_commit(root)
     results, errors = [], []
     for cand in find_adapters(root):
-        c = cand.condition
         try:
-            dataset_hash = registry.dataset_hash_from_lock(root, c)
-            cfg_file = cand.adapter_dir / "adapter_config.json"
-            adapter_cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
-            base_hash = adapter_cfg.get("base_hash") or registry.lock_hash(root, BASE)
-            metrics = metrics_all.get(c) if isinstance(metrics_all.get(c), dict) else {}
-            if dry_run:
-                log(f"register: would register {c} from {cand.adapter_dir.relative_to(root)} "
-                    f"(dataset {dataset_hash}, metrics {metrics})")
-                continue
-            res = registry.register_adapter(
-                c, cand.adapter_dir, dataset_hash=dataset_hash, base_hash=base_hash,
-                backbone_dir=root / BACKBONE, base_dir=root / BASE, metrics=metrics,
-                git_commit=commit, gate=cfg["gate"],
-                dataset_path=root / registry.PREPARED_CONDITIONS / c)
+            res = _register_one(root, cand, metrics_all, commit, gate, dry_run, log)
         except (KeyError, FileNotFoundError, ValueError) as exc:
-            errors.append(f"{c}: {exc}")
-            log(f"register: {c}: NOT registered: {exc}")
+            errors.append(f"{cand.condition}: {exc}")
+            log(f"register: {cand.condition}: NOT registered: {exc}")
+            continue
+        if res is None:
             continue
         results.append(res)
         what = "registered" if res.created else "already registered"
@@ -123,7 +125,8 @@ def register_all(root: Path, *, dry_run: bool = False, log=print) -> tuple[list,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.register",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--repo", type=Path, default=Path.cwd(), help="project root (default: .)")
+    parser.add_argument("--repo", type=Path, default=REPO_ROOT,
+                        help=f"project root (default: {REPO_ROOT})")
     parser.add_argument("--dry-run", action="store_true", help="show what would be registered")
     args = parser.parse_args(argv)
     out = register_all(args.repo, dry_run=args.dry_run)

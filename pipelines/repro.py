@@ -5,14 +5,14 @@ running it, and registration must still see (and idempotently register) its outp
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 import time
 
-import pipelines  # noqa: F401  (applies tool defaults)
+from pipelines import register
+from pipelines.settings import REPO_ROOT
 from pipelines.stage import TIMINGS_FILE
 
 
@@ -28,16 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     bindir = os.path.dirname(sys.executable)
     env = dict(os.environ, PATH=bindir + os.pathsep + os.environ.get("PATH", ""))
-    rc = subprocess.call([os.path.join(bindir, "dvc"), "repro", *argv], env=env)
+    rc = subprocess.call([os.path.join(bindir, "dvc"), "repro", *argv], cwd=REPO_ROOT, env=env)
     if rc != 0:
         print(f"dvc repro failed (exit {rc})", file=sys.stderr)
         return rc
-    if importlib.util.find_spec("pipelines.register") is not None:
-        from pipelines import register
-
-        rc = register.main([])
-        if rc:
-            return rc
+    rc = register.main(["--repo", str(REPO_ROOT)])
+    if rc:
+        return rc
     times = _stage_times(start)
     total = time.time() - start
     print("\nper-stage wall time (stages that ran in this repro):")

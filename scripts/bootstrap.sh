@@ -12,7 +12,7 @@ echo "[bootstrap] setting up $VENV (first run takes a few minutes)"
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q "torch==2.13.0"
-"$VENV/bin/python" -m pip install -q -e ".[dev]"
+"$VENV/bin/python" -m pip install -q -e ".[ops,dev]"   # ops: DVC, Prefect, MLflow (the shell)
 rm -f "$VENV"/.installed-*
 touch "$STAMP"
 echo "[bootstrap] done"

@@ -1,10 +1,10 @@
 """MLflow registry: tags tied to hashes, idempotency, gated champion, rollback, dvc.lock hashes,
-and the registered pyfunc loading + generating in a fresh process. Real sqlite MLflow store and a
-real DVC repo in temp dirs; no mocks."""
+the ``ctrlora-ops registry`` commands, and the registered pyfunc (logged as code, no pickle)
+loading + generating in a fresh process. Real sqlite MLflow store and a real DVC repo in temp
+dirs; no mocks."""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,10 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 pytest.importorskip("mlflow")
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +48,11 @@ def _fake_parts(root: Path, condition: str, seed: int) -> dict[str, Path]:
     return {"backbone_dir": backbone, "base_dir": base, "adapter_dir": adapter}
 
 
-def _register(registry, root, condition, seed, fidelity, dataset_hash="a" * 32 + ".dir"):
+def _register(root, condition, seed, fidelity, dataset_hash="a" * 32 + ".dir"):
+    from pipelines.registration import register_adapter
+
     parts = _fake_parts(root, condition, seed)
-    return registry.register_adapter(
+    return register_adapter(
         condition, parts["adapter_dir"], dataset_hash=dataset_hash, base_hash="b" * 64,
         backbone_dir=parts["backbone_dir"], base_dir=parts["base_dir"],
         metrics={"fidelity": fidelity, "psnr": 20.0}, git_commit="c0ffee",
@@ -63,7 +64,7 @@ def test_registration_tags_input_and_idempotency(tracking, tmp_path):
 
     from pipelines import registry
 
-    res = _register(registry, tmp_path, "t-tags", seed=1, fidelity=0.5)
+    res = _register(tmp_path, "t-tags", seed=1, fidelity=0.5)
     assert res.created and res.version == "1" and res.decision == "champion" and res.champion == "1"
     client = MlflowClient()
     mv = client.get_model_version("ctrlora-t-tags", "1")
@@ -84,12 +85,12 @@ def test_registration_tags_input_and_idempotency(tracking, tmp_path):
     assert (resolved.base / "config.json").is_file() and not (resolved.base / "adapters").exists()
     assert (resolved.backbone / "unet" / "config.json").is_file()
 
-    again = _register(registry, tmp_path, "t-tags", seed=1, fidelity=0.5)
+    again = _register(tmp_path, "t-tags", seed=1, fidelity=0.5)
     assert (again.version, again.created, again.decision) == ("1", False, "unchanged")
     assert len(client.search_model_versions("name='ctrlora-t-tags'")) == 1
     assert len(client.search_runs([run.info.experiment_id])) == 1  # no second run either
     # same adapter, different data → a new version
-    other = _register(registry, tmp_path, "t-tags", seed=1, fidelity=0.5, dataset_hash="d" * 32 + ".dir")
+    other = _register(tmp_path, "t-tags", seed=1, fidelity=0.5, dataset_hash="d" * 32 + ".dir")
     assert other.created and other.version == "2"
 
 
@@ -100,15 +101,15 @@ def test_worse_challenger_keeps_champion_and_rollback(tracking, tmp_path):
 
     client = MlflowClient()
     name = "ctrlora-t-gate"
-    assert _register(registry, tmp_path, "t-gate", 1, 0.50).decision == "champion"
-    worse = _register(registry, tmp_path, "t-gate", 2, 0.40)
+    assert _register(tmp_path, "t-gate", 1, 0.50).decision == "champion"
+    worse = _register(tmp_path, "t-gate", 2, 0.40)
     assert worse.decision == "challenger" and worse.champion == "1"
     assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
     assert str(client.get_model_version_by_alias(name, "challenger").version) == "2"
     reason = client.get_model_version(name, "2").tags["gate_reason"]
     assert "0.4" in reason and "0.5" in reason and "champion v1" in reason
 
-    better = _register(registry, tmp_path, "t-gate", 3, 0.60)
+    better = _register(tmp_path, "t-gate", 3, 0.60)
     assert better.decision == "champion" and better.champion == "3"
     assert str(client.get_model_version_by_alias(name, "challenger").version) == "2"  # still the loser
 
@@ -133,7 +134,7 @@ def test_worse_challenger_keeps_champion_and_rollback(tracking, tmp_path):
 
 
 def test_gate_modes_and_missing_metric():
-    from pipelines.registry import evaluate_gate
+    from pipelines.gate import evaluate_gate
 
     gate = {"metric": "fid", "mode": "min", "min_delta": 0.1}
     assert evaluate_gate(gate, 1.0, 1.2, "1")[0]
@@ -143,6 +144,37 @@ def test_gate_modes_and_missing_metric():
     assert evaluate_gate({"metric": "fidelity"}, 0.1, None, None)[0]       # first version
     with pytest.raises(ValueError):
         evaluate_gate({"mode": "up"}, 1.0, 1.0, "1")
+
+
+def test_ops_registry_commands(tracking, tmp_path, capsys):
+    from importlib.metadata import entry_points
+
+    from pipelines.cli import main
+
+    (entry,) = entry_points(group="console_scripts", name="ctrlora-ops")
+    assert entry.load() is main
+    _register(tmp_path, "t-cli", 1, 0.5)
+    _register(tmp_path, "t-cli", 2, 0.4)
+    assert main(["registry", "list", "--json"]) == 0
+    rows = [r for r in json.loads(capsys.readouterr().out) if r["model"] == "ctrlora-t-cli"]
+    assert [(r["version"], r["aliases"]) for r in rows] == [("1", ["champion"]), ("2", ["challenger"])]
+
+    repo = tmp_path / "repo"  # a project whose gate prefers lower numbers: v2 (0.4) passes
+    repo.mkdir()
+    (repo / "params.yaml").write_text("register:\n  gate: {metric: fidelity, mode: min}\n")
+    assert main(["registry", "promote", "t-cli", "2", "--repo", str(repo)]) == 0
+    assert "ctrlora-t-cli v2 promoted to champion" in capsys.readouterr().out
+    assert main(["registry", "rollback", "t-cli"]) == 0
+    assert "champion v2 -> v1" in capsys.readouterr().out
+    # without params the default gate (max) applies: 0.4 < 0.5, refused
+    assert main(["registry", "promote", "t-cli", "2", "--repo", str(tmp_path / "none")]) == 1
+    assert "NOT promoted" in capsys.readouterr().out
+    assert main(["registry", "rollback", "t-nothing"]) == 1
+    assert "no registered model ctrlora-t-nothing" in capsys.readouterr().err
+    assert main(["registry", "resolve", "models:/ctrlora-t-cli@champion",
+                 "--dst", str(tmp_path / "dl")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["version"] == "1" and (Path(out["adapter"]) / "adapter_model.safetensors").is_file()
 
 
 def _git_dvc_repo(root: Path) -> None:
@@ -156,7 +188,11 @@ def _git_dvc_repo(root: Path) -> None:
 def test_dataset_hash_from_lock_reads_real_dvc_lock(tmp_path, monkeypatch):
     from dvc.repo import Repo
 
-    from pipelines.registry import dataset_hash_from_lock
+    from pipelines.dvclock import dataset_hash_from_lock, dataset_hashes, lock_hash
+
+    assert dataset_hashes(tmp_path) == {}  # before the first repro
+    with pytest.raises(FileNotFoundError, match="no dvc.lock"):
+        dataset_hash_from_lock(tmp_path, "lighting")
 
     _git_dvc_repo(tmp_path)
     (tmp_path / "dvc.yaml").write_text(textwrap.dedent("""\
@@ -177,22 +213,20 @@ def test_dataset_hash_from_lock_reads_real_dvc_lock(tmp_path, monkeypatch):
     assert dataset_hash_from_lock(tmp_path, "lighting") == truth["lighting"]
     assert dataset_hash_from_lock(tmp_path, "depth") == truth["depth"]
     assert truth["lighting"] != truth["depth"] and truth["lighting"].endswith(".dir")
+    assert dataset_hashes(tmp_path) == truth
+    assert lock_hash(tmp_path, "./data/prepared/conditions/depth/") == truth["depth"]
     with pytest.raises(KeyError, match="segmentation"):
         dataset_hash_from_lock(tmp_path, "segmentation")
 
 
-HAS_PIPELINE = importlib.util.find_spec("ctrlora.pipeline") is not None
-
-
-@pytest.mark.skipif(not HAS_PIPELINE, reason="ctrlora/pipeline.py (CtrLoRAPipeline, the sampling "
-                    "pipeline the pyfunc calls) has not landed in this checkout yet")
-def test_pyfunc_champion_loads_and_generates_in_fresh_process(tracking, tmp_path):
+def test_pyfunc_is_logged_as_code_and_generates_in_fresh_process(tracking, tmp_path):
     import torch
 
     from ctrlora.models import adapters
     from ctrlora.models.backbone import TinyBackboneConfig, build_tiny_backbone
     from ctrlora.models.controlnet import CtrLoRAControlNet
-    from pipelines import registry
+    from pipelines.registration import register_adapter
+    from pipelines.registry import resolve_adapter_uri
 
     torch.manual_seed(0)
     cfg = TinyBackboneConfig(image_size=32, vae_block_out_channels=(32, 32),
@@ -205,16 +239,25 @@ def test_pyfunc_champion_loads_and_generates_in_fresh_process(tracking, tmp_path
     adapters.add_adapter(net, "lighting", rank=2)
     adapters.save_adapter(net, "lighting", tmp_path / "adapter", base_hash=adapters.base_hash(net))
 
-    res = registry.register_adapter(
+    res = register_adapter(
         "lighting", tmp_path / "adapter", dataset_hash="e" * 32 + ".dir",
         base_hash=adapters.base_hash(net), backbone_dir=tmp_path / "backbone",
         base_dir=tmp_path / "base", metrics={"fidelity": 0.3}, git_commit="c0ffee")
     assert res.decision == "champion"
+    # models-from-code: the flavor names a python file instead of a pickled python_model
+    local = resolve_adapter_uri("models:/ctrlora-lighting@champion", tmp_path / "dl").local_dir
+    flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+    assert "python_model" not in flavor and flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model"
+    assert (local / Path(flavor["model_code_path"]).name).is_file()
+    assert not [p for p in local.rglob("*") if p.suffix in (".pkl", ".pickle")]
 
     script = textwrap.dedent("""\
         import io, sys
-        import mlflow.pyfunc, pandas as pd
+        import cloudpickle, mlflow.pyfunc, pandas as pd
         from PIL import Image
+        def refuse(*args, **kwargs):
+            raise AssertionError("loading the model unpickled something")
+        cloudpickle.load = cloudpickle.loads = refuse
         model = mlflow.pyfunc.load_model("models:/ctrlora-lighting@champion")
         buf = io.BytesIO(); Image.new("RGB", (32, 32), (120, 80, 40)).save(buf, format="PNG")
         out = model.predict(pd.DataFrame({"condition_image": [buf.getvalue()],

@@ -1,0 +1,162 @@
+"""ctrlora-ops: the MLOps shell's command -- the MLflow registry, and generation from it.
+
+    ctrlora-ops registry list [--json]                      every version, aliases, gate reasons
+    ctrlora-ops registry promote CONDITION VERSION [--force]  gated move of alias champion
+    ctrlora-ops registry rollback CONDITION                 champion back to the previous one
+    ctrlora-ops registry resolve models:/ctrlora-<c>@champion [--dst DIR]
+    ctrlora-ops generate ...                                ``ctrlora generate`` + models:/ adapters
+
+The tracking store comes from ``MLFLOW_TRACKING_URI`` (default: ``sqlite:///mlflow.db`` in the
+repo, see :mod:`pipelines.settings`). ``generate`` takes everything ``ctrlora generate`` takes;
+an adapter may also be a registry URI (``models:/ctrlora-<c>@alias`` or
+``models:/ctrlora-<c>/<version>``), which is downloaded and brings the backbone and base it was
+registered with, so ``--backbone`` / ``--base`` may then be left out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from ctrlora import generate_cli
+from pipelines.settings import PARAMS_FILE, REPO_ROOT
+
+URI_SCHEME = "models:/"
+
+
+def _add_registry(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="registry_command", required=True, metavar="ACTION")
+    p = sub.add_parser("list", help="every version of every ctrlora-* model, with aliases and tags")
+    p.add_argument("--json", action="store_true", help="print JSON rows")
+    p = sub.add_parser("promote", help="move alias champion to VERSION (gated unless --force)")
+    p.add_argument("condition")
+    p.add_argument("version")
+    p.add_argument("--force", action="store_true", help="skip the gate")
+    p.add_argument("--repo", type=Path, default=REPO_ROOT,
+                   help=f"project whose {PARAMS_FILE} 'register.gate' is applied (default: {REPO_ROOT})")
+    p = sub.add_parser("rollback", help="move alias champion back to the previous champion")
+    p.add_argument("condition")
+    p = sub.add_parser("resolve", help="download a models:/ URI and print its local directories")
+    p.add_argument("uri", help="models:/ctrlora-<condition>@<alias> or models:/ctrlora-<c>/<version>")
+    p.add_argument("--dst", type=Path, default=None, help="download into this folder")
+
+
+def _print_rows(rows: list[dict]) -> None:
+    if not rows:
+        print("no ctrlora-* models registered")
+        return
+    print(f"{'model':<24} {'ver':>4} {'aliases':<20} {'dataset_hash':<14} {'metrics':<28} gate")
+    for r in rows:
+        metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(r["metrics"].items())[:3])
+        print(f"{r['model']:<24} {r['version']:>4} {','.join(r['aliases']) or '-':<20} "
+              f"{(r['dataset_hash'] or '-')[:12]:<14} {metrics:<28} "
+              f"{r['gate'] or '-'}: {r['gate_reason'] or ''}")
+
+
+def _run_registry(args) -> int:
+    from pipelines import registry
+    from pipelines.register import register_params
+
+    action = args.registry_command
+    try:
+        if action == "list":
+            rows = registry.list_models()
+            print(json.dumps(rows, indent=1)) if args.json else _print_rows(rows)
+            return 0
+        if action == "promote":
+            gate = register_params(args.repo)["gate"]
+            res = registry.promote(args.condition, args.version, force=args.force, gate=gate)
+            verb = "promoted to champion" if res.promoted else "NOT promoted (now challenger)"
+            print(f"{registry.model_name(args.condition)} v{res.version} {verb}: {res.reason}")
+            return 0 if res.promoted else 1
+        if action == "rollback":
+            res = registry.rollback(args.condition)
+            print(f"{registry.model_name(args.condition)}: champion v{res.previous} -> v{res.version}")
+            return 0
+        r = registry.resolve_adapter_uri(args.uri, args.dst)
+        print(json.dumps({"model": r.model_name, "version": r.version, "condition": r.condition,
+                          "backbone": str(r.backbone), "base": str(r.base),
+                          "adapter": str(r.adapter)}, indent=1))
+        return 0
+    except registry.RegistryError as exc:
+        print(f"ctrlora-ops registry {action}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _same_part(resolved: list, attr: str, flag: str) -> Path:
+    """The backbone or base that every resolved URI was registered with (they must agree)."""
+    from ctrlora.data.hashing import dvc_dir_md5
+    from ctrlora.models.backbone import backbone_hash
+
+    digest = backbone_hash if attr == "backbone" else dvc_dir_md5
+    (first_uri, first), *rest = resolved
+    ref = digest(getattr(first, attr))
+    for uri, r in rest:
+        if digest(getattr(r, attr)) != ref:
+            raise generate_cli.GenerateError(f"{uri} was registered with another {attr} than "
+                                             f"{first_uri}; pass {flag} explicitly")
+    return getattr(first, attr)
+
+
+def _resolve_uris(args, downloads: list) -> dict[str, str]:
+    """Replace ``models:/`` adapters in ``args`` by downloaded folders (appended to
+    ``downloads``), fill in ``--backbone`` / ``--base`` from them; returns how ``generate.json``
+    names each part that came from the registry."""
+    from pipelines.registry import resolve_adapter_uri
+
+    adapters = generate_cli.parse_pairs(args.adapter, "adapter")
+    resolved, sources, items = [], {}, []
+    for name, (where, weight) in adapters.items():
+        if where.startswith(URI_SCHEME):
+            try:
+                r = resolve_adapter_uri(where)
+            except Exception as exc:  # MLflow / registry errors: report them plainly
+                raise generate_cli.GenerateError(f"adapter {name!r}: {exc}") from exc
+            downloads.append(r.local_dir)
+            resolved.append((where, r))
+            sources[name], where = where, str(r.adapter)
+        items.append(f"{name}={where}" + ("" if weight is None else f":{weight}"))
+    args.adapter = items
+    for attr, flag in (("backbone", "--backbone"), ("base", "--base")):
+        if getattr(args, attr) is None and resolved:
+            setattr(args, attr, str(_same_part(resolved, attr, flag)))
+            sources[attr] = f"from {resolved[0][0]}"
+    return sources
+
+
+def _run_generate(args) -> int:
+    prog = "ctrlora-ops generate"
+    downloads: list[Path] = []
+    try:
+        try:
+            sources = _resolve_uris(args, downloads)
+        except generate_cli.GenerateError as exc:
+            print(f"{prog}: error: {exc}", file=sys.stderr)
+            return 2
+        return generate_cli.run(args, sources=sources, prog=prog)
+    finally:
+        for d in downloads:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ctrlora-ops", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("registry", help="list / promote / roll back / resolve registered adapters")
+    _add_registry(p)
+    p.set_defaults(_run=_run_registry)
+    p = sub.add_parser("generate", help="ctrlora generate, with models:/ registry URIs as adapters")
+    generate_cli.add_arguments(p, parts_required=False)
+    p.set_defaults(_run=_run_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
