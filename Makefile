@@ -1,11 +1,13 @@
 # The two commands of the README:
 #   make repro   set up .venv if needed, then run the whole DVC pipeline (embedded default)
 #   make test    set up .venv if needed, then run the test suite
+# and the research graph (baselines and ablations, after the production graph; docs/research.md):
+#   make research  dvc repro research/dvc.yaml
 SHELL := /bin/bash
 VENV := .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup repro test
+.PHONY: setup repro test research
 setup:
 	@scripts/bootstrap.sh
 
@@ -14,3 +16,6 @@ repro: setup
 
 test: setup
 	python -m pytest -q
+
+research: setup
+	dvc repro research/dvc.yaml

@@ -1,0 +1,146 @@
+"""Shared shell of the research stages (``research/dvc.yaml``): their params, where each run
+lives, and a small process pool.
+
+Params: the ``research`` section, the recipe of ``train_adapter`` (every method trains with it)
+and, from ``evaluate``, the test-scan count, the sampling settings at the gate guidance and the
+re-detectors' folder: the comparisons use the production evaluation's scans, per-scan seeds,
+guidance and re-detectors.
+
+Runs: seed 0 of every swept rate lives under ``<out>/sweep/<method>/lr_<rate>/seed_0``; the
+further seeds at the selected rate under ``<out>/seeds/<method>/lr_<rate>/seed_<k>``.
+
+The pool: the research graph trains ~two dozen short runs; on a small CPU two single-threaded
+processes get more done than one process with two threads. Each worker loads what its jobs need
+once (:func:`setup`), then runs jobs; results come back in job order.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import pipelines  # noqa: F401  (tool defaults)
+
+from pipelines.stage import read_params, resolve_backbone
+
+ROOT = Path(__file__).resolve().parent.parent
+MIN_RATES = 3  # a learning-rate sweep of fewer rates cannot tell an optimum from an edge
+_CTX: dict[str, Any] = {}  # what a worker loaded once (setup)
+
+
+def params() -> dict[str, Any]:
+    """``research`` params, checked, with ``recipe`` (= ``train_adapter``) and, from ``evaluate``,
+    ``test_scans``, ``sampling`` (at the gate guidance) and ``detectors`` added."""
+    from ctrlora.training.baselines import METHODS
+
+    allp = read_params("research", "train_adapter", "evaluate")
+    p, recipe, ev = dict(allp["research"]), allp["train_adapter"], allp["evaluate"]
+    if p["condition"] not in recipe["conditions"]:
+        raise SystemExit(f"research.condition {p['condition']!r} is not a train_adapter condition {recipe['conditions']}")
+    unknown = [m for m in p["methods"] if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"research.methods: unknown {unknown}; known: {list(METHODS)}")
+    few = {m: p["learning_rates"].get(m) for m in p["methods"] if len(p["learning_rates"].get(m) or []) < MIN_RATES}
+    if few:
+        raise SystemExit(f"research.learning_rates: every method needs at least {MIN_RATES} rates, got {few}")
+    if int(p["seeds"]) < 1:
+        raise SystemExit("research.seeds must be >= 1")
+    sampling = dict(ev["sampling"])
+    if "gate_guidance" in ev:  # the guidance scale the production bar is read at
+        sampling["guidance_scale"] = float(ev["gate_guidance"])
+    p.update(recipe=recipe, test_scans=ev.get("max_scans"), sampling=sampling, detectors=ev["detectors_out"])
+    return p
+
+
+def path(p: dict[str, Any], key: str) -> Path:
+    return ROOT / p[key]
+
+
+def run_dir(p: dict[str, Any], spec) -> Path:
+    """Where run ``spec`` (a :class:`~ctrlora.training.baselines.RunSpec`) is written."""
+    return path(p, "out") / ("sweep" if spec.seed == 0 else "seeds") / spec.key
+
+
+def read_json(file: Path) -> Any:
+    return json.loads(Path(file).read_text())
+
+
+def _plain(x: Any) -> Any:
+    """numpy scalars / arrays -> Python numbers / lists (for ``json.dumps``)."""
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def write_json(file: Path, obj: Any) -> None:
+    file = Path(file)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_text(json.dumps(obj, indent=1, default=_plain, allow_nan=False) + "\n")
+
+
+# ---------------------------------------------------------------------------- what workers load
+def setup(needs: Sequence[str], threads: int) -> None:
+    """Load, once per process, what the jobs need: ``backbone``, ``cache`` (+ the condition images
+    when a hint-CNN method runs), ``validation`` / ``test`` scans, ``detectors``."""
+    import torch
+
+    torch.set_num_threads(max(1, int(threads)))
+    p = _CTX["p"] = params()
+    c = p["condition"]
+    if "backbone" in needs:
+        from ctrlora.models.backbone import load_backbone
+
+        _CTX["backbone"] = load_backbone(resolve_backbone(path(p, "backbone")))
+    if "cache" in needs:
+        from ctrlora.training.baselines import METHODS, condition_images_for_cache
+        from ctrlora.training.embed import load_embed_cache
+
+        _CTX["cache"] = cache = load_embed_cache(path(p, "embed"), [c])
+        if any(METHODS[m].embedding == "cnn" for m in p["methods"]):
+            _CTX["images"] = condition_images_for_cache(path(p, "prepared"), cache, c)
+    for split, n in (("validation", p["validation_scans"]), ("test", p["test_scans"])):
+        if split in needs:
+            from ctrlora.evaluation.loading import load_split
+
+            _CTX[split] = load_split(path(p, "prepared"), split, [c], max_scans=n, progress=False)
+    if "detectors" in needs:
+        _CTX["detectors"] = load_detectors(p)
+
+
+def load_detectors(p: dict[str, Any]) -> dict[str, Any]:
+    """The production evaluation's re-detector of the condition (read only; never retrained here)."""
+    from ctrlora.evaluation.detectors import load_detector
+    from ctrlora.evaluation.fidelity import DETECTED_CONDITIONS
+
+    c = p["condition"]
+    if c not in DETECTED_CONDITIONS:
+        return {}
+    d = path(p, "detectors") / c
+    if not d.is_dir():
+        raise SystemExit(f"{d}: no re-detector for {c!r}; run the production graph (`make repro`) first")
+    return {c: load_detector(d)}
+
+
+def ctx(key: str) -> Any:
+    return _CTX[key]
+
+
+def pool_map(fn: Callable[[Any], Any], jobs: Sequence[Any], needs: Sequence[str], workers: int,
+             threads: int) -> list[Any]:
+    """``[fn(job) for job in jobs]`` over ``workers`` spawned processes of ``threads`` torch threads
+    each; in this process (with ``workers * threads`` threads) when one worker suffices."""
+    n = max(1, min(int(workers), len(jobs)))
+    if n == 1:  # the stage's whole share of cores to the one process
+        setup(needs, int(threads) * max(1, int(workers)))
+        return [fn(j) for j in jobs]
+    ex = ProcessPoolExecutor(n, mp_context=mp.get_context("spawn"), initializer=setup,
+                             initargs=(tuple(needs), threads))
+    with ex:
+        futures = [ex.submit(fn, j) for j in jobs]
+        return [f.result() for f in futures]
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
