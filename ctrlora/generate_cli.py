@@ -78,6 +78,13 @@ def parse_pairs(items: list[str], what: str) -> Pairs:
     return out
 
 
+def check_images(conditions: Pairs) -> None:
+    """Every condition image exists (checked before anything expensive is loaded)."""
+    for name, (path, _) in conditions.items():
+        if not Path(path).is_file():
+            raise GenerateError(f"condition {name!r}: image {path} does not exist")
+
+
 def _check_request(args) -> tuple[Pairs, Pairs]:
     """The adapters and conditions of the command line, checked against each other."""
     from ctrlora.models.adapters import BASE_NAME
@@ -99,9 +106,7 @@ def _check_request(args) -> tuple[Pairs, Pairs]:
     unused = sorted(set(adapters) - set(conditions))
     if unused:
         raise GenerateError(f"adapter(s) {unused} have no --condition image")
-    for name, (path, _) in conditions.items():
-        if not Path(path).is_file():
-            raise GenerateError(f"condition {name!r}: image {path} does not exist")
+    check_images(conditions)
     for name, (path, _) in adapters.items():
         if not Path(path).is_dir():
             raise GenerateError(f"adapter {name!r}: directory {path} does not exist")

@@ -106,6 +106,7 @@ def _resolve_uris(args, downloads: list) -> dict[str, str]:
     names each part that came from the registry."""
     from pipelines.registry import resolve_adapter_uri
 
+    generate_cli.check_images(generate_cli.parse_pairs(args.condition, "condition"))
     adapters = generate_cli.parse_pairs(args.adapter, "adapter")
     resolved, sources, items = [], {}, []
     for name, (where, weight) in adapters.items():
