@@ -1,4 +1,3 @@
-import hashlib
 import json
 import shutil
 import subprocess
@@ -14,6 +13,7 @@ from PIL import Image
 from ctrlora.data.captions import caption_from_meta
 from ctrlora.data.conditions import CONDITIONS
 from ctrlora.data.contract import ContractError
+from ctrlora.data.files import read_png, sha256_file
 from ctrlora.data.hashing import dvc_dir_md5
 from ctrlora.data.pairs import PairDataset
 from ctrlora.data.prepare import PrepareConfig, prepare, split_of
@@ -41,10 +41,10 @@ def prepared(tmp_path_factory):
 def test_layout_and_pairs(prepared):
     cfg, result = prepared
     out = cfg.out
-    assert result.scans == 17 and result.train + result.test == 17 and result.test > 0
+    assert result.scans == 17 and result.train + result.validation + result.test == 17 and result.test > 0
     assert sorted(p.name for p in out.iterdir()) == ["conditions", "meta", "photos"]
     assert sorted(p.name for p in (out / "conditions").iterdir()) == sorted(CONDITIONS)
-    assert sorted(p.name for p in (out / "meta").iterdir()) == ["hashes.json", "manifest.csv", "splits.json", "validation.json"]
+    assert sorted(p.name for p in (out / "meta").iterdir()) == ["manifest.csv", "splits.json", "validation.json"]
     ids = sorted(p.stem for p in (out / "photos").iterdir())
     assert len(ids) == 17 and "accepted-1" in ids
     splits = json.loads((out / "meta" / "splits.json").read_text())
@@ -54,10 +54,9 @@ def test_layout_and_pairs(prepared):
         for r in rows:
             assert set(r) == {"scan_id", "split", "photo", "photo_sha256", "condition", "caption"}
             assert r["photo"] == f"photos/{r['scan_id']}.png" and r["condition"] == f"conditions/{c}/{r['scan_id']}.png"
-            assert hashlib.sha256((out / r["photo"]).read_bytes()).hexdigest() == r["photo_sha256"]
+            assert sha256_file(out / r["photo"]) == r["photo_sha256"]
             assert r["scan_id"] in splits[r["split"]]
-            with Image.open(out / r["condition"]) as im:
-                assert im.mode == "RGB" and im.size == (64, 64)
+            assert read_png(out / r["condition"], "RGB").shape == (64, 64, 3)
     # photos are the scans' own bytes; captions come from the metadata
     rid = scan_id_for(3, 0)
     src = cfg.data_root / "rendered" / rid
@@ -65,11 +64,10 @@ def test_layout_and_pairs(prepared):
     row = json.loads((out / "conditions" / "depth" / "pairs.jsonl").read_text().splitlines()[ids.index(rid)])
     assert row["caption"] == caption_from_meta(load_scan(src).meta)
     manifest = pd.read_csv(out / "meta" / "manifest.csv")
-    assert len(manifest) == 17 * 7 and set(manifest["split"]) == {"train", "test"}
+    assert len(manifest) == 17 * 7 and set(manifest["split"]) == {"train", "validation", "test"}
     validation = json.loads((out / "meta" / "validation.json").read_text())
     assert validation["success"] is True and validation["scans"] == 17 and validation["violations"] == {}
-    hashes = json.loads((out / "meta" / "hashes.json").read_text())
-    assert hashes == {c: dvc_dir_md5(out / "conditions" / c) for c in CONDITIONS} == result.hashes
+    assert result.hashes == {c: dvc_dir_md5(out / "conditions" / c) for c in CONDITIONS}
 
 
 def test_pair_dataset(prepared):

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ctrlora.data.files import sha256_file  # noqa: F401  (re-exported for ingest)
+from ctrlora.data.files import sha256_file
 from ctrlora.data.labels import BACKGROUND, LABELS
 from ctrlora.data.scan import IMAGE_FILES, META, READY, REQUIRED_FILES, SCAN_ID_PATTERN
 

@@ -14,11 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from ctrlora.data.files import file_digest
-
-
-def file_md5(path: Path) -> str:
-    return file_digest(path, "md5")
+from ctrlora.data.files import md5_file
 
 
 def dir_listing(folder: Path) -> list[dict[str, str]]:
@@ -29,7 +25,7 @@ def dir_listing(folder: Path) -> list[dict[str, str]]:
         for name in filenames:
             path = Path(dirpath) / name
             rel = path.relative_to(folder).as_posix()
-            entries.append({"md5": file_md5(path), "relpath": rel})
+            entries.append({"md5": md5_file(path), "relpath": rel})
     return sorted(entries, key=lambda e: e["relpath"])
 
 

@@ -33,8 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ctrlora.data.contract import (ContractConfig, ContractError, Violation, build_manifest,
-                                   sha256_file, summary_report, validate)
+from ctrlora.data.contract import (ContractConfig, ContractError, Violation, build_manifest, summary_report,
+                                   validate)
+from ctrlora.data.files import sha256_file
 from ctrlora.data.scan import READY
 
 JOURNAL = ".ingest-journal.json"

@@ -7,8 +7,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
+
+from ctrlora.data.files import read_png
 
 SPLITS = ("train", "validation", "test")
 
@@ -21,13 +22,6 @@ def read_pairs(prepared_root: Path, condition: str, split: str | None = None) ->
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [r for r in rows if split is None or r["split"] == split]
-
-
-def _load_rgb(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        if im.mode != "RGB":
-            raise ValueError(f"{path}: mode {im.mode}, expected RGB")
-        return np.asarray(im).copy()
 
 
 class PairDataset(Dataset):
@@ -48,7 +42,7 @@ class PairDataset(Dataset):
             self._cache = [self._load(r) for r in self.rows]
 
     def _load(self, row: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-        return _load_rgb(self.root / row["photo"]), _load_rgb(self.root / row["condition"])
+        return read_png(self.root / row["photo"], "RGB"), read_png(self.root / row["condition"], "RGB")
 
     def __len__(self) -> int:
         return len(self.rows)

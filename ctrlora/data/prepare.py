@@ -19,10 +19,10 @@ from typing import Any
 from ctrlora.data.captions import caption_from_meta
 from ctrlora.data.conditions import CONDITIONS, encode_u8
 from ctrlora.data.contract import ContractConfig, ContractError, build_manifest, summary_report, validate
-from ctrlora.data.files import swap_into_place
+from ctrlora.data.files import png_bytes, swap_into_place
 from ctrlora.data.hashing import dvc_dir_md5
 from ctrlora.data.ingest import pending_journal
-from ctrlora.data.scan import load_scan, png_bytes
+from ctrlora.data.scan import load_scan
 
 
 @dataclass(frozen=True)
@@ -106,10 +106,9 @@ def _write_scan_outputs(job: tuple[str, str, str, tuple[str, ...]]) -> tuple[str
     return scan.scan_id, hashlib.sha256(photo_bytes).hexdigest(), caption_from_meta(scan.meta)
 
 
-def prepare(cfg: PrepareConfig) -> PrepareResult:
-    from tqdm import tqdm
-
-    start = time.perf_counter()
+def _validated_scans(cfg: PrepareConfig):
+    """The scan folders of ``cfg.sources`` and the contract outcome; refuses while an ingestion
+    batch is unfinished and raises :class:`ContractError` on any violation."""
     journal = pending_journal(cfg.data_root)
     if journal is not None:
         raise ContractError(f"{journal}: an ingestion batch is unfinished; run the ingest step first (it completes it)")
@@ -122,7 +121,57 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
         lines = [f"{sid}/{v.file}: {v.rule} ({v.detail})" for sid, vs in sorted(outcome.violations.items()) for v in vs]
         more = f"\n... and {len(lines) - 20} more" if len(lines) > 20 else ""
         raise ContractError(f"{len(outcome.violations)} scans break the data contract:\n" + "\n".join(lines[:20]) + more)
+    return dirs, counts, outcome
 
+
+def _write_all_scans(jobs: list, workers: int, progress: bool) -> list[tuple[str, str, str]]:
+    """Run :func:`_write_scan_outputs` over ``jobs`` (in ``workers`` processes); sorted results."""
+    from tqdm import tqdm
+
+    results: list[tuple[str, str, str]] = []
+    bar = tqdm(total=len(jobs), desc="prepare", unit="scan", disable=not progress)
+    if workers > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("fork" if os.name == "posix" else "spawn").Pool(workers) as pool:
+            for r in pool.imap(_write_scan_outputs, jobs, chunksize=32):
+                results.append(r)
+                bar.update()
+    else:
+        for job in jobs:
+            results.append(_write_scan_outputs(job))
+            bar.update()
+    bar.close()
+    return sorted(results)
+
+
+def _write_pairs(folder: Path, condition: str, results: list[tuple[str, str, str]], splits: dict[str, str]) -> None:
+    with open(folder / "pairs.jsonl", "w") as f:
+        for sid, sha, caption in results:
+            f.write(json.dumps({
+                "scan_id": sid, "split": splits[sid], "photo": f"photos/{sid}.png",
+                "photo_sha256": sha, "condition": f"conditions/{condition}/{sid}.png", "caption": caption,
+            }, sort_keys=True) + "\n")
+
+
+def _write_meta(meta: Path, cfg: PrepareConfig, outcome, splits: dict[str, str]) -> dict[str, list[str]]:
+    """``manifest.csv`` (with the split column), ``splits.json``, ``validation.json``; returns the
+    scan ids by split."""
+    manifest = outcome.manifest.copy()
+    manifest.insert(1, "split", manifest["scan_id"].map(splits))
+    manifest.to_csv(meta / "manifest.csv", index=False)
+    by_split = {k: sorted(s for s, v in splits.items() if v == k) for k in ("train", "validation", "test")}
+    _dump(meta / "splits.json", {"test_fraction": cfg.test_fraction, "validation_fraction": cfg.validation_fraction,
+                                 "rule": SPLIT_RULE, **by_split})
+    _dump(meta / "validation.json", summary_report(outcome))
+    return by_split
+
+
+def prepare(cfg: PrepareConfig) -> PrepareResult:
+    """Validate the scans of ``cfg.sources`` and write ``cfg.out`` (see the module docstring).
+    ``PrepareResult.hashes`` holds each condition folder's DVC directory hash."""
+    start = time.perf_counter()
+    dirs, counts, outcome = _validated_scans(cfg)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -133,38 +182,11 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
             (tmp / sub).mkdir(parents=True)
         splits = {d.name: split_of(d.name, cfg.test_fraction, cfg.validation_fraction) for d in dirs}
         jobs = [(str(d), str(tmp), splits[d.name], tuple(cfg.conditions)) for d in sorted(dirs, key=lambda p: p.name)]
-        results: list[tuple[str, str, str]] = []
-        bar = tqdm(total=len(jobs), desc="prepare", unit="scan", disable=not cfg.progress)
-        if cfg.workers > 1:
-            import multiprocessing as mp
-
-            with mp.get_context("fork" if os.name == "posix" else "spawn").Pool(cfg.workers) as pool:
-                for r in pool.imap(_write_scan_outputs, jobs, chunksize=32):
-                    results.append(r)
-                    bar.update()
-        else:
-            for job in jobs:
-                results.append(_write_scan_outputs(job))
-                bar.update()
-        bar.close()
-        results.sort()
+        results = _write_all_scans(jobs, cfg.workers, cfg.progress)
         for c in cfg.conditions:
-            with open(tmp / "conditions" / c / "pairs.jsonl", "w") as f:
-                for sid, sha, caption in results:
-                    f.write(json.dumps({
-                        "scan_id": sid, "split": splits[sid], "photo": f"photos/{sid}.png",
-                        "photo_sha256": sha, "condition": f"conditions/{c}/{sid}.png", "caption": caption,
-                    }, sort_keys=True) + "\n")
-        manifest = outcome.manifest.copy()
-        manifest.insert(1, "split", manifest["scan_id"].map(splits))
-        manifest.to_csv(tmp / "meta" / "manifest.csv", index=False)
-        by_split = {k: sorted(s for s, v in splits.items() if v == k) for k in ("train", "validation", "test")}
-        _dump(tmp / "meta" / "splits.json", {"test_fraction": cfg.test_fraction,
-                                              "validation_fraction": cfg.validation_fraction,
-                                              "rule": SPLIT_RULE, **by_split})
-        _dump(tmp / "meta" / "validation.json", summary_report(outcome))
+            _write_pairs(tmp / "conditions" / c, c, results, splits)
+        by_split = _write_meta(tmp / "meta", cfg, outcome, splits)
         hashes = {c: dvc_dir_md5(tmp / "conditions" / c) for c in cfg.conditions}
-        _dump(tmp / "meta" / "hashes.json", hashes)
         swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+
+from ctrlora.data.files import png_bytes, read_png
 
 SCAN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 READY = "READY"
@@ -46,15 +47,6 @@ class Scan:
         return value
 
 
-def png_bytes(array: np.ndarray, mode: str) -> bytes:
-    """Encode an array as PNG (deterministic: no timestamps, fixed compression)."""
-    import io
-
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(array), mode=mode).save(buf, format="PNG", compress_level=6)
-    return buf.getvalue()
-
-
 def meta_bytes(meta: dict[str, Any]) -> bytes:
     return (json.dumps(meta, sort_keys=True, indent=1) + "\n").encode("utf-8")
 
@@ -78,13 +70,6 @@ def write_scan(scan: Scan, root: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
-
-
-def read_png(path: Path, mode: str | None = None) -> np.ndarray:
-    with Image.open(path) as im:
-        if mode is not None and im.mode != mode:
-            raise ValueError(f"{path}: mode {im.mode}, expected {mode}")
-        return np.asarray(im.convert(mode) if mode else im).copy()
 
 
 def load_scan(folder: Path, *, rendered: bool = True) -> Scan:

@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from ctrlora.data.files import update_from_file
+
 PARTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
 PUNCTUATION = (",", ".", ";", ":", "-", "(", ")", "!", "?", "/")
 SPECIAL_TOKENS = {"bos": "<|startoftext|>", "eos": "<|endoftext|>", "pad": "<|pad|>", "unk": "<|unk|>"}
@@ -121,9 +123,7 @@ def backbone_hash(path: str | Path) -> str:
     for part in PARTS:
         for f in sorted(p for p in (path / part).rglob("*") if p.is_file() and not p.name.startswith(".")):
             h.update(str(f.relative_to(path)).encode() + b"\0")
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
+            update_from_file(h, f)
             h.update(b"\0")
     return h.hexdigest()
 
