@@ -295,32 +295,52 @@ def _normalise(g_x: np.ndarray, g_y: np.ndarray) -> np.ndarray:
     return n / np.linalg.norm(n, axis=-1, keepdims=True)
 
 
-def render_scan(seed: int, config: RenderConfig = RenderConfig(), scan_id: str | None = None) -> RenderedScan:
-    """Render one scan from its seed. Same seed and config -> identical arrays."""
-    rng = np.random.default_rng(seed)
-    R, ss = config.resolution, config.supersample
-    N = R * ss
-    P = _layout(rng)
-    teeth = _build_teeth(rng, P)
-    gums = _build_gums(rng, P, teeth)
-    light = _light(rng)
+@dataclass
+class _Grid:
+    """The supersampled sample grid in image coordinates and the scan's roll into scene ones."""
 
-    # sample grid (image coords) and the rotation into scene coords
-    coords = -1.0 + (np.arange(N) + 0.5) * (2.0 / N)
-    Yi, Xi = np.meshgrid(coords, coords, indexing="ij")
-    cr, sr = math.cos(P["roll"]), math.sin(P["roll"])
-    h = 0.5 / N  # finite-difference step: a quarter of a fine sample
+    n: int  # samples per side
+    xi: np.ndarray  # N×N image x of every sample
+    yi: np.ndarray  # N×N image y (rows)
+    cr: float  # cos / sin of the roll
+    sr: float
 
-    def scene(X: np.ndarray, Y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return cr * X - sr * Y, sr * X + cr * Y
+    @classmethod
+    def make(cls, n: int, roll: float) -> "_Grid":
+        coords = -1.0 + (np.arange(n) + 0.5) * (2.0 / n)
+        yi, xi = np.meshgrid(coords, coords, indexing="ij")
+        return cls(n, xi, yi, math.cos(roll), math.sin(roll))
 
-    Z = np.full((N, N), -np.inf)
-    GX = np.zeros((N, N))
-    GY = np.zeros((N, N))
-    INST = np.full((N, N), -1, dtype=np.int16)
-    VLOC = np.zeros((N, N))
-    LAB = np.zeros((N, N), dtype=np.uint8)
+    @property
+    def step(self) -> float:
+        """Finite-difference step: a quarter of a fine sample."""
+        return 0.5 / self.n
 
+    def scene(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.cr * x - self.sr * y, self.sr * x + self.cr * y
+
+
+@dataclass
+class _Raster:
+    """Per-sample scene buffers, filled nearest-surface-wins by the teeth and then the gums."""
+
+    z: np.ndarray  # height toward the camera (-inf: nothing yet)
+    gx: np.ndarray  # image-space gradient of z
+    gy: np.ndarray
+    inst: np.ndarray  # index into the teeth, -2 gingiva, -1 background
+    vloc: np.ndarray  # tooth-local vertical coordinate (incisal edge > 0, cervical < 0)
+    lab: np.ndarray  # segmentation label
+    gum_depth: np.ndarray  # distance past the gum margin
+
+    @classmethod
+    def empty(cls, n: int) -> "_Raster":
+        return cls(np.full((n, n), -np.inf), np.zeros((n, n)), np.zeros((n, n)), np.full((n, n), -1, dtype=np.int16),
+                   np.zeros((n, n)), np.zeros((n, n), dtype=np.uint8), np.zeros((n, n)))
+
+
+def _raster_teeth(teeth: list[Tooth], grid: _Grid, ras: _Raster) -> None:
+    """Draw every present crown inside its bounding box, with central-difference gradients."""
+    n, h, cr, sr = grid.n, grid.step, grid.cr, grid.sr
     for i, t in enumerate(teeth):
         if not t.present:
             continue
@@ -328,82 +348,102 @@ def render_scan(seed: int, config: RenderConfig = RenderConfig(), scan_id: str |
         rad = math.hypot(t.hw, t.hh) * 1.05
         cx_img = cr * t.xc + sr * t.yc
         cy_img = -sr * t.xc + cr * t.yc
-        c0 = max(0, int((cx_img - rad + 1) / 2 * N))
-        c1 = min(N, int(math.ceil((cx_img + rad + 1) / 2 * N)))
-        r0 = max(0, int((cy_img - rad + 1) / 2 * N))
-        r1 = min(N, int(math.ceil((cy_img + rad + 1) / 2 * N)))
+        c0 = max(0, int((cx_img - rad + 1) / 2 * n))
+        c1 = min(n, int(math.ceil((cx_img + rad + 1) / 2 * n)))
+        r0 = max(0, int((cy_img - rad + 1) / 2 * n))
+        r1 = min(n, int(math.ceil((cy_img + rad + 1) / 2 * n)))
         if c0 >= c1 or r0 >= r1:
             continue
-        X, Y = Xi[r0:r1, c0:c1], Yi[r0:r1, c0:c1]
-        z, inside, v = _tooth_height(t, *scene(X, Y))
-        zxp = _tooth_height(t, *scene(X + h, Y))[0]
-        zxm = _tooth_height(t, *scene(X - h, Y))[0]
-        zyp = _tooth_height(t, *scene(X, Y + h))[0]
-        zym = _tooth_height(t, *scene(X, Y - h))[0]
-        win = inside & (z > Z[r0:r1, c0:c1])
-        Z[r0:r1, c0:c1][win] = z[win]
-        GX[r0:r1, c0:c1][win] = ((zxp - zxm) / (2 * h))[win]
-        GY[r0:r1, c0:c1][win] = ((zyp - zym) / (2 * h))[win]
-        INST[r0:r1, c0:c1][win] = i
-        VLOC[r0:r1, c0:c1][win] = v[win]
-        LAB[r0:r1, c0:c1][win] = t.label
+        X, Y = grid.xi[r0:r1, c0:c1], grid.yi[r0:r1, c0:c1]
+        z, inside, v = _tooth_height(t, *grid.scene(X, Y))
+        zxp = _tooth_height(t, *grid.scene(X + h, Y))[0]
+        zxm = _tooth_height(t, *grid.scene(X - h, Y))[0]
+        zyp = _tooth_height(t, *grid.scene(X, Y + h))[0]
+        zym = _tooth_height(t, *grid.scene(X, Y - h))[0]
+        box = (slice(r0, r1), slice(c0, c1))
+        win = inside & (z > ras.z[box])
+        ras.z[box][win] = z[win]
+        ras.gx[box][win] = ((zxp - zxm) / (2 * h))[win]
+        ras.gy[box][win] = ((zyp - zym) / (2 * h))[win]
+        ras.inst[box][win] = i
+        ras.vloc[box][win] = v[win]
+        ras.lab[box][win] = t.label
 
-    GUMD = np.zeros((N, N))
-    lower_tooth = np.isin(LAB, [tooth_label("lower", k) for k in ("incisor", "canine", "premolar", "molar")])
-    upper_tooth = (LAB >= 2) & ~lower_tooth
+
+def _raster_gums(gums: list[_Gum], grid: _Grid, ras: _Raster) -> None:
+    """Draw the gums over the rows they can reach; a gum hides the other jaw's teeth only where
+    it is nearer the camera."""
+    n, cr, sr = grid.n, grid.cr, grid.sr
+    lower_tooth = np.isin(ras.lab, [tooth_label("lower", k) for k in ("incisor", "canine", "premolar", "molar")])
+    upper_tooth = (ras.lab >= 2) & ~lower_tooth
     for g in gums:
         # only the rows the gum can reach (margin extent, widened for the scan's roll)
-        reach = np.abs(sr) * 1.5 + 2.0 / N
+        reach = np.abs(sr) * 1.5 + 2.0 / n
         if g.jaw == "upper":
-            r0, r1 = 0, min(N, int(math.ceil((g.margin.max() + reach + 1) / 2 * N)))
+            r0, r1 = 0, min(n, int(math.ceil((g.margin.max() + reach + 1) / 2 * n)))
         else:
-            r0, r1 = max(0, int((g.margin.min() - reach + 1) / 2 * N)), N
+            r0, r1 = max(0, int((g.margin.min() - reach + 1) / 2 * n)), n
         if r0 >= r1:
             continue
-        Xs, Ys = scene(Xi[r0:r1], Yi[r0:r1])
+        Xs, Ys = grid.scene(grid.xi[r0:r1], grid.yi[r0:r1])
         z, inside, dm, dzx, dzy = g.height(Xs, Ys)
         # scene gradient -> image gradient: scene = R · image, so grad_image = Rᵀ · grad_scene
         gx = cr * dzx + sr * dzy
         gy = -sr * dzx + cr * dzy
         other = (lower_tooth if g.jaw == "upper" else upper_tooth)[r0:r1]
-        win = inside & (~other | (z > Z[r0:r1]))
-        Z[r0:r1][win] = z[win]
-        GX[r0:r1][win] = gx[win]
-        GY[r0:r1][win] = gy[win]
-        INST[r0:r1][win] = -2
-        LAB[r0:r1][win] = GINGIVA
-        GUMD[r0:r1][win] = dm[win]
+        win = inside & (~other | (z > ras.z[r0:r1]))
+        ras.z[r0:r1][win] = z[win]
+        ras.gx[r0:r1][win] = gx[win]
+        ras.gy[r0:r1][win] = gy[win]
+        ras.inst[r0:r1][win] = -2
+        ras.lab[r0:r1][win] = GINGIVA
+        ras.gum_depth[r0:r1][win] = dm[win]
 
-    fg = LAB != BACKGROUND
-    normal = _normalise(GX, GY)
+
+def _shading(ras: _Raster, light: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(foreground mask, unit normals, max(0, n·l)); the background gets normal (0, 0, 1), depth
+    0 (set in ``ras.z``) and lighting 0."""
+    fg = ras.lab != BACKGROUND
+    normal = _normalise(ras.gx, ras.gy)
     normal[~fg] = (0.0, 0.0, 1.0)
-    Z[~fg] = 0.0
+    ras.z[~fg] = 0.0
     ndotl = np.clip(normal @ light, 0.0, None)
     ndotl[~fg] = 0.0
+    return fg, normal, ndotl
 
-    # ---------------------------------------------------------------------- photograph
+
+def _albedo(rng: np.random.Generator, ras: _Raster, teeth: list[Tooth]) -> np.ndarray:
+    """Surface colour per sample: tooth shades with incisal translucency and cervical warmth,
+    gingiva blending into mucosa away from the margin."""
+    n = ras.lab.shape[0]
+    tooth = ras.lab >= 2
+    gum = ras.lab == GINGIVA
+    albedo = np.zeros((n, n, 3))
+    alb_table = np.array([t.albedo for t in teeth])
+    albedo[tooth] = alb_table[ras.inst[tooth]]
+    edge = np.clip((ras.vloc - 0.55) / 0.45, 0.0, 1.0)[..., None] * 0.35
+    albedo = np.where(tooth[..., None], albedo * (1 - edge) + edge * np.array([0.62, 0.68, 0.76]), albedo)
+    cerv = np.clip((-ras.vloc - 0.3) / 0.7, 0.0, 1.0)[..., None] * 0.25
+    albedo = np.where(tooth[..., None], albedo * (1 - cerv) + cerv * np.array([0.86, 0.70, 0.48]), albedo)
+    gum_base = np.array([0.80, 0.40, 0.42]) * rng.uniform(0.9, 1.06)
+    mucosa = np.array([0.60, 0.17, 0.22]) * rng.uniform(0.9, 1.1)
+    mix = np.clip(ras.gum_depth / 0.35, 0.0, 1.0)[..., None]
+    return np.where(gum[..., None], gum_base * (1 - mix) + mucosa * mix, albedo)
+
+
+def _photo_radiance(rng: np.random.Generator, ras: _Raster, teeth: list[Tooth], grid: _Grid, light: np.ndarray,
+                    fg: np.ndarray, normal: np.ndarray, ndotl: np.ndarray) -> np.ndarray:
+    """Blinn-Phong radiance per sample (ambient with crevice darkening, diffuse, specular) over
+    a vignetted dark background, times a random exposure."""
     amb = rng.uniform(0.22, 0.38)
     intensity = rng.uniform(0.8, 1.05)
     light_rgb = np.array([1.0, rng.uniform(0.95, 1.0), rng.uniform(0.88, 0.98)])
     half = light + np.array([0.0, 0.0, 1.0])
     half /= np.linalg.norm(half)
     ndoth = np.clip(normal @ half, 0.0, None)
-
-    tooth = LAB >= 2
-    gum = LAB == GINGIVA
-    albedo = np.zeros((N, N, 3))
-    alb_table = np.array([t.albedo for t in teeth])
-    albedo[tooth] = alb_table[INST[tooth]]
-    # incisal translucency and cervical warmth
-    edge = np.clip((VLOC - 0.55) / 0.45, 0.0, 1.0)[..., None] * 0.35
-    albedo = np.where(tooth[..., None], albedo * (1 - edge) + edge * np.array([0.62, 0.68, 0.76]), albedo)
-    cerv = np.clip((-VLOC - 0.3) / 0.7, 0.0, 1.0)[..., None] * 0.25
-    albedo = np.where(tooth[..., None], albedo * (1 - cerv) + cerv * np.array([0.86, 0.70, 0.48]), albedo)
-    gum_base = np.array([0.80, 0.40, 0.42]) * rng.uniform(0.9, 1.06)
-    mucosa = np.array([0.60, 0.17, 0.22]) * rng.uniform(0.9, 1.1)
-    mix = np.clip(GUMD / 0.35, 0.0, 1.0)[..., None]
-    albedo = np.where(gum[..., None], gum_base * (1 - mix) + mucosa * mix, albedo)
-
+    albedo = _albedo(rng, ras, teeth)
+    tooth = ras.lab >= 2
+    gum = ras.lab == GINGIVA
     # crevice darkening: surface points that face sideways catch less ambient light
     ao = np.where(fg, 0.55 + 0.45 * normal[..., 2], 1.0)
     ks = np.where(tooth, rng.uniform(0.35, 0.6), np.where(gum, 0.12, 0.0))
@@ -411,12 +451,15 @@ def render_scan(seed: int, config: RenderConfig = RenderConfig(), scan_id: str |
     spec = ks * ndoth**shin
     photo = albedo * (amb * ao + intensity * ndotl)[..., None] * light_rgb + (spec * intensity)[..., None] * light_rgb
     bg = np.array([0.10, 0.025, 0.03]) * rng.uniform(0.5, 1.3)
-    vign = 1.0 - 0.4 * (Xi**2 + Yi**2) / 2
+    vign = 1.0 - 0.4 * (grid.xi**2 + grid.yi**2) / 2
     photo[~fg] = bg * vign[~fg][:, None]
     photo *= rng.uniform(0.92, 1.08)
+    return photo
 
-    # box-filter down to the output resolution
-    photo = photo.reshape(R, ss, R, ss, 3).mean(axis=(1, 3))
+
+def _camera(rng: np.random.Generator, radiance: np.ndarray, resolution: int, ss: int) -> np.ndarray:
+    """Box-filter the samples down to the output pixels, then mild blur and camera noise -> uint8."""
+    photo = radiance.reshape(resolution, ss, resolution, ss, 3).mean(axis=(1, 3))
     blur = rng.uniform(0.0, 0.6)
     if blur > 0:
         k3 = np.array([0.25, 0.5, 0.25])
@@ -425,39 +468,77 @@ def render_scan(seed: int, config: RenderConfig = RenderConfig(), scan_id: str |
         b = k3[0] * b[:, :-2] + k3[1] * b[:, 1:-1] + k3[2] * b[:, 2:]
         photo = (1 - blur) * photo + blur * b
     photo = photo + rng.normal(0.0, rng.uniform(0.004, 0.015), size=photo.shape)
-    photo8 = np.clip(np.round(photo * 255.0), 0, 255).astype(np.uint8)
+    return np.clip(np.round(photo * 255.0), 0, 255).astype(np.uint8)
 
-    # ------------------------------------------------------------- geometry at pixel centres
-    c = ss // 2
-    lab = LAB[c::ss, c::ss].copy()
-    inst = INST[c::ss, c::ss].copy()
-    n_c = normal[c::ss, c::ss].astype(np.float32)
-    z_c = Z[c::ss, c::ss].astype(np.float32)
-    l_c = ndotl[c::ss, c::ss]
-    fg_c = lab != BACKGROUND
-    depth8 = np.where(fg_c, np.clip(np.round(z_c * 255.0), 1, 255), 0).astype(np.uint8)
-    normal8 = np.clip(np.round((n_c + 1.0) * 0.5 * 255.0), 0, 255).astype(np.uint8)
-    light8 = np.clip(np.round(l_c * 255.0), 0, 255).astype(np.uint8)
 
+@dataclass
+class _Maps:
+    """The geometry maps at output pixel centres."""
+
+    lab: np.ndarray  # uint8 labels
+    inst: np.ndarray  # int16 instances
+    normal: np.ndarray  # float32 H×W×3
+    depth: np.ndarray  # float32 Z (raw, background 0 via the raster)
+    lighting: np.ndarray  # float n·l
+
+    @classmethod
+    def at_centres(cls, ras: _Raster, normal: np.ndarray, ndotl: np.ndarray, ss: int) -> "_Maps":
+        c = ss // 2
+        return cls(ras.lab[c::ss, c::ss].copy(), ras.inst[c::ss, c::ss].copy(),
+                   normal[c::ss, c::ss].astype(np.float32), ras.z[c::ss, c::ss].astype(np.float32),
+                   ndotl[c::ss, c::ss])
+
+
+def _scan_meta(seed: int, resolution: int, P: dict[str, Any], light: np.ndarray, teeth: list[Tooth],
+               inst: np.ndarray, grid: _Grid, sid: str) -> dict[str, Any]:
     visible = set(np.unique(inst[inst >= 0]).tolist())
-    in_frame = [t for t in teeth if abs(cr * t.xc + sr * t.yc) < 0.95]
-    meta = {
+    in_frame = [t for t in teeth if abs(grid.cr * t.xc + grid.sr * t.yc) < 0.95]
+    return {
         "generator": GENERATOR,
         "seed": int(seed),
-        "resolution": R,
+        "resolution": resolution,
         "jaw": P["jaw"],
         "shade": P["shade"],
         "light_direction": [round(float(x), 6) for x in light],
         "teeth_present": sorted(t.name for i, t in enumerate(teeth) if i in visible),
         "teeth_missing": sorted(t.name for t in in_frame if not t.present),
         "gap": round(float(P["gap"]), 4),
+        "scan_id": sid,
     }
+
+
+def render_scan(seed: int, config: RenderConfig = RenderConfig(), scan_id: str | None = None) -> RenderedScan:
+    """Render one scan from its seed. Same seed and config -> identical arrays.
+
+    Phases: layout (arch, teeth, gums, light: every random draw of the geometry), raster (the
+    supersampled height field, gradients, labels), shading (normals, n·l), photograph
+    (radiance, camera), then the geometry maps at the pixel centres."""
+    rng = np.random.default_rng(seed)
+    R, ss = config.resolution, config.supersample
+    P = _layout(rng)
+    teeth = _build_teeth(rng, P)
+    gums = _build_gums(rng, P, teeth)
+    light = _light(rng)
+
+    grid = _Grid.make(R * ss, P["roll"])
+    ras = _Raster.empty(grid.n)
+    _raster_teeth(teeth, grid, ras)
+    _raster_gums(gums, grid, ras)
+    fg, normal, ndotl = _shading(ras, light)
+    photo8 = _camera(rng, _photo_radiance(rng, ras, teeth, grid, light, fg, normal, ndotl), R, ss)
+
+    maps = _Maps.at_centres(ras, normal, ndotl, ss)
+    fg_c = maps.lab != BACKGROUND
+    depth8 = np.where(fg_c, np.clip(np.round(maps.depth * 255.0), 1, 255), 0).astype(np.uint8)
+    normal8 = np.clip(np.round((maps.normal + 1.0) * 0.5 * 255.0), 0, 255).astype(np.uint8)
+    light8 = np.clip(np.round(maps.lighting * 255.0), 0, 255).astype(np.uint8)
+
     sid = scan_id if scan_id is not None else f"seed{seed}"
-    meta["scan_id"] = sid
-    scan = Scan(scan_id=sid, photo=photo8, segmentation=lab, lighting=light8, normal=normal8,
+    meta = _scan_meta(seed, R, P, light, teeth, maps.inst, grid, sid)
+    scan = Scan(scan_id=sid, photo=photo8, segmentation=maps.lab, lighting=light8, normal=normal8,
                 depth=depth8, meta=meta)
-    return RenderedScan(scan=scan, depth=np.where(fg_c, z_c, 0.0).astype(np.float32), normal=n_c,
-                        light=light, instance=inst, teeth=teeth)
+    return RenderedScan(scan=scan, depth=np.where(fg_c, maps.depth, 0.0).astype(np.float32), normal=maps.normal,
+                        light=light, instance=maps.inst, teeth=teeth)
 
 
 # ---------------------------------------------------------------------------------- dataset
