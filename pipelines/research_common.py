@@ -38,7 +38,8 @@ def params() -> dict[str, Any]:
     allp = read_params("research", "train_adapter", "evaluate")
     p, recipe, ev = dict(allp["research"]), allp["train_adapter"], allp["evaluate"]
     if p["condition"] not in recipe["conditions"]:
-        raise SystemExit(f"research.condition {p['condition']!r} is not a train_adapter condition {recipe['conditions']}")
+        raise SystemExit(f"research.condition {p['condition']!r} is not one of train_adapter.conditions "
+                         f"{recipe['conditions']}")
     unknown = [m for m in p["methods"] if m not in METHODS]
     if unknown:
         raise SystemExit(f"research.methods: unknown {unknown}; known: {list(METHODS)}")

@@ -29,7 +29,8 @@ def _tiny_backbone():
     from ctrlora.models.backbone import TinyBackboneConfig, build_tiny_backbone
 
     cfg = TinyBackboneConfig(image_size=SIZE, vae_block_out_channels=(32, 32), unet_block_out_channels=(32, 32),
-                             unet_attention_heads=(2, 2), unet_layers_per_block=1, text_layers=1, vae_scaling_factor=0.5)
+                             unet_attention_heads=(2, 2), unet_layers_per_block=1, text_layers=1,
+                             vae_scaling_factor=0.5)
     return build_tiny_backbone(cfg, CAPTION_VOCABULARY)
 
 
@@ -178,9 +179,7 @@ def test_each_method_trains_the_right_parameters(graph):
     root, bb = graph["root"], graph["backbone"]
     base = CtrLoRAControlNet.from_pretrained(root / "base")
     unet_w = bb.unet.down_blocks[0].resnets[0].conv1.weight
-    runs = {m: root / "models" / "sweep" / m / "lr_0.001" / "seed_0" for m in ("adapter", "adapter_unet_copy",
-                                                                                  "adapter_random")}
-    runs.update({m: root / "models" / "sweep" / m / "lr_0.001" / "seed_0" for m in ("full_finetune", "cnn", "vae_scratch")})
+    runs = {m: root / "models" / "sweep" / m / "lr_0.001" / "seed_0" for m in METHODS}  # 1e-3: in both grids
     info = {m: read_run(d) for m, d in runs.items()}
     for m in ("adapter", "adapter_unet_copy", "adapter_random"):
         # only the adapter trains: its size is the adapter file's, far below the ControlNet's
@@ -281,10 +280,10 @@ def test_report_on_known_numbers():
         "full_finetune": {"scores": full, "trainable_params": 100, "total_params": 100},
         "adapter_unet_copy": {"scores": unc + 0.2 + noise(), "trainable_params": 10, "total_params": 110},
         "adapter_random": {"scores": unc + 0.05 + noise(), "trainable_params": 10, "total_params": 110},
-        "cnn": {"scores": full, "snapshots": {50: unc[:64] + 0.05 + noise()[:, :64], 100: unc[:64] + 0.39 + noise()[:, :64],
-                                              150: unc[:64] + 0.4 + noise()[:, :64]}},
-        "vae_scratch": {"scores": full, "snapshots": {50: unc[:64] + 0.39 + noise()[:, :64], 100: unc[:64] + 0.4 + noise()[:, :64],
-                                                      150: unc[:64] + 0.4 + noise()[:, :64]}},
+        "cnn": {"scores": full, "snapshots": {s: unc[:64] + g + noise()[:, :64]
+                                              for s, g in ((50, 0.05), (100, 0.39), (150, 0.4))}},
+        "vae_scratch": {"scores": full, "snapshots": {s: unc[:64] + g + noise()[:, :64]
+                                                      for s, g in ((50, 0.39), (100, 0.4), (150, 0.4))}},
     }
     rep = research_report(unc, methods, n_boot=500, seed=0)
     c = rep["quality_bar"]["checks"]
