@@ -144,3 +144,12 @@ def test_denoising_target_and_min_snr_weights():
     assert float(denoising_loss(eps, pred, x0, noise, t)) == pytest.approx(float((noise ** 2).mean()), rel=1e-5)
     with pytest.raises(ValueError, match="prediction_type"):
         denoising_target(DDPMScheduler(prediction_type="sample"), x0, noise, t)
+
+
+def test_trainers_with_different_precisions_run_in_one_process():
+    # the backbone stage trains its VAE in bf16 and then its UNet in fp32
+    for precision in ("bf16", "no", "bf16"):
+        model = torch.nn.Linear(4, 1)
+        trainer = Trainer(TrainConfig(max_steps=2, batch_size=4, mixed_precision=precision), model, model.parameters())
+        trainer.fit(lambda m, step, gen: (m(torch.randn(4, 4, generator=gen)).pow(2).mean(), {}))
+        assert trainer.accelerator.mixed_precision == precision

@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate import DistributedDataParallelKwargs
 
 from ctrlora.models.adapters import set_adapter, set_trainable
 from ctrlora.models.controlnet import sample_latent
 from ctrlora.training.diffusion import denoising_loss
 from ctrlora.training.embed import EmbedCache
-from ctrlora.training.loop import TrainConfig, Trainer, TrainResult
+from ctrlora.training.loop import TrainConfig, Trainer, TrainResult, make_accelerator
 
 
 @dataclass
@@ -59,12 +59,8 @@ def condition_schedule(conditions: Sequence[str], seed: int, step: int) -> str:
 
 
 def _make_trainer(cfg: ControlNetTrainConfig, model, params, checkpoint_dir, unused: bool) -> Trainer:
-    acc = Accelerator(
-        mixed_precision=cfg.train.mixed_precision,
-        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-        # base training leaves the inactive conditions' LoRA unused in a step
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)],
-    )
+    # base training leaves the inactive conditions' LoRA unused in a step
+    acc = make_accelerator(cfg.train, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)])
     return Trainer(cfg.train, model, params, checkpoint_dir, accelerator=acc)
 
 

@@ -85,6 +85,23 @@ class TrainConfig:
         return cls(**d)
 
 
+def make_accelerator(cfg: TrainConfig, **kwargs) -> Accelerator:
+    """An Accelerator for one training run of ``cfg``.
+
+    accelerate keeps one process-wide state and refuses a second Accelerator with another
+    ``mixed_precision``; a stage that trains two models in sequence with different precisions
+    (the backbone: VAE in bf16, UNet in fp32, measured faster that way on CPU) clears that state
+    between runs. The distributed (partial) state is kept, so this is safe under ``accelerate
+    launch``: only the precision setting is renewed."""
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and str(state.get("_mixed_precision", cfg.mixed_precision)) != cfg.mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision=cfg.mixed_precision,
+                       gradient_accumulation_steps=cfg.gradient_accumulation_steps, **kwargs)
+
+
 def step_generator(seed: int, step: int, stream: int = 0, device: str | torch.device = "cpu") -> torch.Generator:
     """The generator for everything random in one step (see module docstring)."""
     g = torch.Generator(device=device)
@@ -109,10 +126,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, model: torch.nn.Module, params: Iterable[torch.nn.Parameter],
                  checkpoint_dir: str | Path | None = None, accelerator: Accelerator | None = None):
         self.cfg = cfg
-        self.accelerator = accelerator or Accelerator(
-            mixed_precision=cfg.mixed_precision,
-            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        )
+        self.accelerator = accelerator or make_accelerator(cfg)
         params = [p for p in params if p.requires_grad]
         if not params:
             raise ValueError("nothing to train: no parameter with requires_grad=True was given")
