@@ -25,7 +25,10 @@ training so fidelity can be plotted against steps.
 Seeds: run seed ``k`` trains with ``recipe.train.seed + k`` (batches, noise, timesteps, prompt
 dropout, and the ``max_pairs`` subset the trainer draws) and initialises the random parts (LoRA
 A, a random ControlNet, the hint CNN) after ``torch.manual_seed`` of the same number. Seed 0 of
-``adapter`` is therefore exactly the production adapter's training at that learning rate.
+``adapter`` is thus seeded as the production ``train_adapter`` stage is (same pairs and noise).
+
+The snapshots are the weights as they are at that step; with ``ema_decay`` > 0 the run's final
+ControlNet is the averaged one (the trainer copies it in at the end), the last snapshot is not.
 
 A run directory holds ``run.json`` (method, condition, rate, seed, parameter counts), then
 ``controlnet/`` (``save_pretrained``: the fine-tuned ControlNet, or the untouched starting
