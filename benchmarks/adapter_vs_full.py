@@ -3,8 +3,8 @@ parameters, step time and peak memory, side by side in one run.
 
 The models are built from config with random weights (timing and memory do not depend on the
 values): ``--preset sd15`` = the SD 1.5 UNet config of ``ctrlora.models.sizes`` at 512x512
-(64x64x4 latents, 77x768 text states), ``--preset tiny`` = the tiny backbone preset at 64 px
-(16x16x4 latents), which runs on a CPU in seconds. The ControlNet is
+(64x64x4 latents, 77x768 text states), ``--preset tiny`` = the tiny backbone preset as
+``params.yaml`` ``backbone.tiny`` sizes it, which runs on a CPU in seconds. The ControlNet is
 ``CtrLoRAControlNet.from_unet(unet)``; the adapter variant adds one adapter (``--rank``, default 128
 at SD scale) and trains only it, the full variant trains every ControlNet weight. Both go through
 the project's trainer, ``ctrlora.training.controlnet.train_condition(mode="adapter"|"full")``
@@ -57,7 +57,7 @@ def build_models(preset: str, device: str = "cpu", seed: int = 0):
     import torch
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    from ctrlora.models.backbone import TinyBackboneConfig, build_tiny_backbone
+    from ctrlora.models.backbone import SD15_SCHEDULER, build_tiny_backbone, tiny_backbone_config
     from ctrlora.models.controlnet import CtrLoRAControlNet
     from ctrlora.models.sizes import SD15_UNET_CONFIG
 
@@ -68,9 +68,9 @@ def build_models(preset: str, device: str = "cpu", seed: int = 0):
             cn = CtrLoRAControlNet.from_unet(unet, condition_embedding="vae", vae_scale_factor=8)
         latent = (4, 64, 64)
         text = (77, 768)
-        sched = dict(TinyBackboneConfig().scheduler)  # SD 1.5's DDPM schedule
+        sched = dict(SD15_SCHEDULER)
     elif preset == "tiny":
-        cfg = TinyBackboneConfig(seed=seed)
+        cfg = tiny_backbone_config(seed=seed)
         bb = build_tiny_backbone(cfg, ["upper", "lower", "jaw", "molar"])
         unet = bb.unet.to(device)
         cn = CtrLoRAControlNet.from_unet(unet, condition_embedding="vae", vae_scale_factor=bb.vae_scale_factor)

@@ -122,10 +122,10 @@ def build_setup(synthetic: bool = True, prepared: str | None = None, backbone_di
                 device: str = "cpu", seed: int = 0) -> Setup:
     import torch
 
-    from ctrlora.models.backbone import TinyBackboneConfig, build_tiny_backbone, load_backbone
+    from ctrlora.models.backbone import build_tiny_backbone, load_backbone, tiny_backbone_config
 
     if synthetic:
-        cfg = TinyBackboneConfig(seed=seed)
+        cfg = tiny_backbone_config(seed=seed)
         bb = build_tiny_backbone(cfg, SYNTHETIC_WORDS)
         photos, conds = _synthetic_images(pairs, cfg.image_size, seed)
         captions = _synthetic_captions(pairs, seed)
@@ -168,9 +168,9 @@ def on_the_fly_loss(model, s: Setup, cfg, gen, device):
     """The loss of ``_loss_step`` with every input encoded inside the step (same random draws in
     the same order: pairs, photo noise, condition noise, prompt dropout, noise, timesteps)."""
     import torch
-    import torch.nn.functional as F
 
     from ctrlora.models.latents import encode_posterior, encode_text, sample_latent
+    from ctrlora.training.diffusion import denoising_loss
 
     bb = s.backbone
     b = cfg.train.batch_size
@@ -186,7 +186,7 @@ def on_the_fly_loss(model, s: Setup, cfg, gen, device):
     t = torch.randint(0, bb.scheduler.config.num_train_timesteps, (b,), generator=gen).to(device)
     noisy = bb.scheduler.add_noise(z, noise, t)
     pred = model(noisy, t, text, c)
-    return F.mse_loss(pred.float(), noise)
+    return denoising_loss(bb.scheduler, pred, z, noise, t)
 
 
 def run_cached(s: Setup, batch: int, steps: int, mp: str = "no", seed: int = 0) -> StepClock:

@@ -1,4 +1,4 @@
-"""Shared helpers of the model tests (owned by the models engineer; not a conftest)."""
+"""Shared helpers of the model tests: the reference fixture, residual lists, a tiny test backbone."""
 from __future__ import annotations
 
 import json
@@ -29,6 +29,18 @@ def reference_io() -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(REF / "tiny_io.safetensors"))
+
+
+def tiny_test_config(**overrides):
+    """A tiny backbone config sized here, not by ``params.yaml``, so the tests do not move with the
+    pipeline's settings: 64 px, VAE (32, 64, 64), UNet (32, 64, 64) x 2 layers with 4/8/8 heads,
+    32 groups, hidden 64, SD 1.5's epsilon schedule. ``overrides`` replace any field."""
+    from ctrlora.models.backbone import SD15_SCHEDULER, TinyBackboneConfig
+
+    sizes = dict(image_size=64, vae_block_out_channels=(32, 64, 64), vae_layers_per_block=1,
+                 unet_block_out_channels=(32, 64, 64), unet_layers_per_block=2, unet_attention_heads=(4, 8, 8),
+                 norm_num_groups=32, cross_attention_dim=64, text_hidden_size=64, scheduler=dict(SD15_SCHEDULER))
+    return TinyBackboneConfig(**{**sizes, **overrides})
 
 
 def residuals(out) -> list[torch.Tensor]:

@@ -10,8 +10,8 @@ from safetensors.torch import save_file
 
 from _models_helpers import REF, residuals, tiny_reference_model
 
-from ctrlora.models import adapters as A
-from ctrlora.models import convert as C
+from ctrlora.models import adapters
+from ctrlora.models import convert
 from ctrlora.models.controlnet import CtrLoRAControlNet
 
 SD15 = json.loads((REF / "sd15_keys.json").read_text())
@@ -22,7 +22,7 @@ def sd15_model():
     from accelerate import init_empty_weights
 
     with init_empty_weights():
-        return CtrLoRAControlNet(**C.controlnet_config_from_ldm(C.SD15_LDM_KWARGS))
+        return CtrLoRAControlNet(**convert.controlnet_config_from_ldm(convert.SD15_LDM_KWARGS))
 
 
 def _meta(layout: dict) -> dict:
@@ -32,12 +32,12 @@ def _meta(layout: dict) -> dict:
 def test_sd15_official_layout_converts_completely(sd15_model):
     base_keys, adapter_keys = SD15["base_file"], SD15["adapter_file"]
     assert len(base_keys) == 488 and len(adapter_keys) == 246
-    weights, stale = C.convert_base(_meta(base_keys), sd15_model)
+    weights, stale = convert.convert_base(_meta(base_keys), sd15_model)
     assert len(stale) == 164
-    expected = A.base_state_dict(sd15_model)
+    expected = adapters.base_state_dict(sd15_model)
     assert set(weights) == set(expected)
     assert all(tuple(weights[k].shape) == tuple(expected[k].shape) for k in weights)
-    tensors, rank = C.convert_adapter(_meta(adapter_keys), sd15_model)
+    tensors, rank = convert.convert_adapter(_meta(adapter_keys), sd15_model)
     assert rank == 128 and len(tensors) == 246
     assert sum(t.numel() for t in tensors.values()) == SD15["param_counts"]["adapter_total"]
 
@@ -45,12 +45,12 @@ def test_sd15_official_layout_converts_completely(sd15_model):
 def test_inverse_mapping_reproduces_official_names_and_shapes(sd15_model):
     """Build the published layout from the diffusers model with the inverse map: same names and
     shapes as the official list (base file incl. the stale LoRA set, and adapter file)."""
-    base = A.base_state_dict(sd15_model)
-    layout = A.adapter_layout(sd15_model, 128)
+    base = adapters.base_state_dict(sd15_model)
+    layout = adapters.adapter_layout(sd15_model, 128)
     lora = {k: torch.empty(s, device="meta") for k, s in layout.items() if ".lora_" in k}
     for which in ("base_file", "adapter_file"):
         official = SD15[which]
-        ldm = C.diffusers_to_ldm(base | _meta({k: s for k, s in layout.items() if ".lora_" not in k})
+        ldm = convert.diffusers_to_ldm(base | _meta({k: s for k, s in layout.items() if ".lora_" not in k})
                                  if which == "adapter_file" else base, lora, 2, list(official))
         assert set(ldm) == set(official)
         bad = {k: (tuple(v.shape), tuple(official[k])) for k, v in ldm.items() if tuple(v.shape) != tuple(official[k])}
@@ -61,22 +61,22 @@ def test_sd15_adapter_round_trip_exact(sd15_model):
     g = torch.Generator().manual_seed(0)
     official = SD15["adapter_file"]
     sd = {k: torch.randn(tuple(s), generator=g) for k, s in official.items()}
-    tensors, rank = C.convert_adapter(sd, sd15_model)
-    layout = A.adapter_layout(sd15_model, rank)
+    tensors, rank = convert.convert_adapter(sd, sd15_model)
+    layout = adapters.adapter_layout(sd15_model, rank)
     weights = {k: v for k, v in tensors.items() if ".lora_" not in k}
     lora = {k: v for k, v in tensors.items() if ".lora_" in k}
     assert set(tensors) == set(layout)
-    back = C.diffusers_to_ldm(weights, lora, 2, list(official))
+    back = convert.diffusers_to_ldm(weights, lora, 2, list(official))
     assert set(back) == set(sd)
     assert all(back[k] is sd[k] or torch.equal(back[k], sd[k]) for k in sd)
 
 
 def test_tiny_base_round_trip_exact():
     model = tiny_reference_model()
-    sd = C.read_state_dict(REF / "tiny_base.safetensors")
-    weights, lora = C.convert_ldm_state_dict(sd, model.config.layers_per_block)
+    sd = convert.read_state_dict(REF / "tiny_base.safetensors")
+    weights, lora = convert.convert_ldm_state_dict(sd, model.config.layers_per_block)
     model.load_state_dict(weights, strict=True)
-    back = C.diffusers_to_ldm(A.base_state_dict(model), lora, model.config.layers_per_block, list(sd))
+    back = convert.diffusers_to_ldm(adapters.base_state_dict(model), lora, model.config.layers_per_block, list(sd))
     assert set(back) == set(sd)
     for k in sd:
         assert torch.equal(back[k], sd[k]), k
@@ -85,18 +85,18 @@ def test_tiny_base_round_trip_exact():
 def test_converted_adapter_equals_hand_applied_lora(tmp_path):
     """Converted adapter (peft LoRA + own zero convs / norms) == base with W + up @ down merged
     into every Linear and the adapter's zero convs / norms copied in, by hand."""
-    base_sd = C.read_state_dict(REF / "tiny_base.safetensors")
-    ad_sd = C.read_state_dict(REF / "tiny_adapter2.safetensors")
+    base_sd = convert.read_state_dict(REF / "tiny_base.safetensors")
+    ad_sd = convert.read_state_dict(REF / "tiny_adapter2.safetensors")
     g = torch.Generator().manual_seed(5)
     hint, ctx = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 7, 32, generator=g)
     t = torch.tensor([3, 640])
 
     model = tiny_reference_model().eval()
-    weights, _ = C.convert_base(base_sd, model)
+    weights, _ = convert.convert_base(base_sd, model)
     model.load_state_dict(weights)
-    tensors, rank = C.convert_adapter(ad_sd, model)
-    A.save_adapter_tensors(tensors, tmp_path / "ad", "x", rank, rank, A.base_hash(model), model)
-    A.load_adapter(model, tmp_path / "ad")
+    tensors, rank = convert.convert_adapter(ad_sd, model)
+    adapters.save_adapter_tensors(tensors, tmp_path / "ad", "x", rank, rank, adapters.base_hash(model), model)
+    adapters.load_adapter(model, tmp_path / "ad")
     with torch.no_grad():
         ours = residuals(model(hint, t, ctx))
 
@@ -110,7 +110,7 @@ def test_converted_adapter_equals_hand_applied_lora(tmp_path):
         elif "lora_layer" not in k:
             merged[k] = v  # zero convs, norms
     hand_model = tiny_reference_model().eval()
-    hand_weights, _ = C.convert_ldm_state_dict(merged, 2)
+    hand_weights, _ = convert.convert_ldm_state_dict(merged, 2)
     hand_model.load_state_dict(hand_weights, strict=True)
     with torch.no_grad():
         hand = residuals(hand_model(hint, t, ctx))
@@ -121,32 +121,32 @@ def test_converted_adapter_equals_hand_applied_lora(tmp_path):
 
 def test_refuses_unknown_and_missing_keys():
     model = tiny_reference_model()
-    base = C.read_state_dict(REF / "tiny_base.safetensors")
-    adapter = C.read_state_dict(REF / "tiny_adapter.safetensors")
+    base = convert.read_state_dict(REF / "tiny_base.safetensors")
+    adapter = convert.read_state_dict(REF / "tiny_adapter.safetensors")
 
     with pytest.raises(ValueError, match="control_model.input_blocks.1.0.frobnicate.weight"):
-        C.convert_base({**base, "control_model.input_blocks.1.0.frobnicate.weight": torch.zeros(1)}, model)
+        convert.convert_base({**base, "control_model.input_blocks.1.0.frobnicate.weight": torch.zeros(1)}, model)
     with pytest.raises(ValueError, match="must start with"):
-        C.convert_base({**base, "model.diffusion_model.out.0.weight": torch.zeros(1)}, model)
+        convert.convert_base({**base, "model.diffusion_model.out.0.weight": torch.zeros(1)}, model)
     missing = dict(base)
     del missing["control_model.input_blocks.4.0.in_layers.2.weight"]
     with pytest.raises(ValueError, match=r"down_blocks\.1\.resnets\.0\.conv1\.weight"):
-        C.convert_base(missing, model)
+        convert.convert_base(missing, model)
     with pytest.raises(ValueError, match="hint CNN"):
-        C.convert_base({**base, "control_model.input_hint_block.0.weight": torch.zeros(16, 3, 3, 3)}, model)
+        convert.convert_base({**base, "control_model.input_hint_block.0.weight": torch.zeros(16, 3, 3, 3)}, model)
 
     with pytest.raises(ValueError, match="time_embed.0.weight"):
-        C.convert_adapter({**adapter, "control_model.time_embed.0.weight": torch.zeros(128, 32)}, model)
+        convert.convert_adapter({**adapter, "control_model.time_embed.0.weight": torch.zeros(128, 32)}, model)
     no_zc = {k: v for k, v in adapter.items() if "zero_convs.5." not in k}
     with pytest.raises(ValueError, match=r"controlnet_down_blocks\.5\.(weight|bias)"):
-        C.convert_adapter(no_zc, model)
+        convert.convert_adapter(no_zc, model)
     half = {k: v for k, v in adapter.items() if k != "control_model.time_embed.2.lora_layer.up.weight"}
     with pytest.raises(ValueError, match="time_embedding.linear_2"):
-        C.convert_adapter(half, model)
+        convert.convert_adapter(half, model)
     wrong = dict(adapter)
     wrong["control_model.middle_block_out.0.weight"] = torch.zeros(32, 32, 3, 3)
     with pytest.raises(ValueError, match="shape"):
-        C.convert_adapter(wrong, model)
+        convert.convert_adapter(wrong, model)
 
 
 def test_reads_pickles_only_as_weights(tmp_path):
@@ -155,11 +155,11 @@ def test_reads_pickles_only_as_weights(tmp_path):
 
     torch.save({"control_model.x": argparse.Namespace(a=1)}, tmp_path / "evil.ckpt")
     with pytest.raises(pickle.UnpicklingError):  # weights_only=True refuses arbitrary objects
-        C.read_state_dict(tmp_path / "evil.ckpt")
+        convert.read_state_dict(tmp_path / "evil.ckpt")
     torch.save({"state_dict": {"control_model.time_embed.0.weight": torch.ones(2)}}, tmp_path / "w.ckpt")
-    assert list(C.read_state_dict(tmp_path / "w.ckpt")) == ["control_model.time_embed.0.weight"]
+    assert list(convert.read_state_dict(tmp_path / "w.ckpt")) == ["control_model.time_embed.0.weight"]
     save_file({"a": torch.ones(1)}, str(tmp_path / "a.safetensors"))
-    assert C.read_state_dict(tmp_path / "a.safetensors")["a"].item() == 1.0
+    assert convert.read_state_dict(tmp_path / "a.safetensors")["a"].item() == 1.0
     (tmp_path / "x.pkl").write_bytes(b"")
     with pytest.raises(ValueError, match="unsupported"):
-        C.read_state_dict(tmp_path / "x.pkl")
+        convert.read_state_dict(tmp_path / "x.pkl")

@@ -7,11 +7,10 @@ import math
 import pytest
 import torch
 
-from _models_helpers import randomize_adapter, residuals, tiny_vocab
+from _models_helpers import randomize_adapter, residuals, tiny_test_config, tiny_vocab
 
-from ctrlora.models import adapters as A
-from ctrlora.models.backbone import (Backbone, TinyBackboneConfig, backbone_hash, build_tiny_backbone,
-                                     load_backbone)
+from ctrlora.models import adapters
+from ctrlora.models.backbone import Backbone, backbone_hash, build_tiny_backbone, load_backbone
 from ctrlora.models.controlnet import CtrLoRAControlNet
 from ctrlora.models.latents import (LOGVAR_MAX, LOGVAR_MIN, encode_condition, encode_posterior, encode_text,
                                     sample_latent, tokenize)
@@ -21,7 +20,7 @@ RANK = 4
 
 @pytest.fixture(scope="module")
 def backbone() -> Backbone:
-    return build_tiny_backbone(TinyBackboneConfig(), tiny_vocab())
+    return build_tiny_backbone(tiny_test_config(), tiny_vocab())
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +54,7 @@ def _randomize_base(model, seed=1):
     """Non-zero zero convs (and a perturbed base) so residuals are informative."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in A.base_parameters(model).items():
+        for name, p in adapters.base_parameters(model).items():
             if name.startswith("controlnet_"):
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
 
@@ -229,19 +228,19 @@ def test_new_adapter_starts_at_base_and_switching_changes_output(backbone, input
     cn = _cn(backbone)
     _randomize_base(cn)
     base = _run(cn, inputs)
-    A.add_adapter(cn, "seg", rank=RANK)
-    A.add_adapter(cn, "depth", rank=RANK)
-    A.set_adapter(cn, "seg")
+    adapters.add_adapter(cn, "seg", rank=RANK)
+    adapters.add_adapter(cn, "depth", rank=RANK)
+    adapters.set_adapter(cn, "seg")
     assert _max_diff(_run(cn, inputs), base) == 0.0  # LoRA B = 0, copies = base values
     randomize_adapter(cn, "seg", 1)
     randomize_adapter(cn, "depth", 2)
     seg = _run(cn, inputs)
-    A.set_adapter(cn, "depth")
+    adapters.set_adapter(cn, "depth")
     depth = _run(cn, inputs)
-    A.set_adapter(cn, None)
+    adapters.set_adapter(cn, None)
     assert _max_diff(_run(cn, inputs), base) == 0.0
     assert _max_diff(seg, base) > 1e-2 and _max_diff(depth, seg) > 1e-2
-    A.set_adapter(cn, "seg")
+    adapters.set_adapter(cn, "seg")
     assert _max_diff(_run(cn, inputs), seg) == 0.0
     # peft LoRA scale is alpha / r = 1, as in the reference
     lin = dict(cn.named_modules())["time_embedding.linear_1"]
@@ -251,18 +250,18 @@ def test_new_adapter_starts_at_base_and_switching_changes_output(backbone, input
 def test_adapter_save_load_round_trip(backbone, inputs, tmp_path):
     cn = _cn(backbone)
     _randomize_base(cn)
-    A.add_adapter(cn, "normal", rank=RANK)
+    adapters.add_adapter(cn, "normal", rank=RANK)
     randomize_adapter(cn, "normal", 3)
     expected = _run(cn, inputs)
-    bh = A.base_hash(cn)
-    A.save_adapter(cn, "normal", tmp_path / "normal", base_hash=bh)
+    bh = adapters.base_hash(cn)
+    adapters.save_adapter(cn, "normal", tmp_path / "normal", base_hash=bh)
     cfg = json.loads((tmp_path / "normal" / "adapter_config.json").read_text())
     assert cfg["rank"] == RANK and cfg["alpha"] == RANK and cfg["base_hash"] == bh
     assert len(cfg["target_modules"]) == 60 and len(cfg["modules_to_save"]) == 10 + 20
     from safetensors.torch import load_file
 
     saved = load_file(str(tmp_path / "normal" / "adapter_model.safetensors"))
-    assert set(saved) == set(A.adapter_layout(cn, RANK))  # only this adapter's tensors
+    assert set(saved) == set(adapters.adapter_layout(cn, RANK))  # only this adapter's tensors
 
     # base via save_pretrained (adapters excluded), adapter via load_adapter
     cn.save_pretrained(tmp_path / "base")
@@ -272,32 +271,32 @@ def test_adapter_save_load_round_trip(backbone, inputs, tmp_path):
         keys = list(f.keys())
     assert not any("lora" in k or "modules_to_save" in k or "base_layer" in k for k in keys)
     fresh = CtrLoRAControlNet.from_pretrained(tmp_path / "base").eval()
-    assert A.base_hash(fresh) == bh
-    A.load_adapter(fresh, tmp_path / "normal")
-    assert A.active_adapter(fresh) == "normal"
-    got = A.adapter_state_dict(fresh, "normal")
+    assert adapters.base_hash(fresh) == bh
+    adapters.load_adapter(fresh, tmp_path / "normal")
+    assert adapters.active_adapter(fresh) == "normal"
+    got = adapters.adapter_state_dict(fresh, "normal")
     assert all(torch.equal(got[k], saved[k]) for k in saved)
     assert _max_diff(_run(fresh, inputs), expected) == 0.0
 
 
 def test_load_refuses_wrong_base_rank_or_keys(backbone, tmp_path):
     cn = _cn(backbone)
-    A.add_adapter(cn, "edge", rank=RANK)
-    A.save_adapter(cn, "edge", tmp_path / "edge", base_hash=A.base_hash(cn))
+    adapters.add_adapter(cn, "edge", rank=RANK)
+    adapters.save_adapter(cn, "edge", tmp_path / "edge", base_hash=adapters.base_hash(cn))
     other = _cn(backbone)
     _randomize_base(other, seed=9)
     with pytest.raises(ValueError, match="trained on base"):
-        A.load_adapter(other, tmp_path / "edge")
+        adapters.load_adapter(other, tmp_path / "edge")
     with pytest.raises(ValueError, match="trained on base"):
-        A.load_adapter(_cn(backbone), tmp_path / "edge", expected_base_hash="0" * 64)
+        adapters.load_adapter(_cn(backbone), tmp_path / "edge", expected_base_hash="0" * 64)
     with pytest.raises(ValueError, match="rank 4, expected 8"):
-        A.load_adapter(_cn(backbone), tmp_path / "edge", expected_rank=8)
+        adapters.load_adapter(_cn(backbone), tmp_path / "edge", expected_rank=8)
     # config claims another rank than the tensors
     cfg_path = tmp_path / "edge" / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg_path.write_text(json.dumps({**cfg, "rank": 8}))
     with pytest.raises(ValueError, match="rank"):
-        A.load_adapter(_cn(backbone), tmp_path / "edge")
+        adapters.load_adapter(_cn(backbone), tmp_path / "edge")
     cfg_path.write_text(json.dumps(cfg))
     # a missing tensor is named
     from safetensors.torch import load_file, save_file
@@ -308,60 +307,60 @@ def test_load_refuses_wrong_base_rank_or_keys(backbone, tmp_path):
     save_file(t, str(wpath))
     target = _cn(backbone)
     with pytest.raises(ValueError, match="controlnet_mid_block.bias"):
-        A.load_adapter(target, tmp_path / "edge")
-    assert A.list_adapters(target) == {}  # nothing half-loaded
+        adapters.load_adapter(target, tmp_path / "edge")
+    assert adapters.list_adapters(target) == {}  # nothing half-loaded
 
 
 def test_requires_grad_for_both_modes(backbone):
     cn = _cn(backbone)
-    A.add_adapter(cn, "canny", rank=RANK, own_modules=False)  # a base condition
-    A.add_adapter(cn, "depth", rank=RANK, own_modules=False)
-    A.add_adapter(cn, "lighting", rank=RANK)  # a new condition
+    adapters.add_adapter(cn, "canny", rank=RANK, own_modules=False)  # a base condition
+    adapters.add_adapter(cn, "depth", rank=RANK, own_modules=False)
+    adapters.add_adapter(cn, "lighting", rank=RANK)  # a new condition
     named = dict(cn.named_parameters())
     by_id = {id(p): n for n, p in named.items()}
 
-    params = A.set_trainable(cn, "base", adapter="canny")
+    params = adapters.set_trainable(cn, "base", adapter="canny")
     train = {by_id[id(p)] for p in params}
     assert train == {n for n, p in named.items() if p.requires_grad}
     assert all(n in train for n in named if ".lora_A.canny." in n or ".lora_B.canny." in n)
     assert not any(".depth." in n or ".lighting." in n for n in train)
-    base_names = {n for n in named if A._clean_name(n) is not None}
+    base_names = {n for n in named if adapters._clean_name(n) is not None}
     assert base_names <= train  # whole base incl. shared zero convs / norms
     assert any(n.startswith("controlnet_mid_block.original_module") for n in train)
     # switching adapters (per step in base training) and adding one never touch the flags
     flags = {n: p.requires_grad for n, p in cn.named_parameters()}
-    A.set_adapter(cn, "depth")
-    A.set_adapter(cn, None)
-    A.add_adapter(cn, "extra", rank=RANK)
+    adapters.set_adapter(cn, "depth")
+    adapters.set_adapter(cn, None)
+    adapters.add_adapter(cn, "extra", rank=RANK)
     now = {n: p.requires_grad for n, p in cn.named_parameters()}
     assert all(now[n] == f for n, f in flags.items())
     assert not any(now[n] for n in now if ".extra." in n)
     named = dict(cn.named_parameters())
     by_id = {id(p): n for n, p in named.items()}
 
-    params = A.set_trainable(cn, "adapter", adapter="lighting")
+    params = adapters.set_trainable(cn, "adapter", adapter="lighting")
     train = {by_id[id(p)] for p in params}
     assert train == {n for n, p in named.items() if p.requires_grad}
     assert train == {n for n in named if ".lighting." in n}
     assert any(".modules_to_save.lighting." in n for n in train)
     n_params = sum(p.numel() for p in params)
-    assert n_params == A.adapter_param_counts(cn, RANK)["total"]
+    assert n_params == adapters.adapter_param_counts(cn, RANK)["total"]
 
     with pytest.raises(ValueError, match="own_modules=False"):
-        A.set_trainable(cn, "base", adapter="lighting")
+        adapters.set_trainable(cn, "base", adapter="lighting")
     with pytest.raises(ValueError, match="LoRA-only"):
-        A.set_trainable(cn, "adapter", adapter="canny")
+        adapters.set_trainable(cn, "adapter", adapter="canny")
 
 
 def test_new_condition_step_leaves_base_bit_identical(backbone, inputs):
     cn = _cn(backbone)
     _randomize_base(cn)
-    A.add_adapter(cn, "canny", rank=RANK, own_modules=False)
-    A.add_adapter(cn, "lighting", rank=RANK)
-    before = {k: v.clone() for k, v in A.base_state_dict(cn).items()}
-    other = A.adapter_state_dict(cn, "canny")
-    mine = A.adapter_state_dict(cn, "lighting")
-    params = A.set_trainable(cn, "adapter", adapter="lighting")
+    adapters.add_adapter(cn, "canny", rank=RANK, own_modules=False)
+    adapters.add_adapter(cn, "lighting", rank=RANK)
+    before = {k: v.clone() for k, v in adapters.base_state_dict(cn).items()}
+    other = adapters.adapter_state_dict(cn, "canny")
+    mine = adapters.adapter_state_dict(cn, "lighting")
+    params = adapters.set_trainable(cn, "adapter", adapter="lighting")
     opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01)
     cn.train()
     for _ in range(2):
@@ -370,25 +369,25 @@ def test_new_condition_step_leaves_base_bit_identical(backbone, inputs):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    after = A.base_state_dict(cn)
+    after = adapters.base_state_dict(cn)
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert all(torch.equal(other[k], v) for k, v in A.adapter_state_dict(cn, "canny").items())
-    new = A.adapter_state_dict(cn, "lighting")
+    assert all(torch.equal(other[k], v) for k, v in adapters.adapter_state_dict(cn, "canny").items())
+    new = adapters.adapter_state_dict(cn, "lighting")
     assert sum(not torch.equal(mine[k], new[k]) for k in mine) > len(mine) // 2
 
 
 def test_base_mode_trains_shared_zero_convs_and_exports_them(backbone, inputs, tmp_path):
     cn = _cn(backbone)
-    A.add_adapter(cn, "canny", rank=RANK, own_modules=False)
-    zc = A.base_state_dict(cn)["controlnet_mid_block.weight"].clone()
-    params = A.set_trainable(cn, "base", adapter="canny")
+    adapters.add_adapter(cn, "canny", rank=RANK, own_modules=False)
+    zc = adapters.base_state_dict(cn)["controlnet_mid_block.weight"].clone()
+    params = adapters.set_trainable(cn, "base", adapter="canny")
     opt = torch.optim.SGD(params, lr=0.1)
     out = cn(inputs["cond"], inputs["t"], inputs["ctx"])
     sum(r.sum() for r in residuals(out)).backward()
     opt.step()
-    new_zc = A.base_state_dict(cn)["controlnet_mid_block.weight"]
+    new_zc = adapters.base_state_dict(cn)["controlnet_mid_block.weight"]
     assert not torch.equal(zc, new_zc)
-    A.save_adapter(cn, "canny", tmp_path / "canny", base_hash=A.base_hash(cn))
+    adapters.save_adapter(cn, "canny", tmp_path / "canny", base_hash=adapters.base_hash(cn))
     from safetensors.torch import load_file
 
     saved = load_file(str(tmp_path / "canny" / "adapter_model.safetensors"))
@@ -399,12 +398,12 @@ def test_base_mode_trains_shared_zero_convs_and_exports_them(backbone, inputs, t
 def test_mixed_batch_equals_separate_passes(backbone, inputs):
     cn = _cn(backbone)
     _randomize_base(cn)
-    A.add_adapter(cn, "canny", rank=RANK, own_modules=False)
-    A.add_adapter(cn, "seg", rank=RANK)
-    A.add_adapter(cn, "depth", rank=RANK)
+    adapters.add_adapter(cn, "canny", rank=RANK, own_modules=False)
+    adapters.add_adapter(cn, "seg", rank=RANK)
+    adapters.add_adapter(cn, "depth", rank=RANK)
     with torch.no_grad():
         for name in ("canny",):  # LoRA-only: perturb only its LoRA
-            for mod in A.lora_targets(cn):
+            for mod in adapters.lora_targets(cn):
                 dict(cn.named_modules())[mod].lora_B[name].weight.normal_(0, 0.05)
     # moderate perturbations keep the residuals at a realistic scale (|x| of a few units); the
     # 1e-5 bound is absolute fp32 -- at |x| ~ 30 sub-batch reassociation alone reaches ~4e-5
@@ -418,11 +417,11 @@ def test_mixed_batch_equals_separate_passes(backbone, inputs):
     per_sample = [n for n in names for _ in range(2)]
     scale = torch.tensor([1.0, 0.5] * len(names))
     with torch.no_grad():
-        A.set_adapter(cn, "seg")  # the active adapter must not leak into the mixed batch
+        adapters.set_adapter(cn, "seg")  # the active adapter must not leak into the mixed batch
         mixed = residuals(cn(conds, t, ctx, conditioning_scale=scale, adapter_names=per_sample))
         separate = []
         for i, n in enumerate(names):
-            A.set_adapter(cn, n)
+            adapters.set_adapter(cn, n)
             sl = slice(2 * i, 2 * i + 2)
             separate.append(residuals(cn(conds[sl], t[sl], ctx[sl], conditioning_scale=scale[sl])))
     joined = [torch.cat([s[k] for s in separate]) for k in range(len(mixed))]
@@ -433,7 +432,7 @@ def test_mixed_batch_equals_separate_passes(backbone, inputs):
     assert diff <= 1e-5, diff
     assert _max_diff([m[:2] for m in mixed], [m[2:4] for m in mixed]) > 1e-3  # adapters really differ
     # after the block, the model is back to normal single-adapter behaviour
-    A.set_adapter(cn, "depth")
+    adapters.set_adapter(cn, "depth")
     with torch.no_grad():
         again = residuals(cn(conds[2:4], t[2:4], ctx[2:4], conditioning_scale=scale[2:4]))
     assert _max_diff(again, separate[1]) == 0.0

@@ -14,12 +14,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from ctrlora.models import adapters as A  # noqa: E402
+from ctrlora.models import adapters  # noqa: E402
 from ctrlora.models.backbone import TinyBackboneConfig, build_tiny_backbone  # noqa: E402
 from ctrlora.models.controlnet import CtrLoRAControlNet  # noqa: E402
 from ctrlora.pipeline import CtrLoRAPipeline, condition_to_tensor  # noqa: E402
 
-from _models_helpers import randomize_adapter, residuals  # noqa: E402
+from _models_helpers import randomize_adapter, residuals, tiny_test_config  # noqa: E402
 
 SIZE = 16          # image side; VAE factor 2 -> 8x8 latents
 TOL = 1e-5
@@ -28,9 +28,9 @@ FAST = dict(num_inference_steps=3, progress=False)
 
 
 def _cfg() -> TinyBackboneConfig:
-    return TinyBackboneConfig(image_size=SIZE, vae_block_out_channels=(32, 32), unet_block_out_channels=(32, 32),
-                              unet_attention_heads=(2, 2), unet_layers_per_block=1, text_layers=1,
-                              vae_scaling_factor=0.5)
+    return tiny_test_config(image_size=SIZE, vae_block_out_channels=(32, 32), unet_block_out_channels=(32, 32),
+                            unet_attention_heads=(2, 2), unet_layers_per_block=1, text_layers=1,
+                            vae_scaling_factor=0.5)
 
 
 def _perturb_base_zero_convs(cn, seed: int) -> None:
@@ -63,9 +63,9 @@ def pipe(backbone):
     _perturb_base_zero_convs(cn, 1)
     torch.manual_seed(0)  # the LoRA A matrices start from torch's global RNG
     for i, name in enumerate(("lighting", "segmentation")):
-        A.add_adapter(cn, name, rank=2)
+        adapters.add_adapter(cn, name, rank=2)
         randomize_adapter(cn, name, seed=10 + i)
-    A.set_adapter(cn, None)
+    adapters.set_adapter(cn, None)
     return CtrLoRAPipeline.from_components(backbone, cn)
 
 
@@ -97,9 +97,9 @@ def test_batched_residuals_equal_separate_passes(pipe):
         down, mid = pipe.control_residuals(cond, t, text, names, weights, control_strength=0.8)
         singles = []
         for i, name in enumerate(names):
-            A.set_adapter(cn, name)
+            adapters.set_adapter(cn, name)
             singles.append(residuals(cn(cond[i], t, text, conditioning_scale=0.8)))
-        A.set_adapter(cn, None)
+        adapters.set_adapter(cn, None)
     expected = [sum(w * s[k] for w, s in zip(weights, singles)) for k in range(len(singles[0]))]
     diff = _max_diff(list(down) + [mid], expected)
     print(f"batched vs separate residuals: max abs diff {diff:.3g}")
@@ -149,10 +149,10 @@ def test_zero_controlnet_equals_plain_backbone(backbone, scheduler):
     from diffusers import StableDiffusionPipeline
 
     cn = CtrLoRAControlNet.from_unet(backbone.unet, vae_scale_factor=2)
-    A.add_adapter(cn, "lighting", rank=2)
+    adapters.add_adapter(cn, "lighting", rank=2)
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
-        for k, t in A._adapter_tensor_refs(cn, "lighting").items():
+        for k, t in adapters._adapter_tensor_refs(cn, "lighting").items():
             if ".lora_" in k:
                 t.add_(0.5 * torch.randn(t.shape, generator=g))
     pipe = CtrLoRAPipeline.from_components(backbone, cn)
@@ -253,7 +253,7 @@ def test_condition_input_forms_agree():
 def test_cnn_ablation_runs_batched_equals_separate(backbone):
     cn = CtrLoRAControlNet.from_unet(backbone.unet, condition_embedding="cnn", vae_scale_factor=2)
     _perturb_base_zero_convs(cn, 2)
-    A.add_adapter(cn, "lighting", rank=2)
+    adapters.add_adapter(cn, "lighting", rank=2)
     randomize_adapter(cn, "lighting", seed=3)
     pipe = CtrLoRAPipeline.from_components(backbone, cn)
     conds = {"lighting": (_images(10), 1.0), "__base__": (_images(11), 0.5)}
@@ -272,14 +272,14 @@ def saved_parts(tmp_path_factory, backbone):
     cn = CtrLoRAControlNet.from_unet(backbone.unet, vae_scale_factor=2)
     _perturb_base_zero_convs(cn, 4)
     cn.save_pretrained(root / "base")
-    h = A.base_hash(cn)
+    h = adapters.base_hash(cn)
     for i, name in enumerate(("lighting", "segmentation")):
-        A.add_adapter(cn, name, rank=2)
+        adapters.add_adapter(cn, name, rank=2)
         randomize_adapter(cn, name, seed=20 + i)
-        A.save_adapter(cn, name, root / "adapters" / name, base_hash=h)
+        adapters.save_adapter(cn, name, root / "adapters" / name, base_hash=h)
     other = CtrLoRAControlNet.from_unet(backbone.unet, vae_scale_factor=2)  # another base (zero convs)
-    A.add_adapter(other, "lighting", rank=2)
-    A.save_adapter(other, "lighting", root / "foreign" / "lighting", base_hash=A.base_hash(other))
+    adapters.add_adapter(other, "lighting", rank=2)
+    adapters.save_adapter(other, "lighting", root / "foreign" / "lighting", base_hash=adapters.base_hash(other))
     for i, name in enumerate(("lighting", "segmentation")):
         Image.fromarray((np.random.default_rng(i).random((SIZE, SIZE, 3)) * 255).astype(np.uint8)).save(
             root / f"{name}.png")
@@ -378,7 +378,7 @@ def test_ops_generate_with_registry_uri(saved_parts, tmp_path, monkeypatch, caps
 
     res = register_adapter(
         "lighting", root / "adapters" / "lighting", dataset_hash="f" * 32 + ".dir",
-        base_hash=A.read_adapter_config(root / "adapters" / "lighting")["base_hash"],
+        base_hash=adapters.read_adapter_config(root / "adapters" / "lighting")["base_hash"],
         backbone_dir=root / "backbone", base_dir=root / "base", metrics={"fidelity": 0.1}, git_commit="c0ffee")
     assert res.decision == "champion"
     common = ["--condition", f"lighting={root / 'lighting.png'}", "--steps", "2", "--seed", "1", "--device", "cpu"]

@@ -11,13 +11,15 @@ Layout (both scales)::
 
 Everything is read with ``local_files_only=True`` and safetensors only; nothing reaches a hub.
 
-Tiny preset (:class:`TinyBackboneConfig` defaults; 64 px images):
+Tiny preset (sizes: ``params.yaml`` ``backbone.tiny``, read by :func:`tiny_backbone_config`):
 
-* VAE: 3 encoder blocks (32, 64, 64), 1 ResNet each, 2 downsamplings -> 16x16x4 latents.
-* UNet: 3 levels (32, 64, 64), 2 ResNets per level, SD's block pattern
-  (CrossAttnDown x2 + Down / Up + CrossAttnUp x2, cross-attention mid block), 4/8/8 heads
-  (head width 8), cross-attention dim 64, sample size 16 -> the ControlNet has 9 + 1 residuals.
-* Text encoder: CLIPTextModel, hidden 64, 2 layers, 4 heads, 32 positions.
+* VAE: one ``DownEncoderBlock2D`` per entry of ``vae_block_out_channels`` (a downsampling
+  between each), 4 latent channels.
+* UNet: one level per entry of ``unet_block_out_channels``, SD's block pattern
+  (CrossAttnDown x (levels - 1) + Down / Up + CrossAttnUp x (levels - 1), cross-attention mid
+  block), ``unet_attention_heads`` heads per level.
+* Text encoder: CLIPTextModel, hidden size = the UNet's cross-attention dim, 2 layers, 4 heads,
+  32 positions.
 * Tokenizer: word level over the given vocabulary (+ ``<|startoftext|>``, ``<|endoftext|>``,
   ``<|pad|>``, ``<|unk|>``) and common punctuation, lower-cased, split on whitespace and
   punctuation.
@@ -27,9 +29,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from ctrlora.data.files import update_from_file
 
@@ -129,31 +131,77 @@ def backbone_hash(path: str | Path) -> str:
 
 
 # ---------------------------------------------------------------------- tiny preset
-@dataclass
+# Stable Diffusion 1.5's DDPM training schedule (epsilon prediction).
+SD15_SCHEDULER: dict[str, Any] = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    prediction_type="epsilon", clip_sample=False, steps_offset=1,
+)
+
+
+@dataclass(kw_only=True)
 class TinyBackboneConfig:
-    image_size: int = 64
+    """Sizes of the tiny dental backbone.
+
+    The sizes that ``params.yaml`` ``backbone.tiny`` states have no default here: that section is
+    their one statement, and :meth:`from_params` / :func:`tiny_backbone_config` build the preset
+    from it. The remaining fields are fixed choices of the preset (a params section may still
+    set any of them)."""
+
+    image_size: int
+    vae_block_out_channels: tuple[int, ...]
+    vae_layers_per_block: int
+    unet_block_out_channels: tuple[int, ...]
+    unet_layers_per_block: int
+    unet_attention_heads: tuple[int, ...]
+    norm_num_groups: int
+    cross_attention_dim: int
+    text_hidden_size: int
+    scheduler: dict  # DDPMScheduler kwargs
     latent_channels: int = 4
-    vae_block_out_channels: tuple[int, ...] = (32, 64, 64)
-    vae_layers_per_block: int = 1
     vae_scaling_factor: float = 0.18215  # placeholder; the backbone pretraining re-estimates it
-    unet_block_out_channels: tuple[int, ...] = (32, 64, 64)
-    unet_layers_per_block: int = 2
-    unet_attention_heads: tuple[int, ...] = (4, 8, 8)
-    norm_num_groups: int = 32
-    cross_attention_dim: int = 64
-    text_hidden_size: int = 64
     text_intermediate_size: int = 128
     text_layers: int = 2
     text_heads: int = 4
     max_length: int = 32
-    scheduler: dict = field(default_factory=lambda: dict(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        prediction_type="epsilon", clip_sample=False, steps_offset=1,
-    ))
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if len(self.unet_block_out_channels) != len(self.unet_attention_heads):
+            raise ValueError("unet_block_out_channels and unet_attention_heads must have the same length")
+        if self.image_size % self.vae_scale_factor:
+            raise ValueError(f"image_size {self.image_size} is not divisible by the VAE factor {self.vae_scale_factor}")
+        if self.text_hidden_size != self.cross_attention_dim:
+            raise ValueError("text_hidden_size must equal cross_attention_dim (the UNet reads the text states)")
+
+    @classmethod
+    def from_params(cls, section: Mapping[str, Any], **overrides: Any) -> "TinyBackboneConfig":
+        """The config from a params section (``backbone.tiny``; YAML lists become tuples),
+        with ``overrides`` on top. Unknown or missing keys are refused by name."""
+        values = {**section, **overrides}
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown tiny backbone settings {unknown}; known: {sorted(names)}")
+        missing = sorted(f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
+                         and f.name not in values)
+        if missing:
+            raise ValueError(f"the tiny backbone settings lack {missing} (params.yaml backbone.tiny states them)")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae_block_out_channels) - 1)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def tiny_backbone_config(params_file: str | Path | None = None, **overrides: Any) -> TinyBackboneConfig:
+    """The tiny preset as the project's ``params.yaml`` ``backbone.tiny`` configures it (the file
+    found by :func:`ctrlora.params.find_params_file` unless given)."""
+    from ctrlora.params import params_section
+
+    return TinyBackboneConfig.from_params(params_section("backbone.tiny", params_file), **overrides)
 
 
 def build_tokenizer(vocabulary: Sequence[str], max_length: int = 32):
@@ -187,59 +235,73 @@ def build_tokenizer(vocabulary: Sequence[str], max_length: int = 32):
     )
 
 
+def tiny_vae(cfg: TinyBackboneConfig):
+    """The tiny preset's ``AutoencoderKL`` (random weights from torch's RNG)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(cfg.vae_block_out_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(cfg.vae_block_out_channels),
+        block_out_channels=tuple(cfg.vae_block_out_channels),
+        layers_per_block=cfg.vae_layers_per_block,
+        latent_channels=cfg.latent_channels,
+        norm_num_groups=cfg.norm_num_groups,
+        sample_size=cfg.image_size,
+        scaling_factor=cfg.vae_scaling_factor,
+    )
+
+
+def tiny_unet(cfg: TinyBackboneConfig):
+    """The tiny preset's ``UNet2DConditionModel``: SD's block pattern (CrossAttnDown x (levels-1)
+    + Down / Up + CrossAttnUp x (levels-1), cross-attention mid block)."""
+    from diffusers import UNet2DConditionModel
+
+    levels = len(cfg.unet_block_out_channels)
+    return UNet2DConditionModel(
+        sample_size=cfg.image_size // cfg.vae_scale_factor,
+        in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
+        down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        block_out_channels=tuple(cfg.unet_block_out_channels),
+        layers_per_block=cfg.unet_layers_per_block,
+        attention_head_dim=tuple(cfg.unet_attention_heads),  # = number of heads (diffusers naming)
+        cross_attention_dim=cfg.cross_attention_dim,
+        norm_num_groups=cfg.norm_num_groups,
+        flip_sin_to_cos=True, freq_shift=0,
+    )
+
+
+def tiny_text_encoder(cfg: TinyBackboneConfig, tokenizer):
+    """The tiny preset's ``CLIPTextModel`` over ``tokenizer``'s vocabulary."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.text_hidden_size,
+        intermediate_size=cfg.text_intermediate_size,
+        num_hidden_layers=cfg.text_layers,
+        num_attention_heads=cfg.text_heads,
+        max_position_embeddings=cfg.max_length,
+        projection_dim=cfg.cross_attention_dim,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    ))
+
+
 def build_tiny_backbone(cfg: TinyBackboneConfig, vocabulary: Sequence[str]) -> Backbone:
     """Randomly initialised tiny backbone (seeded by ``cfg.seed``); pretrain it before use."""
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import DDPMScheduler
 
-    if len(cfg.unet_block_out_channels) != len(cfg.unet_attention_heads):
-        raise ValueError("unet_block_out_channels and unet_attention_heads must have the same length")
     tokenizer = build_tokenizer(vocabulary, cfg.max_length)
-    levels = len(cfg.unet_block_out_channels)
-    vae_factor = 2 ** (len(cfg.vae_block_out_channels) - 1)
-    if cfg.image_size % vae_factor:
-        raise ValueError(f"image_size {cfg.image_size} is not divisible by the VAE factor {vae_factor}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * len(cfg.vae_block_out_channels),
-            up_block_types=("UpDecoderBlock2D",) * len(cfg.vae_block_out_channels),
-            block_out_channels=tuple(cfg.vae_block_out_channels),
-            layers_per_block=cfg.vae_layers_per_block,
-            latent_channels=cfg.latent_channels,
-            norm_num_groups=cfg.norm_num_groups,
-            sample_size=cfg.image_size,
-            scaling_factor=cfg.vae_scaling_factor,
-        )
-        unet = UNet2DConditionModel(
-            sample_size=cfg.image_size // vae_factor,
-            in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
-            down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
-            mid_block_type="UNetMidBlock2DCrossAttn",
-            block_out_channels=tuple(cfg.unet_block_out_channels),
-            layers_per_block=cfg.unet_layers_per_block,
-            attention_head_dim=tuple(cfg.unet_attention_heads),  # = number of heads (diffusers naming)
-            cross_attention_dim=cfg.cross_attention_dim,
-            norm_num_groups=cfg.norm_num_groups,
-            flip_sin_to_cos=True, freq_shift=0,
-        )
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=cfg.text_hidden_size,
-            intermediate_size=cfg.text_intermediate_size,
-            num_hidden_layers=cfg.text_layers,
-            num_attention_heads=cfg.text_heads,
-            max_position_embeddings=cfg.max_length,
-            projection_dim=cfg.cross_attention_dim,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ))
-    if cfg.text_hidden_size != cfg.cross_attention_dim:
-        raise ValueError("text_hidden_size must equal cross_attention_dim (the UNet reads the text states)")
+        vae = tiny_vae(cfg)
+        unet = tiny_unet(cfg)
+        text_encoder = tiny_text_encoder(cfg, tokenizer)
     scheduler = DDPMScheduler(**cfg.scheduler)
     for m in (vae, unet, text_encoder):
         m.eval()

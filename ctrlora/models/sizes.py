@@ -1,12 +1,14 @@
 """``ctrlora sizes``: parameter counts of the Base ControlNet and of one adapter, as JSON.
 
 Built on the meta device (no weights, no downloads): ``--preset sd15`` from the standard SD 1.5
-UNet config, ``--preset tiny`` from :class:`ctrlora.models.backbone.TinyBackboneConfig`.
+UNet config, ``--preset tiny`` by :func:`ctrlora.models.backbone.tiny_unet` from ``params.yaml``
+``backbone.tiny`` (the sizes the pipeline trains).
 """
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 # The UNet config of Stable Diffusion 1.5 (diffusers layout), written out so nothing is fetched.
 SD15_UNET_CONFIG = dict(
@@ -31,7 +33,9 @@ SD15_UNET_CONFIG = dict(
 )
 
 
-def _meta_unet(preset: str):
+def _meta_unet(preset: str, params_file: str | Path | None = None):
+    """(UNet on the meta device, VAE downscaling factor) of ``preset``. ``tiny`` is built by the
+    function that builds the pipeline's tiny backbone, from ``params.yaml`` ``backbone.tiny``."""
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
 
@@ -39,34 +43,24 @@ def _meta_unet(preset: str):
         with init_empty_weights():
             return UNet2DConditionModel(**SD15_UNET_CONFIG), 8
     if preset == "tiny":
-        from ctrlora.models.backbone import TinyBackboneConfig
+        from ctrlora.models.backbone import tiny_backbone_config, tiny_unet
 
-        cfg = TinyBackboneConfig()
-        levels = len(cfg.unet_block_out_channels)
+        cfg = tiny_backbone_config(params_file)
         with init_empty_weights():
-            unet = UNet2DConditionModel(
-                sample_size=cfg.image_size // 2 ** (len(cfg.vae_block_out_channels) - 1),
-                in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
-                down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
-                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
-                block_out_channels=tuple(cfg.unet_block_out_channels),
-                layers_per_block=cfg.unet_layers_per_block,
-                attention_head_dim=tuple(cfg.unet_attention_heads),
-                cross_attention_dim=cfg.cross_attention_dim,
-                norm_num_groups=cfg.norm_num_groups,
-            )
-        return unet, 2 ** (len(cfg.vae_block_out_channels) - 1)
+            return tiny_unet(cfg), cfg.vae_scale_factor
     raise ValueError(f"unknown preset {preset!r} (sd15 | tiny)")
 
 
-def compute_sizes(preset: str = "sd15", rank: int = 128, condition_embedding: str = "vae") -> dict:
-    """Parameter counts (and fp32 sizes) of the base ControlNet and one rank-``rank`` adapter."""
+def compute_sizes(preset: str = "sd15", rank: int = 128, condition_embedding: str = "vae",
+                  params_file: str | Path | None = None) -> dict:
+    """Parameter counts (and fp32 sizes) of the base ControlNet and one rank-``rank`` adapter
+    (``params_file``: where ``tiny`` reads its sizes; default: the project's ``params.yaml``)."""
     from accelerate import init_empty_weights
 
     from ctrlora.models.adapters import adapter_param_counts, condition_modules, lora_targets
     from ctrlora.models.controlnet import CtrLoRAControlNet
 
-    unet, factor = _meta_unet(preset)
+    unet, factor = _meta_unet(preset, params_file)
     with init_empty_weights():
         cn = CtrLoRAControlNet.from_unet(unet, condition_embedding=condition_embedding, copy_weights=False,
                                          vae_scale_factor=factor)
@@ -106,8 +100,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=("sd15", "tiny"), default="sd15")
     parser.add_argument("--rank", type=int, default=128, help="LoRA rank of the adapter (default 128)")
     parser.add_argument("--condition-embedding", choices=("vae", "cnn"), default="vae")
+    parser.add_argument("--params", default=None,
+                        help="params file whose backbone.tiny sizes --preset tiny (default: the project's params.yaml)")
 
 
 def run(args) -> int:
-    print(json.dumps(compute_sizes(args.preset, args.rank, args.condition_embedding), indent=1))
+    print(json.dumps(compute_sizes(args.preset, args.rank, args.condition_embedding, args.params), indent=1))
     return 0
