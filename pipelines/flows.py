@@ -39,11 +39,10 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from pipelines.dvclock import dataset_hashes
-from pipelines.settings import REPO_ROOT, load_params
+from pipelines.settings import INCOMING, REPO_ROOT, load_params
 
 EVENT = "dental.scans.landed"
 RESOURCE_ID = "ctrlora.incoming"
-INCOMING = "data/incoming"
 READY = "READY"
 DEFAULT_FLOWS: dict[str, Any] = {"retries": 2, "retry_delay_seconds": 30, "prepare_stage": "prepare"}
 DEFAULT_SCHEDULE: dict[str, Any] = {"cron": None, "interval": 86400, "poll_seconds": 10}
@@ -67,9 +66,10 @@ def schedule_params(root: Path) -> dict[str, Any]:
     return {**DEFAULT_SCHEDULE, **(load_params(root).get("schedule") or {})}
 
 
-def dvc_stages(root: str | Path) -> list[str]:
-    """Every stage of the repo's DVC graph (foreach entries expanded), dependencies first;
-    ties broken by name so the order is stable."""
+def dvc_stages(root: str | Path, dvc_file: str = "dvc.yaml") -> list[str]:
+    """Every stage of one DVC pipeline file (default: the production graph ``dvc.yaml``, not the
+    research graph beside it), foreach entries expanded, dependencies first; ties broken by name
+    so the order is stable."""
     import networkx as nx
     from dvc.repo import Repo
 
@@ -82,7 +82,7 @@ def dvc_stages(root: str | Path) -> list[str]:
     with Repo(str(root)) as repo:
         graph = repo.index.graph  # edges: stage -> stage it depends on
         order = nx.lexicographical_topological_sort(graph.reverse(copy=True), key=name)
-        return [name(s) for s in order]
+        return [name(s) for s in order if os.path.relpath(s.path, root) == dvc_file]
 
 
 def _env() -> dict[str, str]:
@@ -158,9 +158,9 @@ def register_task(repo_root: str) -> list[dict[str, Any]]:
 
 @task(name="ingest-incoming", cache_policy=NO_CACHE)
 def ingest_task(repo_root: str) -> dict[str, Any]:
-    """``python -m pipelines.ingest --json``: accepted scans → data/scans, bad ones → quarantine."""
+    """``python -m pipelines.ingest --json``: accepted scans → ``paths.scans``, bad ones → quarantine."""
     root = Path(repo_root)
-    proc = subprocess.run([sys.executable, "-m", "pipelines.ingest", "--data", str(root / "data"),
+    proc = subprocess.run([sys.executable, "-m", "pipelines.ingest", "--repo", str(root),
                            "--json"], cwd=root, env=_env(), capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"ingest failed (exit {proc.returncode}):\n{_tail(proc.stdout + proc.stderr)}")

@@ -34,18 +34,18 @@ def _tiny_params(params: dict) -> dict:
     p["render"].update(n=14, workers=1)
     p["prepare"].update(test_fraction=0.3, workers=1)
     tiny_train = {"batch_size": 4, "checkpoint_every": 0, "log_every": 1}
-    p["backbone"]["vae"]["train"].update(max_steps=2, **tiny_train)
-    p["backbone"]["unet"]["train"].update(max_steps=2, **tiny_train)
+    p["backbone"]["vae"]["train"].update(max_steps=2, warmup_steps=0, **tiny_train)
+    p["backbone"]["unet"]["train"].update(max_steps=2, warmup_steps=0, **tiny_train)
+    p["backbone"]["quality"].update(samples=3, steps=2)
     p["embed"]["batch_size"] = 64
     p["train_base"]["train"].update(max_steps=4, **tiny_train)
     p["train_adapter"]["train"].update(max_steps=2, **tiny_train)
     p["train_adapter"]["max_pairs"] = None
-    p["baselines"]["save_steps"] = [1]
-    p["evaluate"].update(max_scans=3, ablation_max_scans=2, detector_max_scans=8, grid_rows=2,
-                         detector={"epochs": 1})
+    p["evaluate"].update(max_scans=3, detector_max_scans=8, grid_rows=2, detector={"epochs": 1},
+                         guidance=[1.0], bootstrap={"n_boot": 200, "seed": 0})
     p["evaluate"]["sampling"].update(steps=2, batch_size=8)
     p["flows"].update(retries=0, retry_delay_seconds=0)
-    p["baselines"]["threads"] = p["evaluate"]["threads"] = 1  # toy models: threads only add overhead
+    p["evaluate"]["threads"] = 1  # toy models: threads only add overhead
     return p
 
 
@@ -101,13 +101,13 @@ def test_pipeline_register_noop_and_retrain_on_landed_scans(project, harness):
     from mlflow import MlflowClient
 
     from pipelines.flows import pipeline, retrain_on_new_scans
-    from pipelines.registry import dataset_hash_from_lock
+    from pipelines.dvclock import dataset_hash_from_lock
 
     # 1. the whole real graph, each stage a task run, then registration
     first = pipeline(str(project))
     stages = [s["stage"] for s in first["stages"]]
     for expected in ("render", "prepare", "backbone", "embed", "train_base", "train_adapter@lighting",
-                     "train_adapter@normal", "train_baseline@random_base", "evaluate"):
+                     "train_adapter@normal", "evaluate"):
         assert expected in stages
     assert all(s["status"] == "ran" for s in first["stages"])
     metrics = json.loads((project / "metrics/evaluate.json").read_text())

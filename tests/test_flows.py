@@ -112,6 +112,11 @@ def repo(tmp_path, monkeypatch):
     (root / "src" / "scans.txt").write_text("scan-001\n")
     (root / "dvc.yaml").write_text(DVC_YAML)
     (root / "params.yaml").write_text(PARAMS)
+    # a research graph beside the production one: the production flow must never run it
+    (root / "research").mkdir()
+    (root / "research" / "dvc.yaml").write_text(
+        "stages:\n  ablation:\n    cmd: python -c \"raise SystemExit('research ran')\"\n"
+        "    wdir: ..\n    deps: [models/adapters/lighting]\n    outs: [models/research]\n")
     _run(["git", "init", "-q"], root)
     for args in (["init", "-q"], ["config", "core.analytics", "false"],
                  ["config", "core.site_cache_dir", ".dvc/site_cache"]):
