@@ -2,12 +2,13 @@
 #   make repro   set up .venv if needed, then run the whole DVC pipeline (embedded default)
 #   make test    set up .venv if needed, then run the test suite
 # and the research graph (baselines and ablations, after the production graph; docs/research.md):
-#   make research  dvc repro research/dvc.yaml
+#   make research  dvc repro research/dvc.yaml, then the README's tables
+#   make report    rewrite the README's result tables from the committed metrics files
 SHELL := /bin/bash
 VENV := .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup repro test research
+.PHONY: setup repro test research report
 setup:
 	@scripts/bootstrap.sh
 
@@ -19,3 +20,7 @@ test: setup
 
 research: setup
 	dvc repro research/dvc.yaml
+	python -m pipelines.report
+
+report: setup
+	python -m pipelines.report

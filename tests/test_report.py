@@ -1,0 +1,61 @@
+"""The README's result tables come from the committed metrics files, and stay in step with them."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipelines import report
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _iv(v, lo, hi):
+    return {"value": v, "low": lo, "high": hi, "n": 10, "level": 0.95}
+
+
+def _check(v, lo, hi, thr, ok):
+    return {"value": v, "low": lo, "high": hi, "threshold": thr, "n_scans": 10, "seeds": 1, "level": 0.95, "pass": ok}
+
+
+def _write(root: Path) -> None:
+    (root / "metrics").mkdir(parents=True)
+    (root / "metrics" / "backbone.json").write_text(json.dumps({
+        "vae": {"photo_psnr": 24.5, "photo_ssim": 0.85, "segmentation_psnr": 15.0},
+        "samples": {"n": 128, "steps": 20, "guidance_scale": 3.0, "pixfd8": 2.5, "pixfd16": 15.7,
+                    "pixfd8_real_floor": 1.7, "pixfd16_real_floor": 11.6}, "split": "validation"}))
+    (root / "metrics" / "evaluate.json").write_text(json.dumps({
+        "segmentation": {"metric": "miou", "uncontrolled": 0.13, "fidelity": 0.41, "gain": _iv(0.28, 0.25, 0.31)},
+        "combined": {"weights": {"segmentation": 1.0},
+                     "segmentation": {"single_gain": 0.28, "gain": _iv(0.27, 0.24, 0.3), "ratio": _iv(0.96, 0.91, 1.01)}},
+        "quality_bar": {"guidance": 1.0, "passed": 2, "total": 3, "checks": {
+            "controlled_vs_uncontrolled/segmentation": _check(0.28, 0.25, 0.31, 0.2, True),
+            "combined_vs_single/segmentation": _check(0.96, 0.91, 1.01, 0.9, True),
+            "adapter_param_fraction/lighting": _check(0.2, None, None, 0.15, False)}},
+        "protocol": {"n_scans": 10, "conditions": ["segmentation"], "train_seeds": 1}}))
+    (root / "README.md").write_text("# title\n\nbefore\n\n" + report.BEGIN + "\nstale\n" + report.END + "\n\nafter\n")
+
+
+def test_tables_are_written_between_the_markers_from_the_files(tmp_path):
+    _write(tmp_path)
+    assert report.update_readme(tmp_path, check=True)  # stale block: would change
+    assert report.update_readme(tmp_path)
+    text = (tmp_path / "README.md").read_text()
+    assert text.startswith("# title\n\nbefore\n\n") and text.endswith("\n\nafter\n") and "stale" not in text
+    assert "| segmentation | miou | 0.130 | 0.410 | +0.280 [+0.250, +0.310] | ≥ 0.2 | **pass** |" in text
+    assert "0.960 [0.910, 1.010]" in text  # the combined ratio with its interval
+    assert "| ≤ 0.15 | 0.200 fail |" in text
+    assert "**2 of 3 checks pass**" in text
+    assert "| posterior mean | 24.50 / 0.850 | segmentation 15.0 |" in text
+    assert not report.update_readme(tmp_path)  # idempotent
+
+
+def test_missing_markers_are_a_clear_error(tmp_path):
+    (tmp_path / "README.md").write_text("# no block\n")
+    with pytest.raises(ValueError, match="results:begin"):
+        report.update_readme(tmp_path)
+
+
+def test_the_committed_readme_matches_the_committed_metrics():
+    assert not report.update_readme(REPO, check=True), "run `python -m pipelines.report` (make report)"
