@@ -174,6 +174,32 @@ class HostPeak:
 
 
 # ---------------------------------------------------------------------- one variant
+def measure_memory(device: str, run) -> dict:
+    """Run ``run()`` and return its memory figures (MB): on CUDA the allocator's peak over the
+    allocation before it; on CPU the sampled resident set size (see :class:`HostPeak`)."""
+    import torch
+
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        baseline = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        mem = {"method": "torch.cuda.max_memory_allocated", "baseline_mb": baseline / 2**20,
+               "peak_mb": peak / 2**20, "delta_mb": (peak - baseline) / 2**20,
+               "max_reserved_mb": torch.cuda.max_memory_reserved() / 2**20}
+    else:
+        with HostPeak() as host:
+            run()
+        mem = {"method": host.method, "baseline_mb": host.baseline / 2**20, "peak_mb": host.peak / 2**20,
+               "delta_mb": (host.peak - host.baseline) / 2**20,
+               "ru_maxrss_before_mb": host.maxrss_before / 2**20, "ru_maxrss_after_mb": host.maxrss_after / 2**20}
+    return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in mem.items()}
+
+
 def run_variant(variant: str, preset: str = "tiny", device: str = "cpu", dtype: str = "fp32",
                 batch: int | None = None, steps: int = 3, warmup: int = 2, rank: int | None = None,
                 seed: int = 0) -> dict:
@@ -200,25 +226,8 @@ def run_variant(variant: str, preset: str = "tiny", device: str = "cpu", dtype: 
     cfg = train_config(batch, warmup + steps, mp, seed)
     clock = StepClock(cuda=device == "cuda")
 
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        baseline = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        train_condition(cn, unet, scheduler, cache, CONDITION, cfg, mode=variant, on_log=clock)
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-        mem = {"method": "torch.cuda.max_memory_allocated", "baseline_mb": baseline / 2**20,
-               "peak_mb": peak / 2**20, "delta_mb": (peak - baseline) / 2**20,
-               "max_reserved_mb": torch.cuda.max_memory_reserved() / 2**20}
-    else:
-        with HostPeak() as host:
-            train_condition(cn, unet, scheduler, cache, CONDITION, cfg, mode=variant, on_log=clock)
-        mem = {"method": host.method, "baseline_mb": host.baseline / 2**20, "peak_mb": host.peak / 2**20,
-               "delta_mb": (host.peak - host.baseline) / 2**20,
-               "ru_maxrss_before_mb": host.maxrss_before / 2**20, "ru_maxrss_after_mb": host.maxrss_after / 2**20}
-    mem = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in mem.items()}
+    mem = measure_memory(device, lambda: train_condition(cn, unet, scheduler, cache, CONDITION, cfg, mode=variant,
+                                                         on_log=clock))
     trainable = sum(p.numel() for p in cn.parameters() if p.requires_grad)
     hash_after = base_hash(cn)
     times = clock.step_times(warmup)

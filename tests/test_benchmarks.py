@@ -120,7 +120,10 @@ def test_adapter_vs_full_json_and_counts(variant_results, capsys):
     assert f["trainable_params"] == sum(p.numel() for p in cn.parameters()) == report["controlnet_params"]
     assert a["trainable_params"] < f["trainable_params"]
     assert 0 < report["ratios"]["trainable_params_adapter_over_full"] < 1
-    assert all(r > 0 for r in report["ratios"].values())
+    # in-process, after other tests, the full variant's RSS may not grow at all (freed memory is
+    # reused), leaving the memory-delta ratio undefined (None); every defined ratio is positive
+    ratios = report["ratios"]
+    assert all(r > 0 for k, r in ratios.items() if not (k == "mem_delta_adapter_over_full" and r is None))
     # base_unchanged is the benchmark's own hash check: true for the adapter, false for full
     assert a["base_unchanged"] is True and f["base_unchanged"] is False
 

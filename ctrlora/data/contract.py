@@ -179,62 +179,45 @@ def _open_png(path: Path, cfg: ContractConfig, expected_mode: str, row: dict[str
     return pixels
 
 
-def inspect_scan(scan_dir: Path, root: Path, cfg: ContractConfig) -> list[dict[str, Any]]:
-    """Manifest rows of one scan folder: one per layout file plus one per unexpected entry."""
-    scan_dir = Path(scan_dir)
-    root_real = os.path.realpath(root)
-    scan_id = scan_dir.name
-    dir_is_link = os.path.islink(scan_dir)
-    dir_inside = _inside(str(scan_dir), root_real)
-    names = list(REQUIRED_FILES)
-    if not dir_is_link and os.path.isdir(scan_dir):
-        names += sorted(n for n in os.listdir(scan_dir) if n not in REQUIRED_FILES)
-    rows: list[dict[str, Any]] = []
-    arrays: dict[str, np.ndarray] = {}
-    for name in names:
-        path = scan_dir / name
-        row: dict[str, Any] = {c: None for c in MANIFEST_COLUMNS}
-        row.update(scan_id=scan_id, file=name, path=os.path.relpath(path, root))
-        rows.append(row)
-        if dir_is_link:
-            # never look inside a linked scan folder
-            row.update(present=True, inside_root=dir_inside, regular=False if dir_inside else None,
-                       detail="scan folder is a symlink" + ("" if dir_inside else " pointing outside the data folder"))
-            continue
-        if not os.path.lexists(path):
-            row.update(present=False, detail="missing")
-            continue
-        row["present"] = True
-        inside = _inside(str(path), root_real)
-        row["inside_root"] = inside
-        if not inside:
-            row["detail"] = f"resolves to {os.path.realpath(path)}, outside the data folder"
-            continue
-        st = os.lstat(path)
-        row["regular"] = stat.S_ISREG(st.st_mode)
-        if not row["regular"]:
-            row["detail"] = "symlink" if stat.S_ISLNK(st.st_mode) else "not a regular file"
-            continue
-        row["known"] = name in REQUIRED_FILES
-        if not row["known"]:
-            row["detail"] = "file not in the scan layout"
-            continue
-        row["size_bytes"] = st.st_size
-        if name == READY:
-            continue
-        row["non_empty"] = st.st_size > 0
-        if not row["non_empty"]:
-            row["detail"] = "empty file"
-            continue
-        row["sha256"] = sha256_file(path)
-        if name == META:
-            row["decodable"], row["meta_ok"], row["detail"] = _check_meta(path.read_bytes(), scan_id, cfg)
-            continue
-        pixels = _open_png(path, cfg, IMAGE_FILES[name], row)
-        if pixels is not None:
-            arrays[name] = pixels
+def _inspect_file(path: Path, name: str, scan_id: str, root_real: str, cfg: ContractConfig,
+                  row: dict[str, Any]) -> np.ndarray | None:
+    """Fill ``row`` for one entry of a (non-linked) scan folder, stopping at the first failed
+    check; returns the decoded pixels of a layout image, else ``None``."""
+    if not os.path.lexists(path):
+        row.update(present=False, detail="missing")
+        return None
+    row["present"] = True
+    inside = _inside(str(path), root_real)
+    row["inside_root"] = inside
+    if not inside:
+        row["detail"] = f"resolves to {os.path.realpath(path)}, outside the data folder"
+        return None
+    st = os.lstat(path)
+    row["regular"] = stat.S_ISREG(st.st_mode)
+    if not row["regular"]:
+        row["detail"] = "symlink" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+        return None
+    row["known"] = name in REQUIRED_FILES
+    if not row["known"]:
+        row["detail"] = "file not in the scan layout"
+        return None
+    row["size_bytes"] = st.st_size
+    if name == READY:
+        return None
+    row["non_empty"] = st.st_size > 0
+    if not row["non_empty"]:
+        row["detail"] = "empty file"
+        return None
+    row["sha256"] = sha256_file(path)
+    if name == META:
+        row["decodable"], row["meta_ok"], row["detail"] = _check_meta(path.read_bytes(), scan_id, cfg)
+        return None
+    return _open_png(path, cfg, IMAGE_FILES[name], row)
 
-    by_name = {r["file"]: r for r in rows}
+
+def _check_maps(arrays: dict[str, np.ndarray], by_name: dict[str, dict[str, Any]], cfg: ContractConfig) -> None:
+    """The checks across a scan's decoded maps: label table, unit normals, and depth / lighting
+    consistent with the segmentation's background."""
     seg = arrays.get("segmentation.png")
     if seg is not None:
         bad = np.setdiff1d(np.unique(seg), np.array(sorted(LABELS)))
@@ -261,6 +244,34 @@ def inspect_scan(scan_dir: Path, root: Path, cfg: ContractConfig) -> list[dict[s
             by_name["lighting.png"]["lighting_ok"] = ok
             if not ok:
                 by_name["lighting.png"]["detail"] = "lighting is not 0 on background"
+
+
+def inspect_scan(scan_dir: Path, root: Path, cfg: ContractConfig) -> list[dict[str, Any]]:
+    """Manifest rows of one scan folder: one per layout file plus one per unexpected entry."""
+    scan_dir = Path(scan_dir)
+    root_real = os.path.realpath(root)
+    scan_id = scan_dir.name
+    dir_is_link = os.path.islink(scan_dir)
+    dir_inside = _inside(str(scan_dir), root_real)
+    names = list(REQUIRED_FILES)
+    if not dir_is_link and os.path.isdir(scan_dir):
+        names += sorted(n for n in os.listdir(scan_dir) if n not in REQUIRED_FILES)
+    rows: list[dict[str, Any]] = []
+    arrays: dict[str, np.ndarray] = {}
+    for name in names:
+        path = scan_dir / name
+        row: dict[str, Any] = {c: None for c in MANIFEST_COLUMNS}
+        row.update(scan_id=scan_id, file=name, path=os.path.relpath(path, root))
+        rows.append(row)
+        if dir_is_link:
+            # never look inside a linked scan folder
+            row.update(present=True, inside_root=dir_inside, regular=False if dir_inside else None,
+                       detail="scan folder is a symlink" + ("" if dir_inside else " pointing outside the data folder"))
+            continue
+        pixels = _inspect_file(path, name, scan_id, root_real, cfg, row)
+        if pixels is not None:
+            arrays[name] = pixels
+    _check_maps(arrays, {r["file"]: r for r in rows}, cfg)
     return rows
 
 

@@ -54,6 +54,34 @@ def default_hint_channels(vae_scale_factor: int) -> tuple[int, ...]:
     return (16, 32, 96, 256)[: n_down + 1]
 
 
+def _per_sample(scale: float | torch.Tensor, like: torch.Tensor, batch: int) -> float | torch.Tensor:
+    """A float scale as is; a tensor of ``batch`` per-sample scales shaped to broadcast over
+    ``like`` [B, C, h, w]."""
+    if not (torch.is_tensor(scale) and scale.ndim > 0):
+        return scale
+    scale = scale.to(device=like.device, dtype=like.dtype).reshape(-1, 1, 1, 1)
+    if scale.shape[0] != batch:
+        raise ValueError(f"conditioning_scale has {scale.shape[0]} values for a batch of {batch}")
+    return scale
+
+
+def _sd_transformer_layers(c) -> int:
+    """Refuse UNet configs the ControlNet cannot mirror (anything beyond SD 1.5's shape); return
+    its transformer layers per block (one number for every level)."""
+    if c.get("class_embed_type") or c.get("addition_embed_type") or c.get("encoder_hid_dim_type"):
+        raise ValueError("only SD-1.5-style UNets (no class / addition embeddings) are supported")
+    if c.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn":
+        raise ValueError(f"unsupported mid_block_type {c.mid_block_type!r}")
+    if c.get("num_attention_heads") is not None:
+        raise ValueError("UNet configs with num_attention_heads are not supported (SD 1.5 uses attention_head_dim)")
+    tlpb = c.get("transformer_layers_per_block", 1)
+    if not isinstance(tlpb, int):
+        if len(set(tlpb)) != 1:
+            raise ValueError("per-level transformer_layers_per_block is not supported")
+        tlpb = tlpb[0]
+    return tlpb
+
+
 class CtrLoRAControlNet(ModelMixin, ConfigMixin):
     """Base ControlNet of CtrLoRA (see module docstring)."""
 
@@ -118,53 +146,63 @@ class CtrLoRAControlNet(ModelMixin, ConfigMixin):
         else:
             self.controlnet_cond_embedding = None
 
-        self.down_blocks = nn.ModuleList()
-        self.controlnet_down_blocks = nn.ModuleList([_zero_conv(ch0)])
+        self.down_blocks, self.controlnet_down_blocks = self._down_path(heads, time_embed_dim)
+        self.mid_block = self._mid_block(heads[-1], time_embed_dim)
+        self.controlnet_mid_block = _zero_conv(block_out_channels[-1])
+
+    def _down_path(self, heads: Sequence[int], time_embed_dim: int) -> tuple[nn.ModuleList, nn.ModuleList]:
+        """The UNet's down blocks and one zero conv per skip connection they make (the first for
+        ``conv_in``'s output), built in the order that fixes their random initialisation."""
+        c = self.config
+        ch0 = c.block_out_channels[0]
+        down_blocks = nn.ModuleList()
+        zero_convs = nn.ModuleList([_zero_conv(ch0)])
         out_ch = ch0
-        for i, block_type in enumerate(down_block_types):
-            in_ch, out_ch = out_ch, block_out_channels[i]
-            last = i == len(block_out_channels) - 1
-            self.down_blocks.append(
+        for i, block_type in enumerate(c.down_block_types):
+            in_ch, out_ch = out_ch, c.block_out_channels[i]
+            last = i == len(c.block_out_channels) - 1
+            down_blocks.append(
                 get_down_block(
                     block_type,
-                    num_layers=layers_per_block,
-                    transformer_layers_per_block=transformer_layers_per_block,
+                    num_layers=c.layers_per_block,
+                    transformer_layers_per_block=c.transformer_layers_per_block,
                     in_channels=in_ch,
                     out_channels=out_ch,
                     temb_channels=time_embed_dim,
                     add_downsample=not last,
-                    resnet_eps=norm_eps,
-                    resnet_act_fn=act_fn,
-                    resnet_groups=norm_num_groups,
-                    cross_attention_dim=cross_attention_dim,
+                    resnet_eps=c.norm_eps,
+                    resnet_act_fn=c.act_fn,
+                    resnet_groups=c.norm_num_groups,
+                    cross_attention_dim=c.cross_attention_dim,
                     num_attention_heads=heads[i],
                     attention_head_dim=out_ch // heads[i],
-                    downsample_padding=downsample_padding,
-                    use_linear_projection=use_linear_projection,
-                    only_cross_attention=only_cross_attention,
-                    upcast_attention=upcast_attention,
-                    resnet_time_scale_shift=resnet_time_scale_shift,
+                    downsample_padding=c.downsample_padding,
+                    use_linear_projection=c.use_linear_projection,
+                    only_cross_attention=c.only_cross_attention,
+                    upcast_attention=c.upcast_attention,
+                    resnet_time_scale_shift=c.resnet_time_scale_shift,
                 )
             )
-            for _ in range(layers_per_block + (0 if last else 1)):
-                self.controlnet_down_blocks.append(_zero_conv(out_ch))
+            for _ in range(c.layers_per_block + (0 if last else 1)):
+                zero_convs.append(_zero_conv(out_ch))
+        return down_blocks, zero_convs
 
-        mid_ch = block_out_channels[-1]
-        self.mid_block = UNetMidBlock2DCrossAttn(
-            transformer_layers_per_block=transformer_layers_per_block,
-            in_channels=mid_ch,
+    def _mid_block(self, heads: int, time_embed_dim: int) -> UNetMidBlock2DCrossAttn:
+        c = self.config
+        return UNetMidBlock2DCrossAttn(
+            transformer_layers_per_block=c.transformer_layers_per_block,
+            in_channels=c.block_out_channels[-1],
             temb_channels=time_embed_dim,
-            resnet_eps=norm_eps,
-            resnet_act_fn=act_fn,
-            output_scale_factor=mid_block_scale_factor,
-            resnet_time_scale_shift=resnet_time_scale_shift,
-            cross_attention_dim=cross_attention_dim,
-            num_attention_heads=heads[-1],
-            resnet_groups=norm_num_groups,
-            use_linear_projection=use_linear_projection,
-            upcast_attention=upcast_attention,
+            resnet_eps=c.norm_eps,
+            resnet_act_fn=c.act_fn,
+            output_scale_factor=c.mid_block_scale_factor,
+            resnet_time_scale_shift=c.resnet_time_scale_shift,
+            cross_attention_dim=c.cross_attention_dim,
+            num_attention_heads=heads,
+            resnet_groups=c.norm_num_groups,
+            use_linear_projection=c.use_linear_projection,
+            upcast_attention=c.upcast_attention,
         )
-        self.controlnet_mid_block = _zero_conv(mid_ch)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -181,17 +219,7 @@ class CtrLoRAControlNet(ModelMixin, ConfigMixin):
         weights). ``conditioning_channels`` defaults to the latent channels for ``"vae"`` and 3
         (RGB) for ``"cnn"``; the hint CNN of ``"cnn"`` downsamples by ``vae_scale_factor``."""
         c = unet.config
-        if c.get("class_embed_type") or c.get("addition_embed_type") or c.get("encoder_hid_dim_type"):
-            raise ValueError("only SD-1.5-style UNets (no class / addition embeddings) are supported")
-        if c.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn":
-            raise ValueError(f"unsupported mid_block_type {c.mid_block_type!r}")
-        if c.get("num_attention_heads") is not None:
-            raise ValueError("UNet configs with num_attention_heads are not supported (SD 1.5 uses attention_head_dim)")
-        tlpb = c.get("transformer_layers_per_block", 1)
-        if not isinstance(tlpb, int):
-            if len(set(tlpb)) != 1:
-                raise ValueError("per-level transformer_layers_per_block is not supported")
-            tlpb = tlpb[0]
+        tlpb = _sd_transformer_layers(c)
         if conditioning_channels is None:
             conditioning_channels = c.in_channels if condition_embedding == "vae" else 3
         if conditioning_embedding_out_channels is None:
@@ -249,6 +277,16 @@ class CtrLoRAControlNet(ModelMixin, ConfigMixin):
         return clean.save_pretrained(save_directory, **kwargs)
 
     # ------------------------------------------------------------------ forward
+    def _time_embedding(self, timestep, batch: int, x: torch.Tensor) -> torch.Tensor:
+        """Timestep(s) (scalar or [B]) -> the time embedding [B, 4 * ch0]; the sinusoid is
+        computed in float32 ([cos | sin], as ldm) and cast to the input's dtype."""
+        if not torch.is_tensor(timestep):
+            timestep = torch.tensor([timestep], device=x.device)
+        timestep = timestep.to(x.device).reshape(-1)
+        if timestep.numel() == 1:
+            timestep = timestep.expand(batch)
+        return self.time_embedding(self.time_proj(timestep).to(dtype=x.dtype))
+
     @property
     def num_residuals(self) -> int:
         return len(self.controlnet_down_blocks) + 1
@@ -267,8 +305,8 @@ class CtrLoRAControlNet(ModelMixin, ConfigMixin):
 
         Args:
             controlnet_cond: ``"vae"``: condition latent [B, C_lat, h, w] (posterior sample times
-                the VAE scaling factor, see :func:`ctrlora.models.latents.encode_condition`); ``"cnn"``: condition image
-                [B, 3, H, W] in [0, 1].
+                the VAE scaling factor, see :func:`ctrlora.models.latents.encode_condition`);
+                ``"cnn"``: condition image [B, 3, H, W] in [0, 1].
             timestep: scalar or [B] diffusion timesteps.
             encoder_hidden_states: text context [B, L, D].
             sample: the noisy latent; required for ``"cnn"``, ignored for ``"vae"``.
@@ -292,14 +330,7 @@ class CtrLoRAControlNet(ModelMixin, ConfigMixin):
             if sample is None:
                 raise ValueError("condition_embedding='cnn' needs the noisy latent `sample`")
             x = sample
-        if not torch.is_tensor(timestep):
-            timestep = torch.tensor([timestep], device=x.device)
-        timestep = timestep.to(x.device).reshape(-1)
-        if timestep.numel() == 1:
-            timestep = timestep.expand(batch)
-        t_emb = self.time_proj(timestep).to(dtype=x.dtype)  # float32 sinusoid [cos | sin], as ldm
-        emb = self.time_embedding(t_emb)
-
+        emb = self._time_embedding(timestep, batch, x)
         h = self.conv_in(x)
         if self.controlnet_cond_embedding is not None:
             h = h + self.controlnet_cond_embedding(controlnet_cond)
@@ -316,12 +347,7 @@ class CtrLoRAControlNet(ModelMixin, ConfigMixin):
         down = [zc(s) for s, zc in zip(skips, self.controlnet_down_blocks)]
         mid = self.controlnet_mid_block(h)
 
-        if torch.is_tensor(conditioning_scale) and conditioning_scale.ndim > 0:
-            scale = conditioning_scale.to(device=mid.device, dtype=mid.dtype).reshape(-1, 1, 1, 1)
-            if scale.shape[0] != batch:
-                raise ValueError(f"conditioning_scale has {scale.shape[0]} values for a batch of {batch}")
-        else:
-            scale = conditioning_scale
+        scale = _per_sample(conditioning_scale, mid, batch)
         down = [d * scale for d in down]
         mid = mid * scale
         if not return_dict:
