@@ -9,15 +9,20 @@ What one call does, as the reference CtrLoRA samples:
 
 * every condition image in [0, 1] goes through the frozen VAE encoder once per call; at **every
   step, for every CFG branch and every condition** a fresh posterior sample
-  ``(mean + std * noise) * scaling_factor`` is drawn from the pipeline generator. The encoder is
+  ``(mean + std * noise) * scaling_factor`` is drawn from the pipeline generator
+  (:func:`ctrlora.models.latents.sample_latent`, the trainers' rule). The encoder is
   deterministic, so this is exactly the reference's "encode afresh on every call", without
   paying for the encoder at every step;
 * the unconditional CFG branch keeps the conditions -- only its text is empty (or the negative
   prompt);
 * the N conditions x the CFG pair x the B samples run through **one** ControlNet forward with
   per-sample adapters (``adapter_names=``); residuals are then summed with the condition
-  weights, ``sum_i w_i * residuals_i`` (each residual already x ``control_strength``), and the
-  UNet runs once on the CFG pair batch.
+  weights, ``sum_i w_i * residuals_i`` (each residual already x ``control_strength``;
+  :func:`ctrlora.models.adapters.combine_residuals`), and the UNet runs once on the CFG pair
+  batch.
+
+``__call__`` runs in phases: prompts / batch / size, text states, :meth:`prepare_latents`,
+:meth:`prepare_conditions`, :meth:`denoise`, decode.
 
 Condition names are adapter names. ``"__base__"`` runs the base ControlNet without an adapter;
 a value ``(image, weight, adapter)`` names the adapter explicitly, so the key is only a label

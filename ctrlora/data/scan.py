@@ -16,7 +16,7 @@ from ctrlora.data.files import png_bytes, read_png
 SCAN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 READY = "READY"
 META = "meta.json"
-# image file -> (PIL mode, channels)
+# image file -> PIL mode
 IMAGE_FILES: dict[str, str] = {
     "photo.png": "RGB",
     "segmentation.png": "L",
