@@ -2,11 +2,13 @@
 
 * ``preset: tiny`` — build the tiny dental backbone and pretrain it on the training photographs
   (VAE on photos + condition images, then the text-conditioned UNet), save it in the diffusers
-  SD layout under ``models/backbone``, measure it on the validation split
-  (``metrics/backbone.json``: VAE reconstruction, pixel Fréchet distance of samples from noise
-  with the real-vs-real floor beside it) and draw ``reports/backbone/samples.png``.
+  SD layout under ``paths.backbone``, measure it on the validation split
+  (``paths.metrics.backbone``: VAE reconstruction, pixel Fréchet distance of samples from noise
+  with the real-vs-real floor beside it) and draw ``<paths.reports.backbone>/samples.png``.
 * ``preset: sd15`` — only check the local SD 1.5 directory named by ``sd15_path`` and record it
-  (path + content hash) in ``models/backbone/backbone.json``; later stages load it from there.
+  (path + content hash) in ``<paths.backbone>/backbone.json``; later stages load it from there.
+
+The VAE learns the condition images of every condition ``prepare`` writes (``prepare.conditions``).
 """
 from __future__ import annotations
 
@@ -19,9 +21,7 @@ from pathlib import Path
 import pipelines  # noqa: F401  (tool defaults)
 import torch
 
-from pipelines.stage import checkpoint_dir, clear_checkpoints, read_params, timed_stage, write_curve
-
-ROOT = Path(__file__).resolve().parent.parent
+from pipelines.stage import artefact_paths, checkpoint_dir, clear_checkpoints, read_params, timed_stage, write_curve
 
 
 def _split_tensors(prepared: Path, conditions: list[str], split: str):
@@ -71,13 +71,13 @@ def _pretrain(p: dict, photos, captions, conds, ckpt: Path):
     return bb, vae_res, unet_res
 
 
-def _measure(p: dict, bb, train_photos, reports: Path) -> dict:
+def _measure(p: dict, bb, train_photos, prepared: Path, conditions: list[str], reports: Path) -> dict:
     """Backbone quality on the validation split, and the sample grid."""
     from ctrlora.evaluation.backbone import (backbone_samples, pixel_frechet_distance, text_to_image,
                                              to_uint8, vae_reconstruction)
 
     q = p["quality"]
-    photos, captions, conds = _split_tensors(ROOT / p["prepared"], list(p["vae_conditions"]), "validation")
+    photos, captions, conds = _split_tensors(prepared, conditions, "validation")
     n = min(int(q["samples"]), len(photos))
     t = time.perf_counter()
     gen = text_to_image(bb, captions[:n], steps=int(q["steps"]), guidance_scale=float(q["guidance_scale"]),
@@ -94,8 +94,9 @@ def _measure(p: dict, bb, train_photos, reports: Path) -> dict:
 
 
 def main() -> int:
-    p = read_params("backbone")
-    out, reports = ROOT / p["out"], ROOT / p["reports"]
+    allp, paths = read_params("backbone", "prepare"), artefact_paths()
+    p, conditions = allp["backbone"], list(allp["prepare"]["conditions"])
+    out, reports = paths["backbone"], paths["reports"]["backbone"]
     with timed_stage("backbone"):
         if out.exists():
             shutil.rmtree(out)
@@ -106,15 +107,15 @@ def main() -> int:
             raise ValueError(f"params.yaml backbone.preset must be 'tiny' or 'sd15', got {p['preset']!r}")
         ckpt = checkpoint_dir("backbone", p)
         torch.manual_seed(int(p["seed"]))
-        photos, captions, conds = _split_tensors(ROOT / p["prepared"], list(p["vae_conditions"]), "train")
+        photos, captions, conds = _split_tensors(paths["prepared"], conditions, "train")
         print(f"[backbone] {len(photos)} training photos, {sum(len(c) for c in conds.values())} condition images")
         bb, vae_res, unet_res = _pretrain(p, photos, captions, conds, ckpt)
         bb.save(out)
         clear_checkpoints(ckpt)
         write_curve(vae_res.history, reports / "vae_loss.csv", ("loss", "l1", "photo_l1", "kl"))
         write_curve(unet_res.history, reports / "unet_loss.csv")
-        metrics = _measure(p, bb, photos, reports)
-        target = ROOT / p["metrics"]
+        metrics = _measure(p, bb, photos, paths["prepared"], conditions, reports)
+        target = paths["metrics"]["backbone"]
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(metrics, indent=1) + "\n")
         print(f"[backbone] saved {out}; samples: {reports / 'samples.png'}; metrics: {target}")

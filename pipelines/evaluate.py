@@ -2,23 +2,21 @@
 ``train_adapter``): on the test split, every condition's adapter against no control and the
 combination against each single condition, with paired bootstrap intervals, at each guidance
 scale of ``evaluate.guidance`` (the bar is read at ``evaluate.gate_guidance``) ->
-``metrics/evaluate.json``; grids and per-scan scores -> ``reports/evaluate/``; the re-detectors
--> ``models/evaluate/detectors`` (trained once on the train split). Library:
+``paths.metrics.evaluate``; grids and per-scan scores -> ``paths.reports.evaluate``; the
+re-detectors -> ``paths.detectors`` (trained once on the train split). Library:
 :mod:`ctrlora.evaluation.run`."""
 from __future__ import annotations
 
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import pipelines  # noqa: F401  (tool defaults)
 import torch
 
-from pipelines.stage import read_params, resolve_backbone, timed_stage
-
-ROOT = Path(__file__).resolve().parent.parent
+from pipelines.settings import BASE_ADAPTERS
+from pipelines.stage import artefact_paths, read_params, resolve_backbone, timed_stage
 
 
 def eval_config(p: dict[str, Any], base_conditions: list[str], new_conditions: list[str]):
@@ -50,7 +48,7 @@ def print_bar(bar: dict[str, Any]) -> None:
 def main() -> int:
     from ctrlora.evaluation import run as evaluation
 
-    allp = read_params("evaluate", "train_base", "train_adapter")
+    allp, paths = read_params("evaluate", "train_base", "train_adapter"), artefact_paths()
     p = allp["evaluate"]
     base_conditions = list(allp["train_base"]["conditions"])
     new_conditions = list(allp["train_adapter"]["conditions"])
@@ -60,26 +58,27 @@ def main() -> int:
     progress = bool(p.get("progress", True))
     with timed_stage("evaluate"):
         t = time.perf_counter()
-        adapters = {c: ROOT / p["base"] / "adapters" / c for c in base_conditions}
-        adapters.update({c: ROOT / p["adapters"] / c for c in new_conditions})
-        models = evaluation.load_models(resolve_backbone(ROOT / p["backbone"]), ROOT / p["base"], adapters)
-        sources = [ROOT / s for s in p["scan_sources"]]
-        test = evaluation.load_split(ROOT / p["prepared"], "test", cfg.conditions, sources, p.get("max_scans"),
+        adapters = {c: paths["base"] / BASE_ADAPTERS / c for c in base_conditions}
+        adapters.update({c: paths["adapters"] / c for c in new_conditions})
+        models = evaluation.load_models(resolve_backbone(paths["backbone"]), paths["base"], adapters)
+        sources = [paths["rendered"], paths["scans"]]  # the scans prepare read: their raw label maps
+        test = evaluation.load_split(paths["prepared"], "test", cfg.conditions, sources, p.get("max_scans"),
                                      progress)
-        train = evaluation.load_split(ROOT / p["prepared"], "train", cfg.conditions, sources,
+        train = evaluation.load_split(paths["prepared"], "train", cfg.conditions, sources,
                                       p.get("detector_max_scans"), progress)
         t_load = time.perf_counter() - t
         print(f"[evaluate] {len(test)} test scans, {len(train)} training scans for the detectors ({t_load:.1f} s)",
               flush=True)
         t = time.perf_counter()
-        detectors = evaluation.get_detectors(cfg.conditions, train, ROOT / p["detectors_out"], p.get("detector"),
+        detectors = evaluation.get_detectors(cfg.conditions, train, paths["detectors"], p.get("detector"),
                                              progress)
         t_det = time.perf_counter() - t
         print(f"[evaluate] detectors ready ({t_det:.1f} s)", flush=True)
-        metrics = evaluation.run_evaluation(models, test, detectors, cfg, ROOT / p["reports"], progress=progress)
+        metrics = evaluation.run_evaluation(models, test, detectors, cfg, paths["reports"]["evaluate"],
+                                            progress=progress)
         metrics["timing_seconds"] = {"load": round(t_load, 1), "detectors": round(t_det, 1),
                                      **metrics["timing_seconds"]}
-        out = ROOT / p["metrics"]
+        out = paths["metrics"]["evaluate"]
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(evaluation.json_ready(metrics), indent=1) + "\n")
         print_bar(metrics["quality_bar"])

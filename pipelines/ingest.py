@@ -1,6 +1,6 @@
-"""Ingest landed scans: data/incoming/<id>/ (complete once READY exists) -> data/scans/ or
-data/quarantine/<id>/ with reason.json. Run it before ``dvc repro`` when new scans have landed:
-``.venv/bin/python -m pipelines.ingest [--data DIR]``. Prints a summary; exit code 0 even when
+"""Ingest landed scans: ``paths.incoming``/<id>/ (complete once READY exists) -> ``paths.scans`` or
+``paths.quarantine``/<id>/ with reason.json. Run it before ``dvc repro`` when new scans have landed:
+``.venv/bin/python -m pipelines.ingest [--repo DIR | --data DIR]``. Prints a summary; exit code 0 even when
 scans were quarantined (that is the expected outcome for bad scans), 2 on a usage problem."""
 from __future__ import annotations
 
@@ -10,21 +10,27 @@ import sys
 from pathlib import Path
 
 import pipelines  # noqa: F401  (tool defaults)
-import yaml
 
 from ctrlora.data.contract import ContractConfig
 from ctrlora.data.ingest import IngestConfig, ingest
-
-ROOT = Path(__file__).resolve().parent.parent
+from pipelines.settings import PATHS, REPO_ROOT
+from pipelines.stage import read_params
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=ROOT / "data", help="data folder (default: data/)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--repo", type=Path, default=REPO_ROOT,
+                       help=f"project whose params.yaml `paths` folders are used (default: {REPO_ROOT})")
+    where.add_argument("--data", type=Path, help="a data folder holding incoming/, scans/ and quarantine/")
     parser.add_argument("--json", action="store_true", help="print the full report as JSON")
     args = parser.parse_args(argv)
-    p = yaml.safe_load((ROOT / "params.yaml").read_text())["prepare"]
-    report = ingest(IngestConfig.under(args.data, ContractConfig(resolution=int(p["resolution"]))))
+    contract = ContractConfig(resolution=int(read_params("prepare")["resolution"]))
+    if args.data is not None:
+        cfg = IngestConfig.under(args.data, contract)
+    else:
+        cfg = IngestConfig(*(args.repo / PATHS[k] for k in ("data", "incoming", "scans", "quarantine")), contract)
+    report = ingest(cfg)
     if args.json:
         print(json.dumps({"accepted": report.accepted, "quarantined": report.quarantined,
                           "violations": report.violations, "pending": report.pending, "ignored": report.ignored}, indent=1))

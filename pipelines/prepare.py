@@ -1,28 +1,26 @@
-"""DVC stage ``prepare``: data/rendered + data/scans -> data/prepared (params: ``prepare``)."""
+"""DVC stage ``prepare``: ``paths.rendered`` + ``paths.scans`` (the synthetic and the ingested scans)
+-> ``paths.prepared`` (params: ``prepare``)."""
 from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import pipelines  # noqa: F401  (tool defaults)
-from pipelines.stage import read_params, timed_stage
+from pipelines.stage import artefact_paths, read_params, timed_stage
 
 from ctrlora.data.contract import ContractConfig
 from ctrlora.data.prepare import PrepareConfig, prepare
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def main() -> int:
     p = read_params("prepare")
     with timed_stage("prepare"):
-        return _run(p)
+        return _run(p, artefact_paths())
 
 
-def _run(p: dict) -> int:
+def _run(p: dict, paths: dict) -> int:
     result = prepare(PrepareConfig(
-        sources=tuple(ROOT / s for s in p["sources"]), out=ROOT / p["out"], data_root=ROOT / "data",
+        sources=(paths["rendered"], paths["scans"]), out=paths["prepared"], data_root=paths["data"],
         test_fraction=float(p["test_fraction"]),
         validation_fraction=float(p.get("validation_fraction", 0.0)), conditions=tuple(p["conditions"]),
         contract=ContractConfig(resolution=int(p["resolution"])), workers=int(p["workers"])))

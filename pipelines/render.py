@@ -1,26 +1,23 @@
-"""DVC stage ``render``: the embedded synthetic data set -> data/rendered (params: ``render``)."""
+"""DVC stage ``render``: the embedded synthetic data set -> ``paths.rendered`` (params: ``render``)."""
 from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import pipelines  # noqa: F401  (tool defaults)
-from pipelines.stage import read_params, timed_stage
+from pipelines.stage import artefact_paths, read_params, timed_stage
 
 from ctrlora.data.render import DatasetConfig, render_dataset
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def main() -> int:
     p = read_params("render")
     with timed_stage("render"):
-        return _run(p)
+        return _run(p, artefact_paths()["rendered"])
 
 
-def _run(p: dict) -> int:
-    stats = render_dataset(DatasetConfig(out=ROOT / p["out"], n=int(p["n"]), seed=int(p["seed"]),
+def _run(p: dict, out) -> int:
+    stats = render_dataset(DatasetConfig(out=out, n=int(p["n"]), seed=int(p["seed"]),
                                          resolution=int(p["resolution"]), workers=int(p["workers"])))
     print(json.dumps(stats))
     return 0

@@ -2,12 +2,12 @@
 lives, and a small process pool.
 
 Params: the ``research`` section, the recipe of ``train_adapter`` (every method trains with it)
-and, from ``evaluate``, the test-scan count, the sampling settings at the gate guidance and the
-re-detectors' folder: the comparisons use the production evaluation's scans, per-scan seeds,
-guidance and re-detectors.
+and, from ``evaluate``, the test-scan count and the sampling settings at the gate guidance: the
+comparisons use the production evaluation's scans, per-scan seeds, guidance and re-detectors
+(``paths.detectors``). Every folder and file comes from ``paths`` (:func:`path`).
 
-Runs: seed 0 of every swept rate lives under ``<out>/sweep/<method>/lr_<rate>/seed_0``; the
-further seeds at the selected rate under ``<out>/seeds/<method>/lr_<rate>/seed_<k>``.
+Runs: seed 0 of every swept rate lives under ``<paths.research>/sweep/<method>/lr_<rate>/seed_0``;
+the further seeds at the selected rate under ``<paths.research>/seeds/<method>/lr_<rate>/seed_<k>``.
 
 The pool: the research graph trains ~two dozen short runs; on a small CPU two single-threaded
 processes get more done than one process with two threads. Each worker loads what its jobs need
@@ -23,16 +23,15 @@ from typing import Any, Callable, Sequence
 
 import pipelines  # noqa: F401  (tool defaults)
 
-from pipelines.stage import read_params, resolve_backbone
+from pipelines.stage import artefact_paths, read_params, resolve_backbone
 
-ROOT = Path(__file__).resolve().parent.parent
 MIN_RATES = 3  # a learning-rate sweep of fewer rates cannot tell an optimum from an edge
 _CTX: dict[str, Any] = {}  # what a worker loaded once (setup)
 
 
 def params() -> dict[str, Any]:
-    """``research`` params, checked, with ``recipe`` (= ``train_adapter``) and, from ``evaluate``,
-    ``test_scans``, ``sampling`` (at the gate guidance) and ``detectors`` added."""
+    """``research`` params, checked, with ``recipe`` (= ``train_adapter``), from ``evaluate``
+    ``test_scans`` and ``sampling`` (at the gate guidance), and ``paths`` (resolved) added."""
     from ctrlora.training.baselines import METHODS
 
     allp = read_params("research", "train_adapter", "evaluate")
@@ -51,17 +50,21 @@ def params() -> dict[str, Any]:
     sampling = dict(ev["sampling"])
     if "gate_guidance" in ev:  # the guidance scale the production bar is read at
         sampling["guidance_scale"] = float(ev["gate_guidance"])
-    p.update(recipe=recipe, test_scans=ev.get("max_scans"), sampling=sampling, detectors=ev["detectors_out"])
+    p.update(recipe=recipe, test_scans=ev.get("max_scans"), sampling=sampling, paths=artefact_paths())
     return p
 
 
-def path(p: dict[str, Any], key: str) -> Path:
-    return ROOT / p[key]
+def path(p: dict[str, Any], *keys: str) -> Path:
+    """``paths`` entry by key, e.g. ``path(p, "metrics", "research")``."""
+    node = p["paths"]
+    for key in keys:
+        node = node[key]
+    return node
 
 
 def run_dir(p: dict[str, Any], spec) -> Path:
     """Where run ``spec`` (a :class:`~ctrlora.training.baselines.RunSpec`) is written."""
-    return path(p, "out") / ("sweep" if spec.seed == 0 else "seeds") / spec.key
+    return path(p, "research") / ("sweep" if spec.seed == 0 else "seeds") / spec.key
 
 
 def read_json(file: Path) -> Any:

@@ -1,9 +1,9 @@
 """DVC stage ``evaluate`` of the research graph (params: ``research``, ``evaluate.max_scans``,
 ``evaluate.sampling``): every method, every seed, at its selected rate, on the **test** scans of
 the production evaluation (same scans, per-scan sampling seeds and re-detectors), plus the
-uncontrolled backbone -> ``<out>/test_scores.json`` (per-scan fidelity ``[seeds, scans]`` per
+uncontrolled backbone -> ``<paths.research>/test_scores.json`` (per-scan fidelity ``[seeds, scans]`` per
 method; for ``cnn`` / ``vae_scratch`` also per snapshot step on the first
-``research.ablation_scans`` scans) and ``<reports>/samples.png`` (condition, uncontrolled, each
+``research.ablation_scans`` scans) and ``<paths.reports.research>/samples.png`` (condition, uncontrolled, each
 method's seed-0 image, photograph). ``report`` turns the scores into intervals.
 """
 from __future__ import annotations
@@ -73,7 +73,8 @@ def save_samples(p: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     cols += [next(r for r in rows if r["job"][0] == m and r["job"][2] == 0)["images"] for m in p["methods"]]
     n = min(len(data), *(len(col) for col in cols))
     grid = [[condition_cell(c, data, i), *(col[i] for col in cols), data.photos[i]] for i in range(n)]
-    save_grid(grid, C.path(p, "reports") / "samples.png", titles=[c, UNCONTROLLED, *p["methods"], "ground truth"])
+    save_grid(grid, C.path(p, "reports", "research") / "samples.png",
+              titles=[c, UNCONTROLLED, *p["methods"], "ground truth"])
 
 
 def main() -> int:
@@ -89,7 +90,7 @@ def main() -> int:
         jobs = sorted(runs, key=lambda j: j[0] not in ABLATION) + [(UNCONTROLLED,)]
         C.log(f"[research evaluate] {len(jobs)} models on up to {p['test_scans']} test scans, {p['workers']} workers")
         rows = C.pool_map(me.test_job, jobs, ("backbone", "test", "detectors"), p["workers"], p["threads"])
-        C.write_json(C.path(p, "out") / "test_scores.json", collect(p, rows, rates))
+        C.write_json(C.path(p, "research") / "test_scores.json", collect(p, rows, rates))
         save_samples(p, rows)
     return 0
 

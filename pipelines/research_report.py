@@ -1,7 +1,7 @@
 """DVC stage ``report`` of the research graph (params: ``research``): the paired bootstrap
-intervals of every comparison from ``<out>/test_scores.json`` -> ``research.metrics``
+intervals of every comparison from ``<paths.research>/test_scores.json`` -> ``paths.metrics.research``
 (``metrics/research.json``) and the embedding ablation's fidelity-vs-steps curve
-(``<reports>/ablation/fidelity_vs_steps.csv`` / ``.png``; the folder stays empty when the
+(``<paths.reports.research>/ablation/fidelity_vs_steps.csv`` / ``.png``; the folder stays empty when the
 methods leave the ablation out). Library: :mod:`ctrlora.evaluation.research`."""
 from __future__ import annotations
 
@@ -34,25 +34,25 @@ def main() -> int:
 
     p = C.params()
     with timed_stage("research_report"):
-        scores = C.read_json(C.path(p, "out") / "test_scores.json")
-        sel = C.read_json(C.path(p, "selection"))
+        scores = C.read_json(C.path(p, "research") / "test_scores.json")
+        sel = C.read_json(C.path(p, "metrics", "research_selection"))
         report = research_report(scores["uncontrolled"], scores["methods"], int(p["n_boot"]),
                                  int(p.get("bootstrap_seed", 0)))
         report = {"condition": scores["condition"], "split": scores["split"], "sampling": scores["sampling"],
                   "learning_rate_selection": {m: {k: sel["methods"][m][k] for k in ("learning_rate", "at_edge")}
                                               for m in p["methods"]},
                   **report}
-        C.write_json(C.path(p, "metrics"), report)
+        C.write_json(C.path(p, "metrics", "research"), report)
         abl = report.get("embedding_ablation")
-        (C.path(p, "reports") / "ablation").mkdir(parents=True, exist_ok=True)
+        (C.path(p, "reports", "research") / "ablation").mkdir(parents=True, exist_ok=True)
         if abl:
             unc0 = float(np.mean(scores["uncontrolled"][: abl["n_scans"]]))
-            write_curves(abl, unc0, C.path(p, "reports") / "ablation")
+            write_curves(abl, unc0, C.path(p, "reports", "research") / "ablation")
         bar = report["quality_bar"]
         for name, chk in bar["checks"].items():
             C.log(f"[research report] {name}: {chk['value']} [{chk['low']}, {chk['high']}] vs {chk['threshold']}"
                   f" -> {'PASS' if chk['pass'] else 'FAIL'}")
-        C.log(f"[research report] {bar['passed']}/{bar['total']} checks pass -> {C.path(p, 'metrics')}")
+        C.log(f"[research report] {bar['passed']}/{bar['total']} checks pass -> {C.path(p, 'metrics', 'research')}")
     return 0
 
 

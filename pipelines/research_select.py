@@ -1,6 +1,6 @@
 """DVC stage ``select`` of the research graph (params: ``research``): each method's learning rate,
 the one with the highest mean fidelity on the **validation** scans of the sweep
-(``<out>/sweep/validation.json``) -> ``research.selection`` (``metrics/research_sweep.json``),
+(``<paths.research>/sweep/validation.json``) -> ``paths.metrics.research_selection`` (``metrics/research_sweep.json``),
 which ``seeds`` and ``evaluate`` read. Nothing here touches the test split. Library:
 :func:`ctrlora.training.baselines.select_learning_rates`."""
 from __future__ import annotations
@@ -34,9 +34,9 @@ def selection(sweep: dict[str, Any], methods: list[str], n_boot: int, seed: int)
 def main() -> int:
     p = C.params()
     with timed_stage("research_select"):
-        sweep = C.read_json(C.path(p, "out") / "sweep" / "validation.json")
+        sweep = C.read_json(C.path(p, "research") / "sweep" / "validation.json")
         out = selection(sweep, list(p["methods"]), int(p["n_boot"]), int(p.get("bootstrap_seed", 0)))
-        C.write_json(C.path(p, "selection"), out)
+        C.write_json(C.path(p, "metrics", "research_selection"), out)
         for m, e in out["methods"].items():
             edge = "  (at the edge of the sweep)" if e["at_edge"] else ""
             C.log(f"[research select] {m}: lr {e['learning_rate']:g}, validation fidelity "

@@ -3,11 +3,13 @@
 
 ``sweep``  every method of ``research.methods`` at each of its ``research.learning_rates``, seed
            0, each run then scored on the first ``research.validation_scans`` **validation**
-           scans -> ``<out>/sweep/<method>/lr_<rate>/seed_0`` and ``<out>/sweep/validation.json``
-           (the per-scan validation fidelity of every run; ``select`` reads it).
+           scans -> ``<paths.research>/sweep/<method>/lr_<rate>/seed_0`` and
+           ``<paths.research>/sweep/validation.json`` (the per-scan validation fidelity of every
+           run; ``select`` reads it).
 ``seeds``  seeds 1 .. ``research.seeds`` - 1 of every method at the rate ``select`` chose
-           (``research.selection``) -> ``<out>/seeds/<method>/lr_<rate>/seed_<k>``. Seed 0 at that
-           rate is the sweep's run and is not trained again.
+           (``paths.metrics.research_selection``) ->
+           ``<paths.research>/seeds/<method>/lr_<rate>/seed_<k>``. Seed 0 at that rate is the
+           sweep's run and is not trained again.
 
 Runs go through a pool of ``research.workers`` processes with ``research.threads`` torch
 threads each.
@@ -58,10 +60,11 @@ def seed_job(spec) -> dict[str, Any]:
 
 def selected_rates(p: dict[str, Any]) -> dict[str, float]:
     """``{method: learning rate}`` chosen by ``select`` on the validation scans."""
-    sel = C.read_json(C.path(p, "selection"))["methods"]
+    sel = C.read_json(C.path(p, "metrics", "research_selection"))["methods"]
     missing = [m for m in p["methods"] if m not in sel]
     if missing:
-        raise SystemExit(f"{p['selection']}: no selected rate for {missing}; rerun `select`")
+        raise SystemExit(f"{C.path(p, 'metrics', 'research_selection')}: no selected rate for {missing}; "
+                         "rerun `select`")
     return {m: float(sel[m]["learning_rate"]) for m in p["methods"]}
 
 
@@ -77,7 +80,7 @@ def sweep(p: dict[str, Any]) -> None:
     for r in rows:
         if r.pop("scan_ids") != scan_ids:
             raise RuntimeError("sweep runs were scored on different validation scans")
-    C.write_json(C.path(p, "out") / "sweep" / "validation.json",
+    C.write_json(C.path(p, "research") / "sweep" / "validation.json",
                  {"split": "validation", "condition": p["condition"], "n_scans": len(scan_ids),
                   "scan_ids": scan_ids, "runs": rows})
 
@@ -88,7 +91,7 @@ def seeds(p: dict[str, Any]) -> None:
 
     rates = selected_rates(p)
     specs = [RunSpec(m, rates[m], k) for m in p["methods"] for k in range(1, int(p["seeds"]))]
-    out = C.path(p, "out") / "seeds"
+    out = C.path(p, "research") / "seeds"
     out.mkdir(parents=True, exist_ok=True)
     C.log(f"[research seeds] {len(specs)} runs on {p['workers']} workers")
     rows = C.pool_map(me.seed_job, specs, ("backbone", "cache"), p["workers"], p["threads"]) if specs else []

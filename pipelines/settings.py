@@ -1,5 +1,6 @@
-"""Facts of the MLOps shell, each stated once: the repo root, where the graph's outputs lie, the
-params file, and the tool defaults.
+"""Facts of the MLOps shell, each stated once: the repo root, the params file and its one reader,
+where the graph's artefacts lie (params.yaml ``paths``, also read by dvc.yaml), and the tool
+defaults.
 
 Every process of the shell (DVC stage entries, Prefect flows, the registry, the tests) imports
 :mod:`pipelines`, which applies the tool defaults with ``os.environ.setdefault`` — so a value the
@@ -18,20 +19,45 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PARAMS_FILE = "params.yaml"
+PARAMS_ENV = "CTRLORA_PARAMS"  # names another params file for the stage entries (tests, experiments)
 
-# Outputs of the DVC graph that the registry step reads, relative to the repo root.
-PREPARED_CONDITIONS = "data/prepared/conditions"   # one folder per condition: its data set
-BACKBONE_DIR = "models/backbone"
-BASE_DIR = "models/base"
-# Adapter folders <root>/<condition>/; a later root registers later (its versions are newer).
-ADAPTER_ROOTS = ("models/base/adapters", "models/adapters")
-METRICS_FILE = "metrics/evaluate.json"
+
+def params_path() -> Path:
+    """The params file the stage entries read: ``$CTRLORA_PARAMS``, else the repo's params.yaml
+    (never the working directory's)."""
+    return Path(os.environ.get(PARAMS_ENV) or REPO_ROOT / PARAMS_FILE)
+
+
+def read_params(*sections: str, path: Path | None = None) -> dict[str, Any]:
+    """One section of the params file (:func:`params_path`), or a dict of several keyed by section."""
+    path = Path(path or params_path())
+    params = yaml.safe_load(path.read_text()) or {}
+    missing = [s for s in sections if s not in params]
+    if missing:
+        raise KeyError(f"{path}: missing section(s) {missing}; present: {sorted(params)}")
+    if len(sections) == 1:
+        return params[sections[0]]
+    return {s: params[s] for s in sections}
 
 
 def load_params(root: Path = REPO_ROOT) -> dict[str, Any]:
     """The whole params file of the repo at ``root`` (``{}`` when it has none)."""
     path = Path(root) / PARAMS_FILE
     return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
+# Where the graph's artefacts lie, relative to the repo root: params.yaml ``paths`` of this
+# checkout. Stage entries resolve the section at run time instead (pipelines.stage.artefact_paths),
+# so that $CTRLORA_PARAMS can point them elsewhere.
+PATHS: dict[str, Any] = read_params("paths", path=REPO_ROOT / PARAMS_FILE)
+INCOMING = PATHS["incoming"]
+PREPARED_CONDITIONS = f"{PATHS['prepared']}/conditions"   # one folder per condition: its data set
+BACKBONE_DIR = PATHS["backbone"]
+BASE_DIR = PATHS["base"]
+BASE_ADAPTERS = "adapters"  # train_base writes each base condition's adapter to <base>/adapters/<c>
+# Adapter folders <root>/<condition>/; a later root registers later (its versions are newer).
+ADAPTER_ROOTS = (f"{BASE_DIR}/{BASE_ADAPTERS}", PATHS["adapters"])
+METRICS_FILE = PATHS["metrics"]["evaluate"]
 
 
 def defaults(root: Path = REPO_ROOT) -> dict[str, str]:

@@ -1,9 +1,10 @@
-"""Small shared helpers for DVC stage entry points: read one params section, time the stage.
+"""Small shared helpers for DVC stage entry points: read params sections and the artefact
+paths, time the stage.
 
 Every stage entry is ``python -m pipelines.<stage>`` and looks like::
 
     def main() -> None:
-        cfg = read_params("train_base")
+        cfg, paths = read_params("train_base"), artefact_paths()
         with timed_stage("train_base"):
             ...
 """
@@ -11,29 +12,28 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
-import yaml
+from pipelines.settings import REPO_ROOT, read_params
 
-from pipelines.settings import REPO_ROOT
+__all__ = ["read_params", "artefact_paths", "timed_stage", "checkpoint_dir", "clear_checkpoints",
+           "resolve_backbone", "write_curve"]
 
 TIMINGS_FILE = REPO_ROOT / "logs" / "stage_times.jsonl"
 
 
-def read_params(*sections: str, path: Path | None = None) -> dict[str, Any]:
-    """Return one section of params.yaml (or a merged dict of several, keyed by section)."""
-    path = Path(path or os.environ.get("CTRLORA_PARAMS", "params.yaml"))
-    with open(path) as fh:
-        params = yaml.safe_load(fh) or {}
-    missing = [s for s in sections if s not in params]
-    if missing:
-        raise KeyError(f"{path}: missing section(s) {missing}; present: {sorted(params)}")
-    if len(sections) == 1:
-        return params[sections[0]]
-    return {s: params[s] for s in sections}
+def _resolve(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _resolve(v) for k, v in node.items()}
+    return REPO_ROOT / node  # an absolute path stays as it is
+
+
+def artefact_paths(path: Path | None = None) -> dict[str, Any]:
+    """params.yaml ``paths`` with every entry resolved against the repo root (nested sections
+    such as ``reports`` and ``metrics`` stay dicts)."""
+    return _resolve(read_params("paths", path=path))
 
 
 @contextlib.contextmanager

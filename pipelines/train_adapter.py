@@ -1,18 +1,16 @@
 """DVC stage ``train_adapter@<condition>`` (params: ``train_adapter``): a new condition's adapter
-on the frozen Base ControlNet -> ``models/adapters/<condition>``."""
+on the frozen Base ControlNet -> ``<paths.adapters>/<condition>``."""
 from __future__ import annotations
 
 import json
 import shutil
 import sys
-from pathlib import Path
 
 import pipelines  # noqa: F401  (tool defaults)
 import torch
 
-from pipelines.stage import checkpoint_dir, clear_checkpoints, read_params, resolve_backbone, timed_stage, write_curve
-
-ROOT = Path(__file__).resolve().parent.parent
+from pipelines.stage import (artefact_paths, checkpoint_dir, clear_checkpoints, read_params, resolve_backbone,
+                             timed_stage, write_curve)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,13 +25,13 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         raise SystemExit("usage: python -m pipelines.train_adapter <condition>")
     condition = argv[0]
-    p = read_params("train_adapter")
-    out = ROOT / p["out"] / condition
+    p, paths = read_params("train_adapter"), artefact_paths()
+    out = paths["adapters"] / condition
     with timed_stage(f"train_adapter@{condition}"):
         torch.manual_seed(int(p["train"].get("seed", 0)))
-        bb = load_backbone(resolve_backbone(ROOT / p["backbone"]))
-        cache = load_embed_cache(ROOT / p["embed"], [condition])
-        controlnet = CtrLoRAControlNet.from_pretrained(ROOT / p["base"])
+        bb = load_backbone(resolve_backbone(paths["backbone"]))
+        cache = load_embed_cache(paths["embed"], [condition])
+        controlnet = CtrLoRAControlNet.from_pretrained(paths["base"])
         controlnet.requires_grad_(False)
         bh = base_hash(controlnet)
         add_adapter(controlnet, condition, rank=int(p["rank"]), own_modules=True)
@@ -45,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(out)
         save_adapter(controlnet, condition, out, base_hash=bh, extra={"stage": "train_adapter",
                                                                       "steps": cfg.train.max_steps})
-        write_curve(result.history, ROOT / p["reports"] / f"{condition}_loss.csv", ["loss"])
+        write_curve(result.history, paths["reports"]["train_adapter"] / f"{condition}_loss.csv", ["loss"])
         clear_checkpoints(ckpt)
         print(f"[train_adapter] {condition}: {json.loads((out / 'adapter_config.json').read_text())['num_params']} "
               f"params -> {out}")

@@ -1,20 +1,19 @@
 """DVC stage ``train_base`` (params: ``train_base``): the Base ControlNet, trained over the base
-conditions with one LoRA per condition; writes ``models/base`` (the base, diffusers format) and
-``models/base/adapters/<c>`` (each base condition's adapter: its LoRA + the base's zero convs /
+conditions with one LoRA per condition; writes ``paths.base`` (the base, diffusers format) and
+``<paths.base>/adapters/<c>`` (each base condition's adapter: its LoRA + the base's zero convs /
 norms, as the reference ships them)."""
 from __future__ import annotations
 
 import json
 import shutil
 import sys
-from pathlib import Path
 
 import pipelines  # noqa: F401  (tool defaults)
 import torch
 
-from pipelines.stage import checkpoint_dir, clear_checkpoints, read_params, resolve_backbone, timed_stage, write_curve
-
-ROOT = Path(__file__).resolve().parent.parent
+from pipelines.settings import BASE_ADAPTERS
+from pipelines.stage import (artefact_paths, checkpoint_dir, clear_checkpoints, read_params, resolve_backbone,
+                             timed_stage, write_curve)
 
 
 def main() -> int:
@@ -25,13 +24,13 @@ def main() -> int:
     from ctrlora.training.embed import load_embed_cache
     from ctrlora.training.loop import TrainConfig
 
-    p = read_params("train_base")
-    out = ROOT / p["out"]
+    p, paths = read_params("train_base"), artefact_paths()
+    out = paths["base"]
     conditions = list(p["conditions"])
     with timed_stage("train_base"):
         torch.manual_seed(int(p["train"].get("seed", 0)))
-        bb = load_backbone(resolve_backbone(ROOT / p["backbone"]))
-        cache = load_embed_cache(ROOT / p["embed"], conditions)
+        bb = load_backbone(resolve_backbone(paths["backbone"]))
+        cache = load_embed_cache(paths["embed"], conditions)
         controlnet = CtrLoRAControlNet.from_unet(bb.unet, condition_embedding="vae")
         for c in conditions:
             add_adapter(controlnet, c, rank=int(p["rank"]), own_modules=False)
@@ -43,10 +42,11 @@ def main() -> int:
         controlnet.save_pretrained(out)
         bh = base_hash(controlnet)
         for c in conditions:
-            save_adapter(controlnet, c, out / "adapters" / c, base_hash=bh, extra={"stage": "train_base"})
+            save_adapter(controlnet, c, out / BASE_ADAPTERS / c, base_hash=bh, extra={"stage": "train_base"})
         (out / "base_info.json").write_text(json.dumps({"base_hash": bh, "conditions": conditions,
                                                         "rank": int(p["rank"]), "steps": cfg.train.max_steps}, indent=1))
-        write_curve(result.history, ROOT / p["reports"] / "loss.csv", ["loss", *[f"loss/{c}" for c in conditions]])
+        write_curve(result.history, paths["reports"]["train_base"] / "loss.csv",
+                    ["loss", *[f"loss/{c}" for c in conditions]])
         clear_checkpoints(ckpt)
     return 0
 

@@ -78,12 +78,14 @@ def world(tmp_path_factory):
         "train_adapter": {"conditions": ["lighting"], "rank": 2, "prompt_dropout": 0.3, "max_pairs": 8,
                           "train": {"max_steps": 2, "batch_size": 2, "learning_rate": 1e-3, "log_every": 2, "seed": 0}},
         "evaluate": {"max_scans": 5, "sampling": {"steps": 1, "scheduler": "ddim", "batch_size": 8, "seed": 1000},
-                     "gate_guidance": 1.0, "detectors_out": str(root / "detectors")},
-        "research": {"backbone": str(root / "backbone"), "embed": str(data / "embed"), "base": str(root / "base"),
-                     "prepared": str(data / "prepared"),
-                     "out": str(root / "models"), "reports": str(root / "reports"),
-                     "selection": str(root / "metrics" / "research_sweep.json"),
-                     "metrics": str(root / "metrics" / "research.json"), "condition": "lighting",
+                     "gate_guidance": 1.0},
+        # absolute paths: the stages resolve `paths` against the repo root, which leaves these as they are
+        "paths": {"backbone": str(root / "backbone"), "embed": str(data / "embed"), "base": str(root / "base"),
+                  "prepared": str(data / "prepared"), "detectors": str(root / "detectors"),
+                  "research": str(root / "models"), "reports": {"research": str(root / "reports")},
+                  "metrics": {"research_selection": str(root / "metrics" / "research_sweep.json"),
+                              "research": str(root / "metrics" / "research.json")}},
+        "research": {"condition": "lighting",
                      "methods": METHODS, "learning_rates": rates, "seeds": 2, "snapshot_every": 1,
                      "validation_scans": 4, "ablation_scans": 3, "n_boot": 200, "bootstrap_seed": 0,
                      "workers": 1, "threads": 1},
@@ -137,10 +139,11 @@ def test_select_learning_rates_on_known_numbers():
 
 def test_sweep_chooses_on_validation_and_never_reads_test(graph):
     root, p = graph["root"], graph["params"]["research"]
+    paths = graph["params"]["paths"]
     sweep = _json(root / "models" / "sweep" / "validation.json")
     assert sweep["split"] == "validation" and sweep["n_scans"] == 4
     assert len(sweep["runs"]) == 3 * len(METHODS) and {r["seed"] for r in sweep["runs"]} == {0}
-    sel = _json(p["selection"])
+    sel = _json(paths["metrics"]["research_selection"])
     assert sel["split"] == "validation"
     for m in METHODS:
         runs = {r["learning_rate"]: r["mean"] for r in sweep["runs"] if r["method"] == m}
@@ -155,8 +158,8 @@ def test_sweep_chooses_on_validation_and_never_reads_test(graph):
 
 
 def test_seeds_reuse_the_sweep_run_at_the_selected_rate(graph):
-    root, p = graph["root"], graph["params"]["research"]
-    sel = _json(p["selection"])["methods"]
+    root, paths = graph["root"], graph["params"]["paths"]
+    sel = _json(paths["metrics"]["research_selection"])["methods"]
     for m in METHODS:
         lr = sel[m]["learning_rate"]
         assert (root / "models" / "sweep" / m / f"lr_{lr:g}" / "seed_0" / "run.json").is_file()
@@ -220,7 +223,7 @@ def test_adapter_methods_leave_the_starting_controlnet_frozen(world, tmp_path):
 
     p = world["params"]
     bb = world["backbone"]
-    cache = load_embed_cache(p["research"]["embed"], ["lighting"])
+    cache = load_embed_cache(p["paths"]["embed"], ["lighting"])
     recipe = Recipe.from_params(p["train_adapter"])
     start, _ = build_controlnet("adapter_random", bb, "lighting", recipe.rank, seed=recipe.train.seed + 0)
     info = train_run(RunSpec("adapter_random", 1e-2, 0), bb, cache, "lighting", recipe, tmp_path / "run")
@@ -238,7 +241,7 @@ def test_adapter_methods_leave_the_starting_controlnet_frozen(world, tmp_path):
 
 # ---------------------------------------------------------------------------- test evaluation and report
 def test_evaluate_and_report(graph):
-    root, p = graph["root"], graph["params"]["research"]
+    root, paths = graph["root"], graph["params"]["paths"]
     scores = _json(root / "models" / "test_scores.json")
     assert scores["split"] == "test" and scores["n_scans"] == 5 and scores["ablation_scans"] == 3
     for m in METHODS:
@@ -247,7 +250,7 @@ def test_evaluate_and_report(graph):
     for m in ("cnn", "vae_scratch"):
         snaps = scores["methods"][m]["snapshots"]
         assert sorted(int(s) for s in snaps) == [1, 2] and np.asarray(snaps["1"]).shape == (2, 3)
-    rep = _json(p["metrics"])
+    rep = _json(paths["metrics"]["research"])
     bar = rep["quality_bar"]
     assert set(bar["checks"]) == {"adapter_vs_full_finetune", "adapter_param_fraction", "adapter_vs_adapter_unet_copy",
                                   "adapter_vs_adapter_random"}
