@@ -15,12 +15,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipelines.settings import REPO_ROOT
+from pipelines.settings import PATHS, REPO_ROOT, REPRO_TIMES
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-FILES = {"backbone": "metrics/backbone.json", "evaluate": "metrics/evaluate.json",
-         "research": "metrics/research.json", "sweep": "metrics/research_sweep.json",
-         "times": "reports/repro_times.json"}
+FILES = {"backbone": PATHS["metrics"]["backbone"], "evaluate": PATHS["metrics"]["evaluate"],
+         "research": PATHS["metrics"]["research"], "sweep": PATHS["metrics"]["research_selection"],
+         "times": REPRO_TIMES}
 
 
 def _load(root: Path) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import sys
 import time
 
 from pipelines import register, report
-from pipelines.settings import REPO_ROOT
+from pipelines.settings import REPO_ROOT, REPRO_TIMES
 from pipelines.stage import TIMINGS_FILE
 
 
@@ -51,8 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         record = {"stages": [{"stage": r["stage"], "seconds": r["seconds"]} for r in times],
                   "total_seconds": round(total, 1),
                   "machine": f"{os.cpu_count()} CPUs, {platform.machine()}, torch threads per stage from params"}
-        (REPO_ROOT / "reports").mkdir(exist_ok=True)
-        (REPO_ROOT / "reports" / "repro_times.json").write_text(json.dumps(record, indent=1) + "\n")
+        target = REPO_ROOT / REPRO_TIMES
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(record, indent=1) + "\n")
     report.update_readme(REPO_ROOT)
     return 0
 

@@ -58,6 +58,7 @@ BASE_ADAPTERS = "adapters"  # train_base writes each base condition's adapter to
 # Adapter folders <root>/<condition>/; a later root registers later (its versions are newer).
 ADAPTER_ROOTS = (f"{BASE_DIR}/{BASE_ADAPTERS}", PATHS["adapters"])
 METRICS_FILE = PATHS["metrics"]["evaluate"]
+REPRO_TIMES = PATHS["repro_times"]
 
 
 def defaults(root: Path = REPO_ROOT) -> dict[str, str]:
