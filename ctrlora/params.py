@@ -6,17 +6,25 @@ backbone that ``params.yaml`` ``backbone.tiny`` configures).
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 PARAMS_FILE = "params.yaml"
+PARAMS_ENV = "CTRLORA_PARAMS"  # names another params file (tests, experiments)
 
 
 def find_params_file(start: str | Path | None = None) -> Path:
-    """``params.yaml`` of the checkout this package lives in; else of ``start`` (default: the
-    working directory) or its nearest parent that has one."""
+    """The params file: ``$CTRLORA_PARAMS`` when set; else ``params.yaml`` of the checkout this
+    package lives in; else of ``start`` (default: the working directory) or its nearest parent
+    that has one."""
+    named = os.environ.get(PARAMS_ENV)
+    if named:
+        if not Path(named).is_file():
+            raise FileNotFoundError(f"${PARAMS_ENV} names {named}, which is not a file")
+        return Path(named)
     package_root = Path(__file__).resolve().parent.parent
     here = Path(start if start is not None else Path.cwd()).resolve()
     candidates = [package_root, here, *here.parents]

@@ -76,3 +76,16 @@ def test_tiny_preset_is_built_from_the_params_file(tmp_path):
         tiny_backbone_config(empty)
     with pytest.raises(FileNotFoundError, match="no such params file"):
         tiny_backbone_config(tmp_path / "absent.yaml")
+
+
+def test_params_file_from_the_environment(tmp_path, monkeypatch):
+    from ctrlora.params import find_params_file
+
+    path = _params_file(tmp_path, image_size=16)
+    monkeypatch.setenv("CTRLORA_PARAMS", str(path))
+    assert find_params_file() == path
+    with pytest.raises(ValueError, match="lack"):
+        tiny_backbone_config()
+    monkeypatch.setenv("CTRLORA_PARAMS", str(tmp_path / "absent.yaml"))
+    with pytest.raises(FileNotFoundError, match="CTRLORA_PARAMS"):
+        find_params_file()
