@@ -149,11 +149,13 @@ def test_eval_config_guidance_passes_and_validation():
 
 # ---------------------------------------------------------------------------- tiny models
 def _tiny_backbone():
-    from ctrlora.data.captions import CAPTION_VOCABULARY
-    from ctrlora.models.backbone import TinyBackboneConfig, build_tiny_backbone
+    from _models_helpers import tiny_test_config
 
-    cfg = TinyBackboneConfig(image_size=SIZE, vae_block_out_channels=(32, 32), unet_block_out_channels=(32, 32),
-                             unet_attention_heads=(2, 2), unet_layers_per_block=1, text_layers=1, vae_scaling_factor=0.5)
+    from ctrlora.data.captions import CAPTION_VOCABULARY
+    from ctrlora.models.backbone import build_tiny_backbone
+
+    cfg = tiny_test_config(image_size=SIZE, vae_block_out_channels=(32, 32), unet_block_out_channels=(32, 32),
+                           unet_attention_heads=(2, 2), unet_layers_per_block=1, text_layers=1, vae_scaling_factor=0.5)
     return build_tiny_backbone(cfg, CAPTION_VOCABULARY)
 
 

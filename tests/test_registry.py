@@ -223,15 +223,17 @@ def test_pyfunc_is_logged_as_code_and_generates_in_fresh_process(tracking, tmp_p
     import torch
 
     from ctrlora.models import adapters
-    from ctrlora.models.backbone import TinyBackboneConfig, build_tiny_backbone
+    from _models_helpers import tiny_test_config
+
+    from ctrlora.models.backbone import build_tiny_backbone
     from ctrlora.models.controlnet import CtrLoRAControlNet
     from pipelines.registration import register_adapter
     from pipelines.registry import resolve_adapter_uri
 
     torch.manual_seed(0)
-    cfg = TinyBackboneConfig(image_size=32, vae_block_out_channels=(32, 32),
-                             unet_block_out_channels=(32, 32), unet_attention_heads=(2, 2),
-                             unet_layers_per_block=1, text_layers=1)
+    cfg = tiny_test_config(image_size=32, vae_block_out_channels=(32, 32),
+                           unet_block_out_channels=(32, 32), unet_attention_heads=(2, 2),
+                           unet_layers_per_block=1, text_layers=1)
     bb = build_tiny_backbone(cfg, ["a", "dental", "photo", "of", "teeth"])
     bb.save(tmp_path / "backbone")
     net = CtrLoRAControlNet.from_unet(bb.unet, vae_scale_factor=2 ** (len(cfg.vae_block_out_channels) - 1))
