@@ -51,11 +51,12 @@ def _record_sd15(p: dict, out: Path) -> None:
 def _pretrain(p: dict, photos, captions, conds, ckpt: Path):
     from ctrlora.data.captions import CAPTION_VOCABULARY
     from ctrlora.models.backbone import TinyBackboneConfig, build_tiny_backbone
-    from ctrlora.training.backbone import (UNetPretrainConfig, VAEPretrainConfig, encode_posterior,
-                                           pretrain_unet, pretrain_vae, set_latent_scaling)
+    from ctrlora.models.latents import encode_posterior
+    from ctrlora.training.backbone import (UNetPretrainConfig, VAEPretrainConfig, pretrain_unet, pretrain_vae,
+                                           set_latent_scaling)
     from ctrlora.training.loop import TrainConfig
 
-    cfg = TinyBackboneConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in p["tiny"].items()})
+    cfg = TinyBackboneConfig.from_params(p["tiny"])
     bb = build_tiny_backbone(cfg, CAPTION_VOCABULARY)
     vae_res = pretrain_vae(bb.vae, photos, torch.cat(list(conds.values())), VAEPretrainConfig(
         TrainConfig.from_dict(p["vae"]["train"]), kl_weight=float(p["vae"]["kl_weight"]),

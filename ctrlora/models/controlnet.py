@@ -32,9 +32,6 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2DCrossAttn, get_down_block
 
-# Kept importable here while the trainers move to ctrlora.models.latents.
-from ctrlora.models.latents import encode_condition, sample_latent  # noqa: F401
-
 CONDITION_EMBEDDINGS = ("vae", "cnn")
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ctrlora.models.controlnet import sample_latent
+from ctrlora.models.latents import sample_latent, tokenize
 from ctrlora.training.diffusion import denoising_loss
 from ctrlora.training.loop import TrainConfig, Trainer, TrainResult
 
@@ -113,30 +113,12 @@ def pretrain_vae(vae: torch.nn.Module, photos: torch.Tensor, conditions: torch.T
     return result
 
 
-@torch.no_grad()
-def encode_posterior(vae: torch.nn.Module, images: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior mean and log-variance for ``images`` (unscaled), in batches."""
-    means, logvars = [], []
-    device = next(vae.parameters()).device
-    for i in range(0, images.shape[0], batch_size):
-        dist = vae.encode(images[i:i + batch_size].to(device)).latent_dist
-        means.append(dist.mean.cpu())
-        logvars.append(dist.logvar.cpu())
-    return torch.cat(means), torch.cat(logvars)
-
-
 def set_latent_scaling(vae: torch.nn.Module, mean: torch.Tensor, logvar: torch.Tensor, seed: int = 0) -> float:
     """Set ``vae.config.scaling_factor`` to 1 / std of posterior samples, so latents have unit scale."""
-    g = torch.Generator().manual_seed(seed)
-    z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g)
+    z = sample_latent(mean, logvar, 1.0, torch.Generator().manual_seed(seed))
     factor = float(1.0 / z.flatten().std())
     vae.register_to_config(scaling_factor=factor)
     return factor
-
-
-def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
-    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                     truncation=True, return_tensors="pt").input_ids
 
 
 def pretrain_unet(unet: torch.nn.Module, text_encoder: torch.nn.Module, tokenizer, scheduler,

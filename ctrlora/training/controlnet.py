@@ -25,7 +25,7 @@ import torch
 from accelerate import DistributedDataParallelKwargs
 
 from ctrlora.models.adapters import set_adapter, set_trainable
-from ctrlora.models.controlnet import sample_latent
+from ctrlora.models.latents import sample_latent
 from ctrlora.training.diffusion import denoising_loss
 from ctrlora.training.embed import EmbedCache
 from ctrlora.training.loop import TrainConfig, Trainer, TrainResult, make_accelerator
