@@ -126,7 +126,7 @@ def _load_pipeline(args, adapters: Pairs):
 
 
 def _generate(args, sources: Mapping[str, str]) -> list[Path]:
-    from PIL import Image
+    from ctrlora.data.files import read_png
 
     adapters, conditions = _check_request(args)
     pipe = _load_pipeline(args, adapters)
@@ -134,7 +134,7 @@ def _generate(args, sources: Mapping[str, str]) -> list[Path]:
     for name, (path, weight) in conditions.items():
         if weight is None:  # the condition's own weight wins, then the adapter's, then 1
             weight = adapters.get(name, (None, None))[1]
-        conds[name] = (Image.open(path).convert("RGB"), 1.0 if weight is None else weight)
+        conds[name] = (read_png(path, "RGB", convert=True), 1.0 if weight is None else weight)
     seeds = [args.seed + i for i in range(args.num_images)]
     out = pipe(args.prompt, conds, num_inference_steps=args.steps, guidance_scale=args.guidance,
                negative_prompt=args.negative_prompt, scheduler=args.scheduler, control_strength=args.strength,

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from PIL import Image
 from tqdm.auto import tqdm
+
+from ctrlora.data.files import read_png
 
 from .fidelity import DETECTED_CONDITIONS
 from .grids import colorize_labels
@@ -44,19 +45,12 @@ class EvalData:
                         None if self.labels is None else self.labels[:n])
 
 
-def _read(path: Path, mode: str) -> np.ndarray:
-    with Image.open(path) as im:
-        if im.mode != mode:
-            raise ValueError(f"{path}: mode {im.mode}, expected {mode}")
-        return np.asarray(im).copy()
-
-
 def _label_map(sid: str, sources: Sequence[Path]) -> np.ndarray:
     found = [s / sid / "segmentation.png" for s in sources if (s / sid / "segmentation.png").is_file()]
     if not found:
         raise FileNotFoundError(f"scan {sid!r}: no raw segmentation.png under any of {[str(s) for s in sources]} "
                                 "(segmentation fidelity compares label maps; pass the scan folders)")
-    return _read(found[0], "L").astype(np.int64)
+    return read_png(found[0], "L").astype(np.int64)
 
 
 def load_split(prepared_root: str | Path, split: str, conditions: Sequence[str],
@@ -81,9 +75,9 @@ def load_split(prepared_root: str | Path, split: str, conditions: Sequence[str],
     labels = [] if "segmentation" in conditions else None
     sources = [Path(s) for s in scan_sources]
     for sid in tqdm(ids, desc=f"load {split}", disable=not progress, leave=False):
-        photos.append(_read(root / first[sid]["photo"], "RGB"))
+        photos.append(read_png(root / first[sid]["photo"], "RGB"))
         for c in conditions:
-            conds[c].append(_read(root / rows[c][sid]["condition"], "RGB"))
+            conds[c].append(read_png(root / rows[c][sid]["condition"], "RGB"))
         if labels is not None:
             labels.append(_label_map(sid, sources))
     return EvalData(ids, [first[s]["caption"] for s in ids], np.stack(photos),

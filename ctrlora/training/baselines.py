@@ -122,7 +122,8 @@ def condition_images_for_cache(prepared_root: str | Path, cache, condition: str)
     """The hint CNN's input: condition images in [0, 1], ``[M, 3, H, W]``, one per pair row of the
     embed cache's ``condition`` (row i = the image of scan ``scan_ids[photo_index[i]]``)."""
     import numpy as np
-    from PIL import Image
+
+    from ctrlora.data.files import read_png
 
     folder = Path(prepared_root) / "conditions" / condition
     images = []
@@ -131,8 +132,7 @@ def condition_images_for_cache(prepared_root: str | Path, cache, condition: str)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: condition image of cached pair {cache.scan_ids[row]!r} is missing; "
                                     "the embed cache and the prepared data disagree (rerun `embed`)")
-        with Image.open(path) as im:
-            images.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
+        images.append(read_png(path, "RGB", convert=True))
     arr = np.stack(images).astype(np.float32) / 255.0
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
