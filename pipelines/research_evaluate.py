@@ -20,8 +20,9 @@ GRID_ROWS = 8
 
 def test_job(job: tuple) -> dict[str, Any]:
     """``("uncontrolled",)`` or ``(method, rate, seed)``: per-scan test fidelity (+ snapshots)."""
-    from ctrlora.evaluation.generation import BASE_ONLY, SamplingConfig
+    from ctrlora.evaluation.generation import SamplingConfig
     from ctrlora.evaluation.research import run_scores
+    from ctrlora.models.adapters import BASE_NAME
     from ctrlora.models.controlnet import CtrLoRAControlNet
     from ctrlora.training.baselines import RunSpec, load_run, read_run, run_snapshots
 
@@ -38,7 +39,7 @@ def test_job(job: tuple) -> dict[str, Any]:
     out = {"job": job, "info": read_run(run), "scores": scores.tolist(), "images": images[:GRID_ROWS], "snapshots": {}}
     sub = data.subset(int(p["ablation_scans"]))
     for step, d in sorted(run_snapshots(run).items()):
-        _, s = run_scores(bb, CtrLoRAControlNet.from_pretrained(d).eval(), BASE_ONLY, c, sub, det, sampling)
+        _, s = run_scores(bb, CtrLoRAControlNet.from_pretrained(d).eval(), BASE_NAME, c, sub, det, sampling)
         out["snapshots"][step] = s.tolist()
     C.log(f"[research evaluate] {job[0]} seed {job[2]} (lr {job[1]:g}): {scores.mean():.4f}")
     return out

@@ -2,7 +2,6 @@
 on the frozen Base ControlNet -> ``<paths.adapters>/<condition>``."""
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 
@@ -14,7 +13,7 @@ from pipelines.stage import (artefact_paths, checkpoint_dir, clear_checkpoints, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ctrlora.models.adapters import add_adapter, base_hash, save_adapter
+    from ctrlora.models.adapters import add_adapter, base_hash, read_adapter_config, save_adapter
     from ctrlora.models.backbone import load_backbone
     from ctrlora.models.controlnet import CtrLoRAControlNet
     from ctrlora.training.controlnet import ControlNetTrainConfig, train_condition
@@ -45,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                       "steps": cfg.train.max_steps})
         write_curve(result.history, paths["reports"]["train_adapter"] / f"{condition}_loss.csv", ["loss"])
         clear_checkpoints(ckpt)
-        print(f"[train_adapter] {condition}: {json.loads((out / 'adapter_config.json').read_text())['num_params']} "
+        print(f"[train_adapter] {condition}: {read_adapter_config(out)['num_params']} "
               f"params -> {out}")
     return 0
 

@@ -87,7 +87,7 @@ def _tol(*expected: torch.Tensor) -> float:
 def test_batched_residuals_equal_separate_passes(pipe):
     """One forward over 3 conditions x (CFG pair x 2 images) == 3 forwards, adapter switched in."""
     cn = pipe.controlnet
-    names, weights = ["lighting", "segmentation", "__base__"], [1.0, 0.5, 0.3]
+    names, weights = ["lighting", "segmentation", adapters.BASE_NAME], [1.0, 0.5, 0.3]
     g = torch.Generator().manual_seed(0)
     m = 4  # uncond x 2 + cond x 2
     cond = torch.randn(3, m, 4, SIZE // 2, SIZE // 2, generator=g)
@@ -217,14 +217,14 @@ def test_ddim_and_dpm_differ_and_eta_draws_noise(pipe):
 # ---------------------------------------------------------------------- conditions
 def test_base_only_and_no_condition(pipe):
     img = _images(9, 1)
-    base = pipe("a", {"__base__": (img, 1.0)}, seed=0, output_type="latent", **FAST).images
-    labelled = pipe("a", {"x": (img, 1.0, "__base__")}, seed=0, output_type="latent", **FAST).images
+    base = pipe("a", {adapters.BASE_NAME: (img, 1.0)}, seed=0, output_type="latent", **FAST).images
+    labelled = pipe("a", {"x": (img, 1.0, adapters.BASE_NAME)}, seed=0, output_type="latent", **FAST).images
     assert torch.equal(base, labelled)
     lit = pipe("a", {"lighting": (img, 1.0)}, seed=0, output_type="latent", **FAST).images
     plain = pipe("a", {}, seed=0, output_type="latent", **FAST).images
     assert float((base - lit).abs().max()) > 1e-3 and float((base - plain).abs().max()) > 1e-3
     # two base-only conditions under their own labels, weights summing
-    two = pipe("a", {"x": (img, 0.5, "__base__"), "y": (img, 0.5, "__base__")}, seed=0, output_type="latent",
+    two = pipe("a", {"x": (img, 0.5, adapters.BASE_NAME), "y": (img, 0.5, adapters.BASE_NAME)}, seed=0, output_type="latent",
                **FAST).images
     assert torch.isfinite(two).all()
 
@@ -256,7 +256,7 @@ def test_cnn_ablation_runs_batched_equals_separate(backbone):
     adapters.add_adapter(cn, "lighting", rank=2)
     randomize_adapter(cn, "lighting", seed=3)
     pipe = CtrLoRAPipeline.from_components(backbone, cn)
-    conds = {"lighting": (_images(10), 1.0), "__base__": (_images(11), 0.5)}
+    conds = {"lighting": (_images(10), 1.0), adapters.BASE_NAME: (_images(11), 0.5)}
     a = pipe(["a", "b"], conds, seed=0, output_type="latent", **FAST).images
     b = pipe(["a", "b"], conds, seed=0, output_type="latent", batch_conditions=False, **FAST).images
     plain = pipe(["a", "b"], {}, seed=0, output_type="latent", **FAST).images

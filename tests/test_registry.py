@@ -36,15 +36,17 @@ def _fake_parts(root: Path, condition: str, seed: int) -> dict[str, Path]:
     copies them; the fresh-process test below uses real tiny models)."""
     from safetensors.numpy import save_file
 
+    from ctrlora.models.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
     backbone, base, adapter = root / "backbone", root / "base", root / f"adapter-{seed}"
     for d in (backbone / "unet", base / "adapters" / "other", adapter):
         d.mkdir(parents=True, exist_ok=True)
     (backbone / "unet" / "config.json").write_text("{}")
     (base / "config.json").write_text("{}")
-    (base / "adapters" / "other" / "adapter_model.safetensors").write_bytes(b"x")
+    (base / "adapters" / "other" / ADAPTER_WEIGHTS).write_bytes(b"x")
     save_file({"w": np.random.default_rng(seed).standard_normal((4, 4)).astype(np.float32)},
-              str(adapter / "adapter_model.safetensors"))
-    (adapter / "adapter_config.json").write_text(json.dumps({"condition": condition, "rank": 4}))
+              str(adapter / ADAPTER_WEIGHTS))
+    (adapter / ADAPTER_CONFIG).write_text(json.dumps({"condition": condition, "rank": 4}))
     return {"backbone_dir": backbone, "base_dir": base, "adapter_dir": adapter}
 
 
@@ -62,13 +64,14 @@ def _register(root, condition, seed, fidelity, dataset_hash="a" * 32 + ".dir"):
 def test_registration_tags_input_and_idempotency(tracking, tmp_path):
     from mlflow import MlflowClient
 
+    from ctrlora.models.adapters import ADAPTER_WEIGHTS
     from pipelines import registry
 
     res = _register(tmp_path, "t-tags", seed=1, fidelity=0.5)
     assert res.created and res.version == "1" and res.decision == "champion" and res.champion == "1"
     client = MlflowClient()
     mv = client.get_model_version("ctrlora-t-tags", "1")
-    weights = tmp_path / "adapter-1" / "adapter_model.safetensors"
+    weights = tmp_path / "adapter-1" / ADAPTER_WEIGHTS
     assert mv.tags["adapter_hash"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     assert mv.tags["dataset_hash"] == "a" * 32 + ".dir"
     assert mv.tags["base_hash"] == "b" * 64
@@ -81,7 +84,7 @@ def test_registration_tags_input_and_idempotency(tracking, tmp_path):
     assert inp.dataset.digest == "a" * 32 + ".dir"
     # the registered artifacts: base without its base-condition adapters
     resolved = registry.resolve_adapter_uri("models:/ctrlora-t-tags@champion", tmp_path / "dl")
-    assert (resolved.adapter / "adapter_model.safetensors").read_bytes() == weights.read_bytes()
+    assert (resolved.adapter / ADAPTER_WEIGHTS).read_bytes() == weights.read_bytes()
     assert (resolved.base / "config.json").is_file() and not (resolved.base / "adapters").exists()
     assert (resolved.backbone / "unet" / "config.json").is_file()
 
@@ -149,6 +152,7 @@ def test_gate_modes_and_missing_metric():
 def test_ops_registry_commands(tracking, tmp_path, capsys):
     from importlib.metadata import entry_points
 
+    from ctrlora.models.adapters import ADAPTER_WEIGHTS
     from pipelines.cli import main
 
     (entry,) = entry_points(group="console_scripts", name="ctrlora-ops")
@@ -174,7 +178,7 @@ def test_ops_registry_commands(tracking, tmp_path, capsys):
     assert main(["registry", "resolve", "models:/ctrlora-t-cli@champion",
                  "--dst", str(tmp_path / "dl")]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["version"] == "1" and (Path(out["adapter"]) / "adapter_model.safetensors").is_file()
+    assert out["version"] == "1" and (Path(out["adapter"]) / ADAPTER_WEIGHTS).is_file()
 
 
 def _git_dvc_repo(root: Path) -> None:

@@ -15,9 +15,7 @@ from tqdm.auto import tqdm
 
 from .loading import EvalData
 
-__all__ = ["BASE_ONLY", "SamplingConfig", "generate"]
-
-BASE_ONLY = "__base__"  # the adapter name that means "the plain ControlNet, no adapter"
+__all__ = ["SamplingConfig", "generate"]
 
 
 @dataclass

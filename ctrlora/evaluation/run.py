@@ -28,14 +28,14 @@ import numpy as np
 from .detector_cache import get_detectors
 from .detectors import CannyParams
 from .fidelity import PRIMARY_METRIC
-from .generation import BASE_ONLY, SamplingConfig, generate
+from .generation import SamplingConfig, generate
 from .grids import save_grid
 from .loading import EvalData, EvalModels, condition_cell, load_models, load_split
 from .quality_bar import LEVEL, quality_bar
 from .scoring import means, per_scan_fidelity, per_scan_image_scores, scan_scores
 from .stats import Interval, bootstrap_diff, bootstrap_gain_ratio
 
-__all__ = ["EvalData", "EvalModels", "SamplingConfig", "EvalConfig", "BASE_ONLY", "load_split", "load_models",
+__all__ = ["EvalData", "EvalModels", "SamplingConfig", "EvalConfig", "load_split", "load_models",
            "get_detectors", "generate", "per_scan_fidelity", "generate_pass", "score_pass", "summarize_pass",
            "run_evaluation", "guidance_key", "json_ready"]
 
