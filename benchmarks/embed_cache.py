@@ -6,7 +6,7 @@ dropout in both), through the project's own trainer:
 
 ``cached``      ``ctrlora.training.controlnet.train_condition(mode="adapter")`` unchanged: latents
                 are fresh samples of the cached VAE posteriors, text states come from the cache.
-``on_the_fly``  the same trainer (``Trainer.fit`` on the same ``_ControlledDenoiser``), but the step
+``on_the_fly``  the same trainer (``Trainer.fit`` on the same ``ControlledDenoiser``), but the step
                 VAE-encodes the photographs and condition images and runs the tokenizer + text
                 encoder on the (dropout-applied) captions every time, as a trainer without a
                 cache would.
@@ -165,7 +165,7 @@ def _train_config(batch: int, steps: int, mp: str, seed: int):
 
 
 def on_the_fly_loss(model, s: Setup, cfg, gen, device):
-    """The loss of ``_loss_step`` with every input encoded inside the step (same random draws in
+    """The loss of ``controlnet_loss`` with every input encoded inside the step (same random draws in
     the same order: pairs, photo noise, condition noise, prompt dropout, noise, timesteps)."""
     import torch
 
@@ -202,12 +202,12 @@ def run_cached(s: Setup, batch: int, steps: int, mp: str = "no", seed: int = 0) 
 def run_on_the_fly(s: Setup, batch: int, steps: int, mp: str = "no", seed: int = 0) -> StepClock:
     """``steps`` steps of the same trainer and trainable set, encoding inside every step."""
     from ctrlora.models.adapters import set_trainable
-    from ctrlora.training.controlnet import _ControlledDenoiser, _make_trainer
+    from ctrlora.training.controlnet import ControlledDenoiser, make_trainer
 
     cfg = _train_config(batch, steps, mp, seed)
     params = set_trainable(s.controlnet, "adapter", s.condition)
     s.backbone.unet.requires_grad_(False)
-    trainer = _make_trainer(cfg, _ControlledDenoiser(s.controlnet, s.backbone.unet), params, None, unused=False)
+    trainer = make_trainer(cfg, ControlledDenoiser(s.controlnet, s.backbone.unet), params, None, unused=False)
     device = trainer.accelerator.device
     clock = StepClock(cuda=s.device == "cuda")
     trainer.fit(lambda m, step, gen: (on_the_fly_loss(m, s, cfg, gen, device), {}),

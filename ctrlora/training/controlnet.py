@@ -37,7 +37,7 @@ class ControlNetTrainConfig:
     prompt_dropout: float = 0.3
 
 
-class _ControlledDenoiser(torch.nn.Module):
+class ControlledDenoiser(torch.nn.Module):
     """ControlNet + frozen UNet as one ``forward`` (so DDP sees the whole computation)."""
 
     def __init__(self, controlnet, unet):
@@ -58,14 +58,19 @@ def condition_schedule(conditions: Sequence[str], seed: int, step: int) -> str:
     return conditions[int(torch.randperm(n, generator=g)[pos])]
 
 
-def _make_trainer(cfg: ControlNetTrainConfig, model, params, checkpoint_dir, unused: bool) -> Trainer:
+def make_trainer(cfg: ControlNetTrainConfig, model, params, checkpoint_dir, unused: bool) -> Trainer:
+    """The project's :class:`Trainer` over ``params`` of ``model`` (a :class:`ControlledDenoiser`).
+    ``unused``: some trainable parameters may get no gradient in a step (DDP must be told)."""
     # base training leaves the inactive conditions' LoRA unused in a step
     acc = make_accelerator(cfg.train, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)])
     return Trainer(cfg.train, model, params, checkpoint_dir, accelerator=acc)
 
 
-def _loss_step(model, cache: EmbedCache, scheduler, condition: str, rows: torch.Tensor, cfg: ControlNetTrainConfig,
+def controlnet_loss(model, cache: EmbedCache, scheduler, condition: str, rows: torch.Tensor, cfg: ControlNetTrainConfig,
                gen: torch.Generator, device, condition_images: torch.Tensor | None = None):
+    """One training step's loss of ``condition``: a batch of ``rows`` (its cached pairs), fresh
+    posterior samples of photo and condition latents, prompt dropout, noise and timesteps, all
+    drawn from ``gen`` in that order; the denoising loss of the backbone's prediction type."""
     b = cfg.train.batch_size
     pick = rows[torch.randint(0, len(rows), (b,), generator=gen)]
     ce = cache.conditions[condition]
@@ -98,14 +103,14 @@ def train_base(controlnet, unet, scheduler, cache: EmbedCache, conditions: Seque
         p.requires_grad_(True)
     unet.requires_grad_(False)
     rows = {c: cache.pair_rows(c, "train") for c in conditions}
-    model = _ControlledDenoiser(controlnet, unet)
-    trainer = _make_trainer(cfg, model, list(params.values()), checkpoint_dir, unused=len(conditions) > 1)
+    model = ControlledDenoiser(controlnet, unet)
+    trainer = make_trainer(cfg, model, list(params.values()), checkpoint_dir, unused=len(conditions) > 1)
     device = trainer.accelerator.device
 
     def loss_fn(m, step, gen):
         cond = condition_schedule(list(conditions), cfg.train.seed, step)
         set_adapter(controlnet, cond)
-        loss = _loss_step(m, cache, scheduler, cond, rows[cond], cfg, gen, device)
+        loss = controlnet_loss(m, cache, scheduler, cond, rows[cond], cfg, gen, device)
         return loss, {f"loss/{cond}": loss.item()}
 
     return trainer.fit(loss_fn, desc="train_base", on_log=on_log)
@@ -130,11 +135,11 @@ def train_condition(controlnet, unet, scheduler, cache: EmbedCache, condition: s
     if max_pairs:
         g = torch.Generator().manual_seed(cfg.train.seed)
         rows = rows[torch.randperm(len(rows), generator=g)[:max_pairs]]
-    model = _ControlledDenoiser(controlnet, unet)
-    trainer = _make_trainer(cfg, model, params, checkpoint_dir, unused=False)
+    model = ControlledDenoiser(controlnet, unet)
+    trainer = make_trainer(cfg, model, params, checkpoint_dir, unused=False)
     device = trainer.accelerator.device
 
     def loss_fn(m, step, gen):
-        return _loss_step(m, cache, scheduler, condition, rows, cfg, gen, device, condition_images), {}
+        return controlnet_loss(m, cache, scheduler, condition, rows, cfg, gen, device, condition_images), {}
 
     return trainer.fit(loss_fn, desc=f"train_{mode}[{condition}]", on_log=on_log)
