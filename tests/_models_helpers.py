@@ -49,11 +49,11 @@ def residuals(out) -> list[torch.Tensor]:
 
 def randomize_adapter(model, name: str, seed: int, scale: float = 0.2) -> None:
     """Give adapter ``name`` non-trivial values (LoRA B and the own copies perturbed)."""
-    from ctrlora.models.adapters import _adapter_tensor_refs
+    from ctrlora.models.adapters import adapter_tensor_refs
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for k, t in sorted(_adapter_tensor_refs(model, name).items()):
+        for k, t in sorted(adapter_tensor_refs(model, name).items()):
             t.add_(scale * torch.randn(t.shape, generator=g))
 
 

@@ -33,10 +33,10 @@ def _adapter_snapshot(cn):
 
 
 def _restore_adapter(cn, snap):
-    from ctrlora.models.adapters import _adapter_tensor_refs
+    from ctrlora.models.adapters import adapter_tensor_refs
 
     with torch.no_grad():
-        for k, t in _adapter_tensor_refs(cn, "lighting").items():
+        for k, t in adapter_tensor_refs(cn, "lighting").items():
             t.copy_(snap[k])
 
 

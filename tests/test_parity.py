@@ -86,7 +86,7 @@ def test_stale_lora_is_what_the_negative_control_shows(io):
     model = tiny_reference_model().eval()
     sd = convert.read_state_dict(REF / "tiny_base.safetensors")
     weights, lora = convert.convert_ldm_state_dict(sd, model.config.layers_per_block)
-    for mod, (down, up) in convert._lora_pairs(lora).items():
+    for mod, (down, up) in convert.lora_pairs(lora).items():
         weights[mod + ".weight"] = weights[mod + ".weight"] + up @ down
     model.load_state_dict(weights, strict=True)
     with torch.no_grad():

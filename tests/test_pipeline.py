@@ -152,7 +152,7 @@ def test_zero_controlnet_equals_plain_backbone(backbone, scheduler):
     adapters.add_adapter(cn, "lighting", rank=2)
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
-        for k, t in adapters._adapter_tensor_refs(cn, "lighting").items():
+        for k, t in adapters.adapter_tensor_refs(cn, "lighting").items():
             if ".lora_" in k:
                 t.add_(0.5 * torch.randn(t.shape, generator=g))
     pipe = CtrLoRAPipeline.from_components(backbone, cn)

@@ -343,8 +343,10 @@ def set_trainable(model: nn.Module, mode: str, adapter: str) -> list[nn.Paramete
 
 
 # ---------------------------------------------------------------------- tensors of one adapter
-def _adapter_tensor_refs(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    """``{file key: live model tensor}`` for adapter ``name`` (shared originals for LoRA-only)."""
+def adapter_tensor_refs(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """``{file key: live model tensor}`` for adapter ``name`` (shared originals for LoRA-only):
+    the tensors themselves, so an in-place edit changes the model (:func:`adapter_state_dict`
+    gives copies)."""
     info = _require(model, name)
     mods = dict(model.named_modules())
     refs: dict[str, torch.Tensor] = {}
@@ -363,7 +365,7 @@ def _adapter_tensor_refs(model: nn.Module, name: str) -> dict[str, torch.Tensor]
 
 def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     """Copies of adapter ``name``'s tensors, keyed as in the adapter file."""
-    return {k: v.detach().clone().contiguous() for k, v in _adapter_tensor_refs(model, name).items()}
+    return {k: v.detach().clone().contiguous() for k, v in adapter_tensor_refs(model, name).items()}
 
 
 def save_adapter_tensors(
@@ -465,7 +467,7 @@ def load_adapter(
         raise ValueError(f"adapter {adapter_dir}: config says rank {rank}, LoRA tensors have rank(s) {sorted(a_shapes)}")
     _check_keys(tensors, adapter_layout(model, rank), f"adapter {adapter_dir}")
     add_adapter(model, name, rank=rank, alpha=config.get("alpha", rank), own_modules=True)
-    refs = _adapter_tensor_refs(model, name)
+    refs = adapter_tensor_refs(model, name)
     if set(refs) != set(tensors):  # cannot happen if layout and refs agree; keep the guarantee
         raise RuntimeError(f"adapter layout mismatch for {name!r}")
     with torch.no_grad():

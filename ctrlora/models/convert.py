@@ -174,7 +174,9 @@ def convert_ldm_state_dict(
     return weights, lora
 
 
-def _lora_pairs(lora: Mapping[str, Any]) -> dict[str, tuple]:
+def lora_pairs(lora: Mapping[str, Any]) -> dict[str, tuple]:
+    """``{module: (lora_A weight, lora_B weight)}`` of converted LoRA tensors (``lora`` as the
+    second value :func:`convert_ldm_state_dict` returns); a module lacking either is refused."""
     mods = sorted({k.rsplit(".lora_", 1)[0] for k in lora})
     missing = [m for m in mods if m + ".lora_A.weight" not in lora or m + ".lora_B.weight" not in lora]
     if missing:
@@ -210,7 +212,7 @@ def convert_adapter(sd: Mapping[str, Any], model) -> tuple[dict, int]:
         raise ValueError(f"unknown keys in adapter file (not LoRA / zero conv / norm): {not_adapter[:20]}")
     base_shapes = {n: tuple(t.shape) for n, t in base_state_dict(model).items()}
     weights, lora = convert_ldm_state_dict(sd, model.config.layers_per_block, base_shapes)
-    pairs = _lora_pairs(lora)
+    pairs = lora_pairs(lora)
     ranks = {a.shape[0] for a, _ in pairs.values()}
     if len(ranks) != 1:
         raise ValueError(f"adapter file mixes LoRA ranks {sorted(ranks)}")
