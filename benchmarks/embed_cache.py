@@ -242,6 +242,8 @@ class CallCounter:
 def benchmark(s: Setup, batch: int = 32, steps: int = 10, warmup: int = 2, rounds: int = 1,
               mp: str = "no", seed: int = 0) -> dict:
     """Run the variants in ABBA... blocks of ``warmup + steps`` steps; return the JSON dict."""
+    from ctrlora.models.adapters import list_adapters
+
     if steps < 1 or warmup < 1 or rounds < 1:
         raise ValueError("steps, warmup and rounds must be >= 1")
     runners = {"cached": run_cached, "on_the_fly": run_on_the_fly}
@@ -271,7 +273,7 @@ def benchmark(s: Setup, batch: int = 32, steps: int = 10, warmup: int = 2, round
         "mixed_precision": mp,
         "batch": batch,
         "pairs": len(s.captions),
-        "adapter_rank": s.controlnet._ctrlora_adapters[s.condition]["rank"],
+        "adapter_rank": list_adapters(s.controlnet)[s.condition]["rank"],
         "warmup_steps_per_block": warmup,
         "timed_steps_per_block": steps,
         "order": order,
