@@ -6,6 +6,10 @@ graph has run) and ``reports/repro_times.json`` into the block of ``README.md`` 
 ``<!-- results:begin -->`` and ``<!-- results:end -->`` markers. ``--check`` changes nothing and
 exits 1 when the README's block differs from what the files say (the test suite runs it), so a
 figure in the README always comes from a file in the repository.
+
+The pictures the README shows (the backbone's samples, the control grids) are DVC outputs, which
+git does not hold; the report copies them to ``docs/images/`` (committed) so a reader of the
+repository sees the grids of the run the tables come from.
 """
 from __future__ import annotations
 
@@ -21,6 +25,34 @@ BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 FILES = {"backbone": PATHS["metrics"]["backbone"], "evaluate": PATHS["metrics"]["evaluate"],
          "research": PATHS["metrics"]["research"], "sweep": PATHS["metrics"]["research_selection"],
          "times": REPRO_TIMES}
+
+
+# DVC output picture -> committed copy shown in the README
+FIGURES = {
+    f"{PATHS['reports']['backbone']}/samples.png": "docs/images/backbone_samples.png",
+    f"{PATHS['reports']['evaluate']}/segmentation.png": "docs/images/control_segmentation.png",
+    f"{PATHS['reports']['evaluate']}/lighting.png": "docs/images/control_lighting.png",
+    f"{PATHS['reports']['evaluate']}/combined.png": "docs/images/control_combined.png",
+    f"{PATHS['reports']['research']}/samples.png": "docs/images/research_samples.png",
+}
+
+
+def copy_figures(root: Path = REPO_ROOT, check: bool = False) -> list[str]:
+    """Copy the README's pictures out of the DVC outputs; returns the copies that changed (or
+    would). A picture whose output is absent (a fresh clone before ``make repro``) is left as is."""
+    changed = []
+    for src, dst in FIGURES.items():
+        s, d = root / src, root / dst
+        if not s.is_file():
+            continue
+        data = s.read_bytes()
+        if d.is_file() and d.read_bytes() == data:
+            continue
+        changed.append(dst)
+        if not check:
+            d.parent.mkdir(parents=True, exist_ok=True)
+            d.write_bytes(data)
+    return changed
 
 
 def _load(root: Path) -> dict[str, Any]:
@@ -184,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true", help="exit 1 if README.md is out of date; change nothing")
     args = ap.parse_args(argv)
     changed = update_readme(check=args.check)
+    figures = copy_figures(check=args.check)
+    for f in figures:
+        print(f"figure {'out of date' if args.check else 'updated'}: {f}")
+    changed = changed or bool(figures)
     if args.check and changed:
         print("README.md results are out of date: run `python -m pipelines.report`", file=sys.stderr)
         return 1

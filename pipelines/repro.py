@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         target = REPO_ROOT / REPRO_TIMES
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(record, indent=1) + "\n")
-    report.update_readme(REPO_ROOT)
+    report.main([])
     return 0
 
 
