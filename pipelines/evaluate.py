@@ -2,8 +2,9 @@
 ``train_adapter``): on the test split, every condition's adapter against no control and the
 combination against each single condition, with paired bootstrap intervals, at each guidance
 scale of ``evaluate.guidance`` (the bar is read at ``evaluate.gate_guidance``) ->
-``paths.metrics.evaluate``; grids and per-scan scores -> ``paths.reports.evaluate``; the
-re-detectors -> ``paths.detectors`` (trained once on the train split). Library:
+``paths.metrics.evaluate``; grids and per-scan scores -> ``paths.reports.evaluate``. The
+re-detectors are read from ``paths.detectors`` (the ``detectors`` stage trains them on the train
+split; they change only with the data, never with the models). Library:
 :mod:`ctrlora.evaluation.run`."""
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ def main() -> int:
               flush=True)
         t = time.perf_counter()
         detectors = evaluation.get_detectors(cfg.conditions, train, paths["detectors"], p.get("detector"),
-                                             progress)
+                                             progress, train_missing=False)
         t_det = time.perf_counter() - t
         print(f"[evaluate] detectors ready ({t_det:.1f} s)", flush=True)
         metrics = evaluation.run_evaluation(models, test, detectors, cfg, paths["reports"]["evaluate"],

@@ -18,10 +18,12 @@ KEY_NAME = "train_key.json"
 
 
 def get_detectors(conditions: Sequence[str], train: EvalData, cache_dir: str | Path | None,
-                  overrides: Mapping[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
+                  overrides: Mapping[str, Any] | None = None, progress: bool = True,
+                  train_missing: bool = True) -> dict[str, Any]:
     """A trained re-detector per detected condition (segmentation, lighting, depth, normal) among
     ``conditions``. With ``cache_dir``, a detector is loaded from ``<cache_dir>/<c>`` when its
-    configuration and training scans match, else trained and saved there."""
+    configuration and training scans match, else trained and saved there — or, with
+    ``train_missing=False`` (a reader of detectors another step trained), a clear error."""
     ids_hash = hashlib.sha256("\n".join(train.scan_ids).encode()).hexdigest()[:16]
     out = {}
     for c in conditions:
@@ -33,6 +35,9 @@ def get_detectors(conditions: Sequence[str], train: EvalData, cache_dir: str | P
         if d is not None and (d / KEY_NAME).is_file() and json.loads((d / KEY_NAME).read_text()) == key:
             out[c] = load_detector(d)
             continue
+        if not train_missing:
+            raise FileNotFoundError(f"{d}: no re-detector for {c!r} trained with this configuration and these "
+                                    "training scans (train them first: the `detectors` stage)")
         model = train_detector(cfg, train.photos, detector_targets(c, train), progress=progress)
         if d is not None:
             save_detector(model, d)
