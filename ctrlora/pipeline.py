@@ -56,7 +56,6 @@ from ctrlora.models.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_NAME,
 from ctrlora.models.controlnet import CtrLoRAControlNet
 from ctrlora.models.latents import encode_posterior, encode_text, sample_latent
 
-BASE_ONLY = BASE_NAME  # "__base__": the base ControlNet with no adapter
 SCHEDULERS = ("ddim", "dpm")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -72,7 +71,7 @@ class CtrLoRAPipelineOutput(BaseOutput):
 @dataclass
 class _Condition:
     label: str
-    adapter: str          # adapter name or BASE_ONLY
+    adapter: str          # adapter name or BASE_NAME
     weight: float
     images: torch.Tensor  # [1 or B, 3, H, W] float32 in [0, 1], on CPU
 
@@ -259,9 +258,9 @@ class CtrLoRAPipeline(DiffusionPipeline):
             if not isinstance(value, (tuple, list)) or len(value) not in (2, 3):
                 raise TypeError(f"condition {label!r}: expected (image, weight) or (image, weight, adapter)")
             adapter = value[2] if len(value) == 3 else label
-            if adapter != BASE_ONLY and adapter not in known:
+            if adapter != BASE_NAME and adapter not in known:
                 raise KeyError(f"unknown condition {adapter!r}: the ControlNet holds adapters "
-                               f"{sorted(known)} (and {BASE_ONLY!r} = base only)")
+                               f"{sorted(known)} (and {BASE_NAME!r} = base only)")
             out.append(_Condition(label, adapter, float(value[1]), condition_to_tensor(value[0], f"condition {label!r}")))
         return out
 
@@ -327,7 +326,7 @@ class CtrLoRAPipeline(DiffusionPipeline):
         try:
             outs = []
             for i, name in enumerate(adapters):
-                set_adapter(cn, None if name == BASE_ONLY else name)
+                set_adapter(cn, None if name == BASE_NAME else name)
                 outs.append(cn(cond_inputs[i], timestep, text_states, sample=sample,
                                conditioning_scale=control_strength))
         finally:

@@ -4,7 +4,6 @@ conditions with one LoRA per condition; writes ``paths.base`` (the base, diffuse
 norms, as the reference ships them)."""
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 
@@ -43,8 +42,6 @@ def main() -> int:
         bh = base_hash(controlnet)
         for c in conditions:
             save_adapter(controlnet, c, out / BASE_ADAPTERS / c, base_hash=bh, extra={"stage": "train_base"})
-        (out / "base_info.json").write_text(json.dumps({"base_hash": bh, "conditions": conditions,
-                                                        "rank": int(p["rank"]), "steps": cfg.train.max_steps}, indent=1))
         write_curve(result.history, paths["reports"]["train_base"] / "loss.csv",
                     ["loss", *[f"loss/{c}" for c in conditions]])
         clear_checkpoints(ckpt)
