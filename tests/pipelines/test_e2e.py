@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 BASE_CONDITIONS = ["segmentation", "depth", "canny", "palette"]
 NEW_CONDITIONS = ["lighting", "normal"]
 

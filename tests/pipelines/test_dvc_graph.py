@@ -11,7 +11,7 @@ import pytest
 
 from pipelines import dvc_deps
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("rel", [r for r in dvc_deps.DVC_FILES if (REPO / r).is_file()])

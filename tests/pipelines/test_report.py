@@ -8,7 +8,7 @@ import pytest
 
 from pipelines import report
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _iv(v, lo, hi):

@@ -21,7 +21,7 @@ from ctrlora.data.render import DatasetConfig, render_dataset, scan_id_for
 from ctrlora.data.scan import load_scan, write_scan
 from ctrlora.data.render import render_scan
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DVC = str(Path(sys.executable).with_name("dvc"))
 
 

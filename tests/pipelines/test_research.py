@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DVC = str(Path(sys.executable).with_name("dvc"))
 SIZE = 32
 METHODS = ["adapter", "adapter_unet_copy", "adapter_random", "full_finetune", "cnn", "vae_scratch"]
