@@ -59,3 +59,22 @@ def randomize_adapter(model, name: str, seed: int, scale: float = 0.2) -> None:
 
 def tiny_vocab() -> list[str]:
     return "a an the upper lower jaw molar incisor canine premolar tooth teeth gum gingiva shade view photo".split()
+
+
+def tiny_eval_backbone(size: int = 32):
+    """A tiny backbone for evaluation-shaped tests: ``size`` px (detectors need H, W divisible by 8),
+    two-level VAE and UNet, one text layer."""
+    from ctrlora.data.captions import CAPTION_VOCABULARY
+    from ctrlora.models.backbone import build_tiny_backbone
+
+    cfg = tiny_test_config(image_size=size, vae_block_out_channels=(32, 32), unet_block_out_channels=(32, 32),
+                           unet_attention_heads=(2, 2), unet_layers_per_block=1, text_layers=1, vae_scaling_factor=0.5)
+    return build_tiny_backbone(cfg, CAPTION_VOCABULARY)
+
+
+def perturb(module, seed: int, scale: float = 0.05) -> None:
+    """Add seeded gaussian noise to every parameter (e.g. non-zero zero-convs, so control acts)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))

@@ -17,6 +17,7 @@ import torch  # noqa: E402
 from ctrlora.evaluation import quality_bar as Q  # noqa: E402
 from ctrlora.evaluation import run as R  # noqa: E402
 from ctrlora.evaluation.stats import Interval, bootstrap_diff, bootstrap_gain_ratio  # noqa: E402
+from _models_helpers import perturb, tiny_eval_backbone  # noqa: E402
 
 SIZE = 32  # detectors need H, W divisible by 8
 
@@ -148,22 +149,6 @@ def test_eval_config_guidance_passes_and_validation():
 
 
 # ---------------------------------------------------------------------------- tiny models
-def _tiny_backbone():
-    from _models_helpers import tiny_test_config
-
-    from ctrlora.data.captions import CAPTION_VOCABULARY
-    from ctrlora.models.backbone import build_tiny_backbone
-
-    cfg = tiny_test_config(image_size=SIZE, vae_block_out_channels=(32, 32), unet_block_out_channels=(32, 32),
-                           unet_attention_heads=(2, 2), unet_layers_per_block=1, text_layers=1, vae_scaling_factor=0.5)
-    return build_tiny_backbone(cfg, CAPTION_VOCABULARY)
-
-
-def _perturb(module, seed, scale=0.05):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
 
 
 def _tiny_data(n, seed):
@@ -196,10 +181,10 @@ def _save_tiny_models(root: Path, base_conditions, new_conditions):
     from ctrlora.models.controlnet import CtrLoRAControlNet
 
     torch.manual_seed(0)
-    bb = _tiny_backbone()
+    bb = tiny_eval_backbone(SIZE)
     bb.save(root / "backbone")
     cn = CtrLoRAControlNet.from_unet(bb.unet, vae_scale_factor=bb.vae_scale_factor)
-    _perturb(cn, 1)  # non-zero zero-convs: the control does something
+    perturb(cn, 1)  # non-zero zero-convs: the control does something
     cn.save_pretrained(root / "base")
     want = A.base_hash(cn)
     dirs = {}
@@ -325,9 +310,9 @@ def test_generation_is_per_scan_seeded():
     from ctrlora.pipeline import CtrLoRAPipeline
 
     torch.manual_seed(0)
-    bb = _tiny_backbone()
+    bb = tiny_eval_backbone(SIZE)
     net = CtrLoRAControlNet.from_unet(bb.unet, vae_scale_factor=bb.vae_scale_factor)
-    _perturb(net, 1)
+    perturb(net, 1)
     add_adapter(net, "lighting", rank=2)
     pipe = CtrLoRAPipeline.from_components(bb, net.eval())
     data = _tiny_data(3, 3)

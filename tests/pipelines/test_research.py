@@ -16,6 +16,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
+from _models_helpers import perturb, tiny_eval_backbone  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 DVC = str(Path(sys.executable).with_name("dvc"))
@@ -24,22 +25,6 @@ METHODS = ["adapter", "adapter_unet_copy", "adapter_random", "full_finetune", "c
 ADAPTER_RATES, FULL_RATES = [1e-4, 1e-3, 1e-2], [1e-5, 1e-4, 1e-3]
 
 
-def _tiny_backbone():
-    from _models_helpers import tiny_test_config
-
-    from ctrlora.data.captions import CAPTION_VOCABULARY
-    from ctrlora.models.backbone import build_tiny_backbone
-
-    cfg = tiny_test_config(image_size=SIZE, vae_block_out_channels=(32, 32), unet_block_out_channels=(32, 32),
-                           unet_attention_heads=(2, 2), unet_layers_per_block=1, text_layers=1, vae_scaling_factor=0.5)
-    return build_tiny_backbone(cfg, CAPTION_VOCABULARY)
-
-
-def _perturb(module, seed, scale=0.05):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +47,12 @@ def world(tmp_path_factory):
                           validation_fraction=0.25, conditions=("lighting",), contract=ContractConfig(resolution=SIZE),
                           workers=1, progress=False))
     torch.manual_seed(0)
-    bb = _tiny_backbone()
+    bb = tiny_eval_backbone(SIZE)
     bb.save(root / "backbone")
     save_embed_cache(build_embed_cache(bb.vae, bb.text_encoder, bb.tokenizer, data / "prepared", ["lighting"],
                                        progress=False), data / "embed")
     base = CtrLoRAControlNet.from_unet(bb.unet, vae_scale_factor=bb.vae_scale_factor)
-    _perturb(base, 9)  # a "trained" base: not the UNet's copy
+    perturb(base, 9)  # a "trained" base: not the UNet's copy
     base.save_pretrained(root / "base")
     train = load_split(data / "prepared", "train", ["lighting"], progress=False)
     det = train_detector(default_detector_config("lighting", width=4, epochs=1), train.photos,
