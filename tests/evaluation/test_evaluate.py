@@ -14,8 +14,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from ctrlora.evaluation import quality_bar as Q  # noqa: E402
-from ctrlora.evaluation import run as R  # noqa: E402
+from ctrlora.evaluation import quality_bar  # noqa: E402
+from ctrlora.evaluation import run as evaluation  # noqa: E402
 from ctrlora.evaluation.stats import Interval, bootstrap_diff, bootstrap_gain_ratio  # noqa: E402
 from _models_helpers import perturb, tiny_eval_backbone  # noqa: E402
 
@@ -24,7 +24,7 @@ SIZE = 32  # detectors need H, W divisible by 8
 
 # ---------------------------------------------------------------------------- quality bar
 def _bar(gains, ratios, adapter_params=None, controlnet_params=1000):
-    return Q.quality_bar(gains, ratios, {"lighting": 100} if adapter_params is None else adapter_params,
+    return quality_bar.quality_bar(gains, ratios, {"lighting": 100} if adapter_params is None else adapter_params,
                          controlnet_params, conditions=["segmentation", "canny", "lighting"],
                          combined=["segmentation", "lighting"], new_conditions=["lighting"])
 
@@ -54,10 +54,10 @@ def _good():
 
 
 def test_quality_bar_thresholds_are_constants():
-    assert Q.LEVEL == 0.95
-    assert Q.CONTROL_MARGIN == {"segmentation": 0.2} and Q.DEFAULT_CONTROL_MARGIN == 0.1
-    assert Q.control_margin("palette") == Q.control_margin("normal") == Q.control_margin("depth") == 0.1
-    assert Q.COMBINED_RATIO == 0.90 and Q.PARAM_FRACTION == 0.15 and Q.FULL_FINETUNE_RATIO == 0.90
+    assert quality_bar.LEVEL == 0.95
+    assert quality_bar.CONTROL_MARGIN == {"segmentation": 0.2} and quality_bar.DEFAULT_CONTROL_MARGIN == 0.1
+    assert quality_bar.control_margin("palette") == quality_bar.control_margin("normal") == quality_bar.control_margin("depth") == 0.1
+    assert quality_bar.COMBINED_RATIO == 0.90 and quality_bar.PARAM_FRACTION == 0.15 and quality_bar.FULL_FINETUNE_RATIO == 0.90
 
 
 def test_quality_bar_passes_on_clear_gains():
@@ -117,7 +117,7 @@ def test_quality_bar_missing_or_undefined_inputs_fail():
     ratios["segmentation"] = bootstrap_gain_ratio(np.ones(10), np.zeros(10), np.zeros(10) + 0.5)  # single gain < 0
     bar = _bar(gains, ratios, adapter_params={}, controlnet_params=None)
     checks = bar["checks"]
-    assert checks["controlled_vs_uncontrolled/canny"] == {**Q.missing_check(0.1)} and not checks[
+    assert checks["controlled_vs_uncontrolled/canny"] == {**quality_bar.missing_check(0.1)} and not checks[
         "controlled_vs_uncontrolled/canny"]["pass"]
     assert checks["combined_vs_single/segmentation"]["value"] is None
     assert not checks["combined_vs_single/segmentation"]["pass"]
@@ -128,24 +128,24 @@ def test_quality_bar_missing_or_undefined_inputs_fail():
 
 def test_quality_bar_refuses_intervals_of_another_level():
     with pytest.raises(ValueError, match="95"):
-        Q.interval_check(Interval(0.5, 0.4, 0.6, 10, level=0.8), 0.2)
+        quality_bar.interval_check(Interval(0.5, 0.4, 0.6, 10, level=0.8), 0.2)
 
 
 # ---------------------------------------------------------------------------- configuration
 def test_eval_config_guidance_passes_and_validation():
-    cfg = R.EvalConfig(["segmentation"], ["lighting"], guidance=[7.5, 1.0], gate_guidance=1.0,
+    cfg = evaluation.EvalConfig(["segmentation"], ["lighting"], guidance=[7.5, 1.0], gate_guidance=1.0,
                        other_guidance_max_scans=64)
     assert cfg.passes(200) == [(1.0, 200), (7.5, 64)]  # the gate first, on every scan
     assert cfg.passes(10) == [(1.0, 10), (7.5, 10)]
-    assert R.EvalConfig(["segmentation"], ["lighting"], guidance=[1.0], other_guidance_max_scans=None).passes(5) == \
+    assert evaluation.EvalConfig(["segmentation"], ["lighting"], guidance=[1.0], other_guidance_max_scans=None).passes(5) == \
         [(1.0, 5)]
-    assert R.guidance_key(1) == "1.0" and R.guidance_key(7.5) == "7.5"
+    assert evaluation.guidance_key(1) == "1.0" and evaluation.guidance_key(7.5) == "7.5"
     with pytest.raises(ValueError, match="gate_guidance"):
-        R.EvalConfig(["segmentation"], ["lighting"], guidance=[7.5], gate_guidance=1.0)
+        evaluation.EvalConfig(["segmentation"], ["lighting"], guidance=[7.5], gate_guidance=1.0)
     with pytest.raises(ValueError, match="without an adapter"):
-        R.EvalConfig(["segmentation"], ["normal"])  # default combination needs lighting
+        evaluation.EvalConfig(["segmentation"], ["normal"])  # default combination needs lighting
     with pytest.raises(ValueError, match="distinct"):
-        R.EvalConfig(["segmentation"], ["lighting"], guidance=[1.0, 1.0])
+        evaluation.EvalConfig(["segmentation"], ["lighting"], guidance=[1.0, 1.0])
 
 
 # ---------------------------------------------------------------------------- tiny models
@@ -161,23 +161,23 @@ def _tiny_data(n, seed):
     seg = color_lut()[labels].astype(np.uint8)
     light = np.repeat((rng.random((n, SIZE, SIZE, 1)) * 255).astype(np.uint8), 3, -1)
     edges = np.repeat(detect_canny(photos, CannyParams())[..., None], 3, -1).astype(np.uint8) * 255
-    return R.EvalData([f"s{i:03d}" for i in range(n)], ["dental photo of both jaws"] * n, photos,
+    return evaluation.EvalData([f"s{i:03d}" for i in range(n)], ["dental photo of both jaws"] * n, photos,
                       {"segmentation": seg, "canny": edges, "lighting": light}, labels)
 
 
 def test_per_scan_fidelity_on_the_ground_truth_itself():
     """Canny re-detected from the very photographs the edges came from: F1 = 1 on every scan."""
     data = _tiny_data(3, 0)
-    per = R.per_scan_fidelity("canny", data.photos, data, {})
+    per = evaluation.per_scan_fidelity("canny", data.photos, data, {})
     assert per.shape == (3,) and (per == 1.0).all()
     with pytest.raises(ValueError, match="generated images for"):
-        R.per_scan_fidelity("canny", data.photos[:2], data, {})
+        evaluation.per_scan_fidelity("canny", data.photos[:2], data, {})
 
 
 def _save_tiny_models(root: Path, base_conditions, new_conditions):
     """A tiny backbone, a base ControlNet and one adapter per condition, saved as the training
     stages save them; returns the adapter folders."""
-    from ctrlora.models import adapters as A
+    from ctrlora.models import adapters
     from ctrlora.models.controlnet import CtrLoRAControlNet
 
     torch.manual_seed(0)
@@ -186,11 +186,11 @@ def _save_tiny_models(root: Path, base_conditions, new_conditions):
     cn = CtrLoRAControlNet.from_unet(bb.unet, vae_scale_factor=bb.vae_scale_factor)
     perturb(cn, 1)  # non-zero zero-convs: the control does something
     cn.save_pretrained(root / "base")
-    want = A.base_hash(cn)
+    want = adapters.base_hash(cn)
     dirs = {}
     for c in [*base_conditions, *new_conditions]:
-        A.add_adapter(cn, c, rank=2, own_modules=c in new_conditions)
-        dirs[c] = A.save_adapter(cn, c, root / "adapters" / c, want)
+        adapters.add_adapter(cn, c, rank=2, own_modules=c in new_conditions)
+        dirs[c] = adapters.save_adapter(cn, c, root / "adapters" / c, want)
     return dirs
 
 
@@ -201,27 +201,27 @@ def tiny_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("eval")
     dirs = _save_tiny_models(root, ["segmentation", "canny"], ["lighting"])
-    models = R.load_models(root / "backbone", root / "base", dirs)
+    models = evaluation.load_models(root / "backbone", root / "base", dirs)
     train, test = _tiny_data(8, 1), _tiny_data(4, 2)
     detectors = {"segmentation": train_detector(DetectorConfig(task="segmentation", channels=10, width=4, epochs=1),
                                                 train.photos, train.labels, progress=False),
                  "lighting": train_detector(DetectorConfig(task="regression", channels=1, width=4, epochs=1),
                                             train.photos, detector_targets("lighting", train), progress=False)}
-    cfg = R.EvalConfig(["segmentation", "canny"], ["lighting"], combined={"segmentation": 1.0, "lighting": 0.5},
-                       sampling=R.SamplingConfig(steps=1, batch_size=4, seed=5), guidance=[1.0, 2.0],
+    cfg = evaluation.EvalConfig(["segmentation", "canny"], ["lighting"], combined={"segmentation": 1.0, "lighting": 0.5},
+                       sampling=evaluation.SamplingConfig(steps=1, batch_size=4, seed=5), guidance=[1.0, 2.0],
                        gate_guidance=1.0, other_guidance_max_scans=3, n_boot=200, grid_rows=3)
     calls = []
-    real_generate = R.generate
+    real_generate = evaluation.generate
 
     def counting_generate(pipe, data, conditions, s, **kw):
         calls.append((s.guidance_scale, tuple(sorted(conditions)), len(data)))
         return real_generate(pipe, data, conditions, s, **kw)
 
-    R.generate = counting_generate
+    evaluation.generate = counting_generate
     try:
-        m = R.run_evaluation(models, test, detectors, cfg, root / "reports", progress=False, log=lambda s: None)
+        m = evaluation.run_evaluation(models, test, detectors, cfg, root / "reports", progress=False, log=lambda s: None)
     finally:
-        R.generate = real_generate
+        evaluation.generate = real_generate
     return m, models, cfg, root, calls
 
 
@@ -240,7 +240,7 @@ def test_load_models_counts_the_controlnet_itself(tiny_run):
 
 def test_tiny_evaluation_schema(tiny_run):
     m, _, cfg, _, _ = tiny_run
-    json.dumps(R.json_ready(m))  # serialisable
+    json.dumps(evaluation.json_ready(m))  # serialisable
     assert set(m) == {"segmentation", "canny", "lighting", "combined", "uncontrolled", "quality_bar", "at_guidance",
                       "params", "protocol", "timing_seconds"}
     for c, metric in (("segmentation", "miou"), ("canny", "edge_f1"), ("lighting", "ssim")):
@@ -316,9 +316,9 @@ def test_generation_is_per_scan_seeded():
     add_adapter(net, "lighting", rank=2)
     pipe = CtrLoRAPipeline.from_components(bb, net.eval())
     data = _tiny_data(3, 3)
-    a = R.generate(pipe, data, {"lighting": ("lighting", 1.0, "lighting")}, R.SamplingConfig(steps=1, batch_size=3),
+    a = evaluation.generate(pipe, data, {"lighting": ("lighting", 1.0, "lighting")}, evaluation.SamplingConfig(steps=1, batch_size=3),
                    progress=False)
-    b = R.generate(pipe, data, {"lighting": ("lighting", 1.0, "lighting")}, R.SamplingConfig(steps=1, batch_size=2),
+    b = evaluation.generate(pipe, data, {"lighting": ("lighting", 1.0, "lighting")}, evaluation.SamplingConfig(steps=1, batch_size=2),
                    progress=False)
     assert a.dtype == np.uint8 and a.shape == (3, SIZE, SIZE, 3)
     # batched BLAS may round one 8-bit level differently; the seeds (noise) are the same

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ctrlora.evaluation import metrics as M
+from ctrlora.evaluation import metrics
 from ctrlora.evaluation.detectors import (
     CannyParams,
     DetectorConfig,
@@ -35,13 +35,13 @@ from ctrlora.evaluation.grids import PAD, TITLE_H, colorize_labels, plot_curves,
 def test_miou_identical_disjoint_and_partial():
     rng = np.random.default_rng(0)
     lab = rng.integers(0, 4, size=(2, 8, 8))
-    assert M.miou(lab, lab, 4) == 1.0
-    assert M.pixel_accuracy(lab, lab) == 1.0
+    assert metrics.miou(lab, lab, 4) == 1.0
+    assert metrics.pixel_accuracy(lab, lab) == 1.0
 
     a = np.zeros((4, 4), int)
     b = np.ones((4, 4), int)
-    assert M.miou(a, b, 2) == 0.0
-    assert M.pixel_accuracy(a, b) == 0.0
+    assert metrics.miou(a, b, 2) == 0.0
+    assert metrics.pixel_accuracy(a, b) == 0.0
 
     # class 1 occupies 4 pixels in pred, 6 in truth, 4 shared: IoU(1) = 4/6;
     # class 0: pred 12 px, truth 10 px, shared 10: IoU(0) = 10/12.
@@ -50,19 +50,19 @@ def test_miou_identical_disjoint_and_partial():
     pred[0, :4] = 1
     true[0, :4] = 1
     true[1, :2] = 1
-    assert M.miou(pred, true, 3) == pytest.approx((4 / 6 + 10 / 12) / 2)
+    assert metrics.miou(pred, true, 3) == pytest.approx((4 / 6 + 10 / 12) / 2)
     # class 2 absent from both: counted as 1.0 only when not ignored
-    assert M.miou(pred, true, 3, ignore_absent=False) == pytest.approx((4 / 6 + 10 / 12 + 1) / 3)
-    assert M.pixel_accuracy(pred, true) == pytest.approx(14 / 16)
+    assert metrics.miou(pred, true, 3, ignore_absent=False) == pytest.approx((4 / 6 + 10 / 12 + 1) / 3)
+    assert metrics.pixel_accuracy(pred, true) == pytest.approx(14 / 16)
 
 
 def test_segmentation_errors():
     with pytest.raises(ValueError, match="shape mismatch"):
-        M.miou(np.zeros((4, 4), int), np.zeros((4, 5), int), 2)
+        metrics.miou(np.zeros((4, 4), int), np.zeros((4, 5), int), 2)
     with pytest.raises(ValueError, match="outside"):
-        M.miou(np.full((2, 2), 3), np.zeros((2, 2), int), 3)
+        metrics.miou(np.full((2, 2), 3), np.zeros((2, 2), int), 3)
     with pytest.raises(ValueError, match="integer"):
-        M.miou(np.zeros((2, 2)), np.zeros((2, 2), int), 3)
+        metrics.miou(np.zeros((2, 2)), np.zeros((2, 2), int), 3)
 
 
 # --------------------------------------------------------------------------- edges
@@ -71,21 +71,21 @@ def test_segmentation_errors():
 def test_edge_f1_identical_shifted_far_and_empty():
     e = np.zeros((2, 16, 16), bool)
     e[:, 4:12, 8] = True
-    assert M.edge_f1(e, e) == 1.0
+    assert metrics.edge_f1(e, e) == 1.0
     shifted = np.roll(e, 1, axis=2)
-    assert M.edge_f1(shifted, e, tolerance_px=1) == 1.0
-    assert M.edge_f1(shifted, e, tolerance_px=0) == 0.0
+    assert metrics.edge_f1(shifted, e, tolerance_px=1) == 1.0
+    assert metrics.edge_f1(shifted, e, tolerance_px=0) == 0.0
     far = np.roll(e, 5, axis=2)
-    assert M.edge_f1(far, e, tolerance_px=1) == 0.0
+    assert metrics.edge_f1(far, e, tolerance_px=1) == 0.0
     # half the predicted pixels right, all truth recovered: P = 0.5, R = 1
     half = e.copy()
     half[:, 4:12, 14] = True
-    s = M.edge_scores(half, e)
+    s = metrics.edge_scores(half, e)
     assert (s["precision"], s["recall"]) == (0.5, 1.0)
     assert s["f1"] == pytest.approx(2 / 3)
     z = np.zeros((8, 8), bool)
-    assert M.edge_f1(z, z) == 1.0
-    assert M.edge_f1(z, e[0, :8, :8] | True) == 0.0
+    assert metrics.edge_f1(z, z) == 1.0
+    assert metrics.edge_f1(z, e[0, :8, :8] | True) == 0.0
 
 
 def test_edge_tolerance_does_not_cross_images():
@@ -93,7 +93,7 @@ def test_edge_tolerance_does_not_cross_images():
     b = np.zeros((2, 8, 8), bool)
     a[0, 7, 3] = True  # bottom row of image 0
     b[1, 0, 3] = True  # top row of image 1: adjacent in memory, not in space
-    assert M.edge_f1(a, b, tolerance_px=1) == 0.0
+    assert metrics.edge_f1(a, b, tolerance_px=1) == 0.0
 
 
 # --------------------------------------------------------------------------- images
@@ -101,35 +101,35 @@ def test_edge_tolerance_does_not_cross_images():
 
 def test_psnr_identical_and_known_noise():
     a = np.random.default_rng(1).random((16, 16, 3))
-    assert M.psnr(a, a, 1.0) == math.inf
+    assert metrics.psnr(a, a, 1.0) == math.inf
     # a constant offset of 0.1 has MSE 0.01 -> 20 dB at range 1
-    assert M.psnr(a, a + 0.1, 1.0) == pytest.approx(20.0)
+    assert metrics.psnr(a, a + 0.1, 1.0) == pytest.approx(20.0)
     # +/-5 on a 255 range: MSE 25 -> 10 log10(255^2 / 25)
     signs = np.where(np.random.default_rng(2).random((16, 16)) < 0.5, -5.0, 5.0)
-    assert M.psnr(np.zeros((16, 16)), signs, 255.0) == pytest.approx(10 * math.log10(255**2 / 25))
+    assert metrics.psnr(np.zeros((16, 16)), signs, 255.0) == pytest.approx(10 * math.log10(255**2 / 25))
     stack = np.stack([a, a])
-    assert M.mean_psnr(stack, stack, 1.0) == 100.0
+    assert metrics.mean_psnr(stack, stack, 1.0) == 100.0
     with pytest.raises(ValueError, match="shape mismatch"):
-        M.psnr(a, a[:8], 1.0)
+        metrics.psnr(a, a[:8], 1.0)
 
 
 def test_ssim_identical_small_and_errors():
     rng = np.random.default_rng(3)
     img = rng.random((64, 64, 3))
-    assert M.ssim(img, img) == pytest.approx(1.0)
-    assert M.ssim(img, rng.random((64, 64, 3))) < 0.2
+    assert metrics.ssim(img, img) == pytest.approx(1.0)
+    assert metrics.ssim(img, rng.random((64, 64, 3))) < 0.2
     small = rng.random((8, 8))
-    assert M.ssim(small, small) == pytest.approx(1.0)
+    assert metrics.ssim(small, small) == pytest.approx(1.0)
     gray_stack = rng.random((3, 64, 64))
-    assert M.mean_ssim(gray_stack, gray_stack) == pytest.approx(1.0)
+    assert metrics.mean_ssim(gray_stack, gray_stack) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="channel axis"):
-        M.ssim(gray_stack, gray_stack)
+        metrics.ssim(gray_stack, gray_stack)
     with pytest.raises(ValueError, match="data_range"):
-        M.ssim(img * 3, img * 3)
+        metrics.ssim(img * 3, img * 3)
     with pytest.raises(ValueError, match="shape mismatch"):
-        M.ssim(img, img[..., :1])
-    assert M.mae(img, img + 0.25) == pytest.approx(0.25)
-    assert M.rmse(np.zeros(4), np.array([1.0, -1.0, 1.0, -1.0])) == pytest.approx(1.0)
+        metrics.ssim(img, img[..., :1])
+    assert metrics.mae(img, img + 0.25) == pytest.approx(0.25)
+    assert metrics.rmse(np.zeros(4), np.array([1.0, -1.0, 1.0, -1.0])) == pytest.approx(1.0)
 
 
 def test_normal_angular_error():
@@ -140,17 +140,17 @@ def test_normal_angular_error():
     z = np.broadcast_to(enc([0, 0, 1]), (4, 4, 3))
     x = np.broadcast_to(enc([1, 0, 0]), (4, 4, 3))
     d = np.broadcast_to(enc([1, 0, 1]), (4, 4, 3))
-    assert M.normal_angular_error(z, z) == pytest.approx(0.0, abs=1e-6)
-    assert M.normal_angular_error(x, z) == pytest.approx(90.0)
-    assert M.normal_angular_error(d, z) == pytest.approx(45.0)
+    assert metrics.normal_angular_error(z, z) == pytest.approx(0.0, abs=1e-6)
+    assert metrics.normal_angular_error(x, z) == pytest.approx(90.0)
+    assert metrics.normal_angular_error(d, z) == pytest.approx(45.0)
     mask = np.zeros((4, 4), bool)
     mask[0, 0] = True
     mixed = z.copy()
     mixed[1:] = x[1:]
-    assert M.normal_angular_error(mixed, z, mask) == pytest.approx(0.0, abs=1e-6)
-    assert M.normal_angular_error(mixed, z) == pytest.approx(90.0 * 12 / 16)
+    assert metrics.normal_angular_error(mixed, z, mask) == pytest.approx(0.0, abs=1e-6)
+    assert metrics.normal_angular_error(mixed, z) == pytest.approx(90.0 * 12 / 16)
     with pytest.raises(ValueError, match="selects no pixels"):
-        M.normal_angular_error(z, z, np.zeros((4, 4), bool))
+        metrics.normal_angular_error(z, z, np.zeros((4, 4), bool))
 
 
 # --------------------------------------------------------------------------- grids
@@ -165,14 +165,14 @@ def test_per_image_miou_is_per_image_and_differs_from_pooled():
     true[1, 0, 0] = 1          # image 1: one pixel of class 1
     pred = true.copy()
     pred[1, 0, 0] = 0          # image 1 misses its one pixel
-    per = M.miou_per_image(pred, true, 2)
+    per = metrics.miou_per_image(pred, true, 2)
     assert per[0] == 1.0
     assert per[1] == pytest.approx((15 / 16 + 0.0) / 2)  # background 15/16, class 1 0/1
-    pooled = M.miou(pred, true, 2)
+    pooled = metrics.miou(pred, true, 2)
     assert pooled == pytest.approx((23 / 24 + 8 / 9) / 2)
     assert per.mean() != pytest.approx(pooled)  # image-averaged vs pooled are different figures
     with pytest.raises(ValueError, match="stack"):
-        M.miou_per_image(true[0], true[0], 2)
+        metrics.miou_per_image(true[0], true[0], 2)
 
 
 def test_per_image_edges_ssim_psnr_mae_agree_with_their_means():
@@ -182,16 +182,16 @@ def test_per_image_edges_ssim_psnr_mae_agree_with_their_means():
     e[1, 3, 3] = True           # image 2 has no edges at all
     pred = e.copy()
     pred[1] = False             # image 1: the edge is missed
-    s = M.edge_scores_per_image(pred, e)
+    s = metrics.edge_scores_per_image(pred, e)
     assert s["f1"].tolist() == [1.0, 0.0, 1.0]  # both empty → 1
-    assert M.edge_scores(pred[:1], e[:1])["f1"] == s["f1"][0]
+    assert metrics.edge_scores(pred[:1], e[:1])["f1"] == s["f1"][0]
     a, b = rng.random((4, 16, 16, 3)), rng.random((4, 16, 16, 3))
-    assert M.ssim_per_image(a, b).mean() == pytest.approx(M.mean_ssim(a, b))
-    assert M.ssim_per_image(a, a) == pytest.approx(np.ones(4))
-    assert M.psnr_per_image(a, b, 1.0).mean() == pytest.approx(M.mean_psnr(a, b, 1.0))
-    assert M.psnr_per_image(a, a, 1.0).tolist() == [100.0] * 4
-    assert M.mae_per_image(a, b).mean() == pytest.approx(M.mae(a, b))
-    assert M.mae_per_image(a, b)[2] == pytest.approx(M.mae(a[2], b[2]))
+    assert metrics.ssim_per_image(a, b).mean() == pytest.approx(metrics.mean_ssim(a, b))
+    assert metrics.ssim_per_image(a, a) == pytest.approx(np.ones(4))
+    assert metrics.psnr_per_image(a, b, 1.0).mean() == pytest.approx(metrics.mean_psnr(a, b, 1.0))
+    assert metrics.psnr_per_image(a, a, 1.0).tolist() == [100.0] * 4
+    assert metrics.mae_per_image(a, b).mean() == pytest.approx(metrics.mae(a, b))
+    assert metrics.mae_per_image(a, b)[2] == pytest.approx(metrics.mae(a[2], b[2]))
 
 
 def test_per_image_normal_error_marks_empty_masks_nan():
@@ -199,7 +199,7 @@ def test_per_image_normal_error_marks_empty_masks_nan():
     n[..., 2] = 1.0  # +z everywhere
     mask = np.ones((2, 4, 4), bool)
     mask[1] = False
-    err = M.normal_angular_error_per_image(n, n, mask)
+    err = metrics.normal_angular_error_per_image(n, n, mask)
     assert err[0] == pytest.approx(0.0, abs=1e-6) and np.isnan(err[1])
 
 
@@ -275,8 +275,8 @@ def test_segmenter_beats_trivial_baseline(segmenter, shapes_data):
     _, (imgs, labels, _) = shapes_data
     pred = predict(segmenter, imgs)
     assert pred.shape == labels.shape and pred.dtype == np.int64
-    baseline = M.miou(np.zeros_like(labels), labels, 3)  # "everything is background"
-    score = M.miou(pred, labels, 3)
+    baseline = metrics.miou(np.zeros_like(labels), labels, 3)  # "everything is background"
+    score = metrics.miou(pred, labels, 3)
     assert baseline < 0.35
     assert score > 0.75, (score, baseline)
     # the same images as a tensor in [-1, 1] give the same prediction
@@ -291,8 +291,8 @@ def test_regressor_beats_constant_baseline(shapes_data):
     pred = predict(model, timgs)
     assert pred.shape == tbright.shape and pred.dtype == np.float32
     assert 0.0 <= pred.min() and pred.max() <= 1.0
-    baseline = M.mae(np.full_like(tbright, bright.mean()), tbright)
-    assert M.mae(pred, tbright) < 0.5 * baseline
+    baseline = metrics.mae(np.full_like(tbright, bright.mean()), tbright)
+    assert metrics.mae(pred, tbright) < 0.5 * baseline
 
 
 def test_detector_round_trip(segmenter, shapes_data, tmp_path):
