@@ -28,6 +28,8 @@ from ctrlora.evaluation.fidelity import (
 )
 from ctrlora.evaluation.grids import PAD, TITLE_H, colorize_labels, plot_curves, save_grid
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 # --------------------------------------------------------------------------- segmentation
 
@@ -248,15 +250,6 @@ def _shapes(n: int, size: int = 32, seed: int = 0):
             labels[i][m] = kind
             bright[i][m] = color.mean()
     return imgs, labels, bright
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The detectors are tiny; one thread avoids spin-waiting when the cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,8 @@ from ctrlora.pipeline import CtrLoRAPipeline, condition_to_tensor  # noqa: E402
 
 from _models_helpers import randomize_adapter, residuals, tiny_test_config  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SIZE = 16          # image side; VAE factor 2 -> 8x8 latents
 TOL = 1e-5
 VOCAB = ["a", "dental", "photo", "of", "upper", "lower", "molar", "teeth"]
@@ -39,16 +41,6 @@ def _perturb_base_zero_convs(cn, seed: int) -> None:
         for zc in list(cn.controlnet_down_blocks) + [cn.controlnet_mid_block]:
             for p in zc.parameters():
                 p.add_(0.2 * torch.randn(p.shape, generator=g))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is far faster than several on shared cores (the thread
-    pool's spinning dominates at these sizes); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
