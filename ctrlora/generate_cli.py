@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 Pairs = dict[str, tuple[str, float | None]]   # name -> (value, weight or None)
 
@@ -79,10 +79,30 @@ def parse_pairs(items: list[str], what: str) -> Pairs:
 
 
 def check_images(conditions: Pairs) -> None:
-    """Every condition image exists (checked before anything expensive is loaded)."""
+    """Every condition image exists and is an image PIL can read (checked before anything
+    expensive is loaded)."""
+    from PIL import Image
+
     for name, (path, _) in conditions.items():
         if not Path(path).is_file():
             raise GenerateError(f"condition {name!r}: image {path} does not exist")
+        try:
+            with Image.open(path) as im:
+                im.verify()
+        except Exception as exc:  # UnidentifiedImageError, truncated data, ...
+            raise GenerateError(f"condition {name!r}: {path} is not a readable image ({exc})") from None
+
+
+def check_weight_files(folder: str | Path, what: str) -> None:
+    """Every ``.safetensors`` file under ``folder`` has a readable header and is complete (a
+    truncated copy is named here, not deep inside a loader)."""
+    from ctrlora.models.convert import check_safetensors
+
+    for f in sorted(Path(folder).rglob("*.safetensors")):
+        try:
+            check_safetensors(f)
+        except ValueError as exc:
+            raise GenerateError(f"{what}: {exc}") from None
 
 
 def _check_request(args) -> tuple[Pairs, Pairs]:
@@ -110,6 +130,11 @@ def _check_request(args) -> tuple[Pairs, Pairs]:
     for name, (path, _) in adapters.items():
         if not Path(path).is_dir():
             raise GenerateError(f"adapter {name!r}: directory {path} does not exist")
+    for what, folder in (("--backbone", args.backbone), ("--base", args.base),
+                         *((f"adapter {n!r}", d) for n, (d, _) in adapters.items())):
+        if not Path(folder).is_dir():
+            raise GenerateError(f"{what}: directory {folder} does not exist")
+        check_weight_files(folder, what)
     return adapters, conditions
 
 
@@ -142,12 +167,8 @@ def _generate(args, sources: Mapping[str, str]) -> list[Path]:
                height=args.height, width=args.width, eta=args.eta, output_type="pil")
 
     out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for seed, img in zip(seeds, out.images):
-        path = out_dir / f"image_{len(paths):03d}_seed{seed}.png"
-        img.save(path)
-        paths.append(path)
+    names = [f"image_{i:03d}_seed{seed}.png" for i, seed in enumerate(seeds)]
+    paths = [out_dir / n for n in names]
     record = {
         "prompt": args.prompt, "negative_prompt": args.negative_prompt, "steps": args.steps,
         "guidance": args.guidance, "scheduler": args.scheduler, "eta": args.eta, "strength": args.strength,
@@ -155,10 +176,33 @@ def _generate(args, sources: Mapping[str, str]) -> list[Path]:
         "backbone": sources.get("backbone", args.backbone), "base": sources.get("base", args.base),
         "adapters": {n: sources.get(n, adapters[n][0]) for n in adapters},
         "conditions": {n: {"image": conditions[n][0], "weight": conds[n][1]} for n in conditions},
-        "images": [p.name for p in paths],
+        "images": names,
     }
-    (out_dir / "generate.json").write_text(json.dumps(record, indent=1) + "\n")
+    files = {n: (lambda f, img=img: img.save(f)) for n, img in zip(names, out.images)}
+    files["generate.json"] = lambda f: f.write_text(json.dumps(record, indent=1) + "\n")
+    _write_all(out_dir, files)
     return paths
+
+
+def _write_all(out_dir: Path, files: Mapping[str, Callable[[Path], None]]) -> None:
+    """Write every file into a temporary sibling of ``out_dir``, then move them in: a failure
+    while writing leaves ``out_dir`` as it was (files of earlier runs with other names stay)."""
+    import os
+    import shutil
+    import tempfile
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        for name, write in files.items():
+            write(tmp / name)
+        if not out_dir.exists():
+            os.rename(tmp, out_dir)
+            return
+        for name in files:
+            os.replace(tmp / name, out_dir / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def run(args, sources: Mapping[str, str] | None = None, prog: str = "ctrlora generate") -> int:
@@ -170,6 +214,8 @@ def run(args, sources: Mapping[str, str] | None = None, prog: str = "ctrlora gen
     try:
         paths = _generate(args, dict(sources or {}))
     except (GenerateError, FileNotFoundError, KeyError, ValueError, TypeError) as exc:
+        if getattr(args, "debug", False):
+            raise
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"{prog}: error: {msg}", file=sys.stderr)
         return 2

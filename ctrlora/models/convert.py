@@ -28,10 +28,42 @@ LORA_DOWN, LORA_UP = ".lora_layer.down.weight", ".lora_layer.up.weight"
 
 
 # ---------------------------------------------------------------------- reading files
+def check_safetensors(path: str | Path) -> None:
+    """Refuse (``ValueError`` naming the file) a ``.safetensors`` file whose header is unreadable
+    or whose tensors run past its end (a truncated download); reads the header only."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except Exception as exc:  # SafetensorError (header, truncation) or OSError
+        raise ValueError(f"{path}: not a complete safetensors file ({exc})") from None
+
+
+def _load_pickle(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` with its failures told in one line. A file that asks for
+    anything beyond tensors and plain containers is refused; torch's advice to retry with
+    ``weights_only=False`` (which would run the file's code) is deliberately not passed on."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        what = f" (it asks for {found.group(1)})" if found else ""
+        raise ValueError(f"{path}: refused: the pickle holds objects other than tensors{what}; only weights "
+                         f"are read from pickles (save the checkpoint as .safetensors)") from None
+    except (RuntimeError, EOFError, KeyError, OSError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"{path}: not a readable torch checkpoint ({first.split('. ')[0]})") from None
+
+
 def read_state_dict(path: str | Path) -> dict:
     """Read a flat ``name -> tensor`` dict from ``.safetensors`` or a pickle (``.ckpt``/``.pt``/
     ``.pth``, read with ``torch.load(weights_only=True)`` only). A ``state_dict`` wrapper is
-    unwrapped."""
+    unwrapped. Every failure is a ``FileNotFoundError`` / ``ValueError`` naming the file."""
     import torch
     from safetensors.torch import load_file
 
@@ -39,15 +71,19 @@ def read_state_dict(path: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        sd = load_file(str(path))
+        check_safetensors(path)
+        try:
+            sd = load_file(str(path))
+        except Exception as exc:  # a header that passed but data that does not decode
+            raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
     elif path.suffix in {".ckpt", ".pt", ".pth", ".bin"}:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        sd = _load_pickle(path)
         if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
             sd = sd["state_dict"]
     else:
-        raise ValueError(f"unsupported checkpoint format {path.suffix!r} (use .safetensors or .ckpt)")
+        raise ValueError(f"{path}: unsupported checkpoint format {path.suffix!r} (use .safetensors or .ckpt)")
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
-        raise ValueError(f"{path} is not a flat name -> tensor dict")
+        raise ValueError(f"{path}: not a flat name -> tensor dict")
     return dict(sd)
 
 
@@ -261,31 +297,97 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", type=Path, action="append", default=[],
                         help="published adapter file; repeat for several (name = file stem unless --name)")
     parser.add_argument("--name", action="append", default=[], help="condition name for each --adapter, in order")
-    parser.add_argument("--out", type=Path, required=True, help="output folder: <out>/base, <out>/adapters/<name>")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="output folder (new or empty): <out>/base, <out>/adapters/<name>")
     parser.add_argument("--ldm-config", type=Path, default=None,
                         help="JSON of ldm ControlNet kwargs (default: the SD 1.5 CtrLoRA config)")
 
 
+def _ldm_kwargs(path: Path | None) -> dict:
+    """The ldm ControlNet kwargs of ``--ldm-config`` (or SD 1.5's), checked enough to name the
+    file when something is missing."""
+    if path is None:
+        return dict(SD15_LDM_KWARGS)
+    try:
+        kwargs = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: ldm config not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if isinstance(kwargs, dict):
+        kwargs = kwargs.get("controlnet_kwargs", kwargs)
+    required = ("in_channels", "model_channels", "channel_mult", "num_res_blocks", "attention_resolutions",
+                "context_dim")
+    missing = [k for k in required if not isinstance(kwargs, dict) or k not in kwargs]
+    if missing:
+        raise ValueError(f"{path}: ldm config lacks {missing}")
+    return kwargs
+
+
+def _check_request(args) -> list[tuple[str, Path]]:
+    """(name, file) of every adapter, after the checks that need no model: names, files, output."""
+    if args.name and len(args.name) != len(args.adapter):
+        raise ValueError(f"give one --name per --adapter ({len(args.name)} names, {len(args.adapter)} adapters)")
+    named = [(args.name[i] if args.name else p.stem, p) for i, p in enumerate(args.adapter)]
+    names = [n for n, _ in named]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"adapter name(s) {twice} given twice (use --name)")
+    bad = [n for n in names if not n or "/" in n or n.startswith(".")]
+    if bad:
+        raise ValueError(f"adapter name(s) {bad} cannot be folder names")
+    for p in [args.base, *args.adapter]:
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"{p}: checkpoint not found")
+        if Path(p).suffix == ".safetensors":
+            check_safetensors(p)
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out}: output folder exists and is not empty (choose a new --out or remove it)")
+    return named
+
+
 def run(args) -> int:
+    """Convert into a temporary sibling of ``--out`` and rename it into place only when the base
+    and every adapter converted: a failure leaves no output folder behind."""
+    import os
+    import shutil
+    import tempfile
+
     from ctrlora.models.adapters import base_hash, save_adapter_tensors
     from ctrlora.models.controlnet import CtrLoRAControlNet
 
-    kwargs = json.loads(args.ldm_config.read_text()) if args.ldm_config else SD15_LDM_KWARGS
-    kwargs = kwargs.get("controlnet_kwargs", kwargs)
-    model = CtrLoRAControlNet(**controlnet_config_from_ldm(kwargs))
-    weights, stale = convert_base(read_state_dict(args.base), model)
-    model.load_state_dict(weights, strict=True)
-    base_dir = args.out / "base"
-    model.save_pretrained(base_dir)
-    bh = base_hash(model)
-    report = {"base": str(base_dir), "base_hash": bh, "discarded_stale_lora_keys": len(stale), "adapters": {}}
-    if args.name and len(args.name) != len(args.adapter):
-        raise SystemExit("give one --name per --adapter")
-    for i, path in enumerate(args.adapter):
-        name = args.name[i] if args.name else path.stem
-        tensors, rank = convert_adapter(read_state_dict(path), model)
-        out = args.out / "adapters" / name
-        save_adapter_tensors(tensors, out, condition=name, rank=rank, alpha=rank, base_hash=bh, model=model)
-        report["adapters"][name] = {"dir": str(out), "rank": rank, "tensors": len(tensors)}
+    named = _check_request(args)
+    kwargs = _ldm_kwargs(args.ldm_config)
+    try:
+        model = CtrLoRAControlNet(**controlnet_config_from_ldm(kwargs))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{args.ldm_config or 'the SD 1.5 ldm config'}: unusable ldm config ({exc})") from None
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        try:
+            weights, stale = convert_base(read_state_dict(args.base), model)
+        except ValueError as exc:
+            raise ValueError(f"{args.base}: {exc}" if str(args.base) not in str(exc) else str(exc)) from None
+        model.load_state_dict(weights, strict=True)
+        model.save_pretrained(tmp / "base")
+        bh = base_hash(model)
+        report = {"base": str(out / "base"), "base_hash": bh, "discarded_stale_lora_keys": len(stale), "adapters": {}}
+        for name, path in named:
+            try:
+                tensors, rank = convert_adapter(read_state_dict(path), model)
+            except ValueError as exc:
+                raise ValueError(f"{path}: {exc}" if str(path) not in str(exc) else str(exc)) from None
+            save_adapter_tensors(tensors, tmp / "adapters" / name, condition=name, rank=rank, alpha=rank,
+                                 base_hash=bh, model=model)
+            report["adapters"][name] = {"dir": str(out / "adapters" / name), "rank": rank, "tensors": len(tensors)}
+        if out.exists():
+            out.rmdir()  # checked empty above
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     print(json.dumps(report, indent=1))
     return 0

@@ -3,6 +3,9 @@
 Built on the meta device (no weights, no downloads): ``--preset sd15`` from the standard SD 1.5
 UNet config, ``--preset tiny`` by :func:`ctrlora.models.backbone.tiny_unet` from ``params.yaml``
 ``backbone.tiny`` (the sizes the pipeline trains).
+
+:func:`random_sd15_backbone` builds a whole SD 1.5 backbone with random weights from the same
+written-out configs (tests and benchmarks of the SD 1.5 path; nothing is downloaded).
 """
 from __future__ import annotations
 
@@ -31,6 +34,43 @@ SD15_UNET_CONFIG = dict(
     freq_shift=0,
     center_input_sample=False,
 )
+
+
+# SD 1.5's VAE (AutoencoderKL) and text encoder (CLIP ViT-L/14 text tower) configs.
+SD15_VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4, sample_size=512, scaling_factor=0.18215,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512), layers_per_block=2, act_fn="silu", norm_num_groups=32,
+)
+SD15_TEXT_CONFIG = dict(
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+)
+
+
+def random_sd15_backbone(vocabulary, seed: int = 0):
+    """A :class:`ctrlora.models.backbone.Backbone` with SD 1.5's UNet, VAE and text encoder shapes
+    and random weights (``seed``), the DDPM training schedule of SD 1.5 and a word-level tokenizer
+    over ``vocabulary`` padding to 77 tokens (SD's BPE tokenizer is data that is not shipped here;
+    the text states have SD's shape, 77 x 768). ``Backbone.save`` writes the diffusers layout."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ctrlora.models.backbone import SD15_SCHEDULER, Backbone, build_tokenizer
+
+    tokenizer = build_tokenizer(vocabulary, max_length=SD15_TEXT_CONFIG["max_position_embeddings"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
+        vae = AutoencoderKL(**SD15_VAE_CONFIG)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            **SD15_TEXT_CONFIG, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id))
+    for m in (vae, unet, text_encoder):
+        m.eval()
+    return Backbone(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
+                    scheduler=DDPMScheduler(**SD15_SCHEDULER))
 
 
 def _meta_unet(preset: str, params_file: str | Path | None = None):

@@ -63,7 +63,25 @@ def make_trainer(cfg: ControlNetTrainConfig, model, params, checkpoint_dir, unus
     ``unused``: some trainable parameters may get no gradient in a step (DDP must be told)."""
     # base training leaves the inactive conditions' LoRA unused in a step
     acc = make_accelerator(cfg.train, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)])
+    apply_memory_options(cfg.train, model)
     return Trainer(cfg.train, model, params, checkpoint_dir, accelerator=acc)
+
+
+def apply_memory_options(cfg: TrainConfig, model: ControlledDenoiser) -> None:
+    """The model side of ``cfg``'s memory options: ``gradient_checkpointing`` on the ControlNet
+    and the frozen UNet (the UNet's activations are what the residuals' gradients flow back
+    through, so they are most of a step's memory at SD scale); ``cast_frozen`` stores the frozen
+    UNet in the mixed-precision dtype (SD 1.5: 3.4 GB fp32 -> 1.7 GB). The cast rounds the
+    caller's UNet in place; the ControlNet keeps fp32 weights (the trained ones and the base
+    they update)."""
+    if cfg.gradient_checkpointing:
+        model.controlnet.enable_gradient_checkpointing()
+        model.unet.enable_gradient_checkpointing()
+    if cfg.cast_frozen:
+        if any(p.requires_grad for p in model.unet.parameters()):
+            raise ValueError("cast_frozen: the UNet has trainable weights; only a frozen UNet is cast")
+        # nn.Module.to: diffusers' own .to() warns about fp32-only modules, which the UNet has none of
+        torch.nn.Module.to(model.unet, cfg.half_dtype)
 
 
 def controlnet_loss(model, cache: EmbedCache, scheduler, condition: str, rows: torch.Tensor, cfg: ControlNetTrainConfig,
