@@ -8,6 +8,12 @@ been checked. great-expectations then validates the table: each expectation carr
 the contract rule it enforces in its ``meta``, and each unexpected row points back to a
 (scan, file) pair. Null cells mean "not reached" (an earlier rule already failed for that file)
 and are ignored by the expectations, so every broken file reports the first rule it breaks.
+
+Three scan layouts (:func:`scan_layout`): a *rendered* scan (photo, four maps, meta.json, READY);
+a *photo-only* scan, as the accepted store holds a clinic photograph (``photo.png`` at the
+resolution, a ``meta.json`` with ``"kind": "photo"``, READY); and, while ingesting only, a *landed
+photograph* (READY plus one JPEG or PNG of any name and reasonable size, normalised by
+:mod:`ctrlora.data.photos`). A folder holding any of the four maps is a rendered scan.
 """
 from __future__ import annotations
 
@@ -25,7 +31,11 @@ import pandas as pd
 
 from ctrlora.data.files import sha256_file
 from ctrlora.data.labels import BACKGROUND, LABELS
+from ctrlora.data.photos import (MAX_PHOTO_PIXELS, MODE_RULE, PHOTO_KIND, PHOTO_SCAN_FILES, NormalisedPhoto,
+                                 PhotoRejected, is_photo_name, normalise_photo, pixel_sha256, png_metadata_chunks)
 from ctrlora.data.scan import IMAGE_FILES, META, READY, REQUIRED_FILES, SCAN_ID_PATTERN
+
+RENDERED_MAPS = tuple(n for n in IMAGE_FILES if n != "photo.png")
 
 # rule name -> what it means (the names appear in reason.json and validation.json)
 RULES: dict[str, str] = {
@@ -46,8 +56,16 @@ RULES: dict[str, str] = {
     "depth_range": "depth is 0 exactly on background and in 1..255 elsewhere",
     "lighting_range": "lighting is 0 on background",
     "meta_schema": "meta.json has the required keys with valid values",
-    "unique_content": "the photograph's sha256 is not already present (duplicate scan)",
+    "unique_content": "the photograph's sha256 is not already present (duplicate scan); for a photo-only "
+                      "scan the sha256 of its normalised pixels",
+    "single_frame": "a still image: one frame (animated PNG and other multi-frame files refused)",
+    "metadata_free": "a PNG holds no metadata chunk (text, EXIF, XMP, ICC profile, time; only pixel chunks)",
+    "photo_format": "a landed photograph is a JPEG or PNG file",
+    "photo_mode": f"a landed photograph's pixel format converts by the rule: {MODE_RULE}",
+    "photo_size": "a landed photograph's shorter side is at least the resolution and its aspect at most 4:1",
 }
+# layouts of a scan folder (see the module docstring)
+RENDERED, PHOTO, LANDED_PHOTO = "rendered", "photo", "landed_photo"
 
 SCAN_RULES = frozenset({"scan_id_format", "unique_scan_id"})  # about the scan, not one file
 
@@ -55,8 +73,12 @@ MANIFEST_COLUMNS = [
     "scan_id", "file", "path", "present", "inside_root", "regular", "known", "size_bytes",
     "non_empty", "sha256", "decodable", "header_ok", "width", "height", "mode", "expected_mode",
     "labels_ok", "normals_ok", "depth_ok", "lighting_ok", "meta_ok", "scan_id_new",
-    "content_unique", "detail",
+    "content_unique", "detail", "single_frame", "metadata_free", "photo_format_ok", "photo_mode_ok",
+    "photo_size_ok", "content_sha256",
 ]
+# rule of a PhotoRejected -> the manifest column that records it
+_PHOTO_RULE_COLUMNS = {"decodable": "decodable", "header_within_limits": "header_ok", "single_frame": "single_frame",
+                       "photo_format": "photo_format_ok", "photo_mode": "photo_mode_ok", "photo_size": "photo_size_ok"}
 
 
 class ContractError(RuntimeError):
@@ -67,6 +89,7 @@ class ContractError(RuntimeError):
 class ContractConfig:
     resolution: int = 64
     max_pixels: int = 1 << 24  # decompression-bomb guard on the declared header size
+    max_photo_pixels: int = MAX_PHOTO_PIXELS  # the same for a landed photograph (any size, then normalised)
     normal_tolerance: float = 0.03
 
 
@@ -131,6 +154,24 @@ def _check_meta(data: bytes, scan_id: str, cfg: ContractConfig) -> tuple[bool, b
     return True, not problems, "; ".join(problems)
 
 
+def _check_photo_meta(data: bytes, scan_id: str, cfg: ContractConfig) -> tuple[bool, bool | None, str]:
+    """(decodable, meta_ok, detail) of a photo-only scan's meta.json (written by ingestion)."""
+    try:
+        meta = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return False, None, f"not JSON: {exc}"
+    if not isinstance(meta, dict):
+        return True, False, "meta.json is not an object"
+    problems = []
+    if meta.get("kind") != PHOTO_KIND:
+        problems.append(f"kind {meta.get('kind')!r}, expected {PHOTO_KIND!r} in a folder without rendered maps")
+    if meta.get("scan_id") != scan_id:
+        problems.append(f"scan_id {meta.get('scan_id')!r} differs from folder name")
+    if meta.get("resolution") != cfg.resolution:
+        problems.append(f"resolution {meta.get('resolution')!r} != {cfg.resolution}")
+    return True, not problems, "; ".join(problems)
+
+
 def _open_png(path: Path, cfg: ContractConfig, expected_mode: str, row: dict[str, Any]) -> np.ndarray | None:
     """Header first, then the guards, then decode. Fills the row; returns the pixels or None."""
     from PIL import Image
@@ -154,6 +195,11 @@ def _open_png(path: Path, cfg: ContractConfig, expected_mode: str, row: dict[str
                        detail=f"header declares {width}×{height} > {cfg.max_pixels} pixels")
             return None
         row["header_ok"] = True
+        frames = int(getattr(im, "n_frames", 1))
+        row["single_frame"] = frames == 1
+        if frames != 1:
+            row["detail"] = f"animated PNG with {frames} frames; one still image expected"
+            return None
         if (width, height) != (cfg.resolution, cfg.resolution):
             row["detail"] = f"size {width}×{height}, expected {cfg.resolution}×{cfg.resolution}"
             return None
@@ -176,13 +222,33 @@ def _open_png(path: Path, cfg: ContractConfig, expected_mode: str, row: dict[str
         finally:
             ImageFile.LOAD_TRUNCATED_IMAGES = lenient
     row["decodable"] = True
+    chunks = png_metadata_chunks(path.read_bytes())
+    row["metadata_free"] = not chunks
+    if chunks:
+        row["detail"] = f"metadata chunks {', '.join(chunks)}"
+        return None
     return pixels
 
 
+def _inspect_landed_photo(path: Path, cfg: ContractConfig, row: dict[str, Any]) -> NormalisedPhoto | None:
+    """Fill the row of a landed photograph (already checked as a plain, non-empty file inside the
+    data folder): normalise it, recording the first rule it breaks."""
+    try:
+        photo = normalise_photo(path, cfg.resolution, cfg.max_photo_pixels)
+    except PhotoRejected as exc:
+        row.update({_PHOTO_RULE_COLUMNS[exc.rule]: False, "detail": exc.detail})
+        return None
+    row.update(decodable=True, header_ok=True, single_frame=True, photo_format_ok=True, photo_mode_ok=True,
+               photo_size_ok=True, content_sha256=photo.pixel_sha256)
+    return photo
+
+
 def _inspect_file(path: Path, name: str, scan_id: str, root_real: str, cfg: ContractConfig,
-                  row: dict[str, Any]) -> np.ndarray | None:
+                  row: dict[str, Any], layout: str = RENDERED, known: frozenset[str] | tuple[str, ...] = REQUIRED_FILES
+                  ) -> np.ndarray | NormalisedPhoto | None:
     """Fill ``row`` for one entry of a (non-linked) scan folder, stopping at the first failed
-    check; returns the decoded pixels of a layout image, else ``None``."""
+    check; returns the decoded pixels of a layout image (the normalised photo of a landed
+    photograph), else ``None``."""
     if not os.path.lexists(path):
         row.update(present=False, detail="missing")
         return None
@@ -197,9 +263,9 @@ def _inspect_file(path: Path, name: str, scan_id: str, root_real: str, cfg: Cont
     if not row["regular"]:
         row["detail"] = "symlink" if stat.S_ISLNK(st.st_mode) else "not a regular file"
         return None
-    row["known"] = name in REQUIRED_FILES
+    row["known"] = name in known
     if not row["known"]:
-        row["detail"] = "file not in the scan layout"
+        row["detail"] = "file not in the scan layout" + ("" if layout == RENDERED else f" of a {layout.replace('_', ' ')}")
         return None
     row["size_bytes"] = st.st_size
     if name == READY:
@@ -210,8 +276,11 @@ def _inspect_file(path: Path, name: str, scan_id: str, root_real: str, cfg: Cont
         return None
     row["sha256"] = sha256_file(path)
     if name == META:
-        row["decodable"], row["meta_ok"], row["detail"] = _check_meta(path.read_bytes(), scan_id, cfg)
+        check = _check_photo_meta if layout == PHOTO else _check_meta
+        row["decodable"], row["meta_ok"], row["detail"] = check(path.read_bytes(), scan_id, cfg)
         return None
+    if layout == LANDED_PHOTO:
+        return _inspect_landed_photo(path, cfg, row)
     return _open_png(path, cfg, IMAGE_FILES[name], row)
 
 
@@ -246,16 +315,41 @@ def _check_maps(arrays: dict[str, np.ndarray], by_name: dict[str, dict[str, Any]
                 by_name["lighting.png"]["detail"] = "lighting is not 0 on background"
 
 
-def inspect_scan(scan_dir: Path, root: Path, cfg: ContractConfig) -> list[dict[str, Any]]:
-    """Manifest rows of one scan folder: one per layout file plus one per unexpected entry."""
+def scan_layout(scan_dir: Path, landed_photos: bool = False) -> str:
+    """:data:`RENDERED` when the folder holds any rendered map (or is not a plain folder), else
+    :data:`LANDED_PHOTO` while ingesting (``landed_photos``), else :data:`PHOTO`."""
+    scan_dir = Path(scan_dir)
+    if os.path.islink(scan_dir) or not os.path.isdir(scan_dir):
+        return RENDERED
+    if any(os.path.lexists(scan_dir / m) for m in RENDERED_MAPS):
+        return RENDERED
+    return LANDED_PHOTO if landed_photos else PHOTO
+
+
+def _layout_files(scan_dir: Path, layout: str, dir_usable: bool) -> tuple[list[str], tuple[str, ...]]:
+    """(row names in order, the files the layout knows) of a scan folder."""
+    entries = sorted(os.listdir(scan_dir)) if dir_usable else []
+    if layout == LANDED_PHOTO:
+        photos = [n for n in entries if is_photo_name(n)]
+        photo = photos[0] if photos else "photo.jpg"  # a missing photograph is reported under this name
+        known = (photo, READY)
+        return [photo, READY] + [n for n in entries if n not in known], known
+    known = PHOTO_SCAN_FILES if layout == PHOTO else REQUIRED_FILES
+    return list(known) + [n for n in entries if n not in known], known
+
+
+def inspect_scan(scan_dir: Path, root: Path, cfg: ContractConfig, landed_photos: bool = False,
+                 normalised: dict[str, NormalisedPhoto] | None = None) -> list[dict[str, Any]]:
+    """Manifest rows of one scan folder: one per layout file plus one per unexpected entry.
+    ``landed_photos``: a folder without rendered maps is a landed photograph; its normalised photo
+    is put into ``normalised`` under the scan id."""
     scan_dir = Path(scan_dir)
     root_real = os.path.realpath(root)
     scan_id = scan_dir.name
     dir_is_link = os.path.islink(scan_dir)
     dir_inside = _inside(str(scan_dir), root_real)
-    names = list(REQUIRED_FILES)
-    if not dir_is_link and os.path.isdir(scan_dir):
-        names += sorted(n for n in os.listdir(scan_dir) if n not in REQUIRED_FILES)
+    layout = scan_layout(scan_dir, landed_photos)
+    names, known = _layout_files(scan_dir, layout, not dir_is_link and os.path.isdir(scan_dir))
     rows: list[dict[str, Any]] = []
     arrays: dict[str, np.ndarray] = {}
     for name in names:
@@ -268,32 +362,53 @@ def inspect_scan(scan_dir: Path, root: Path, cfg: ContractConfig) -> list[dict[s
             row.update(present=True, inside_root=dir_inside, regular=False if dir_inside else None,
                        detail="scan folder is a symlink" + ("" if dir_inside else " pointing outside the data folder"))
             continue
-        pixels = _inspect_file(path, name, scan_id, root_real, cfg, row)
-        if pixels is not None:
+        pixels = _inspect_file(path, name, scan_id, root_real, cfg, row, layout, known)
+        if isinstance(pixels, NormalisedPhoto):
+            if normalised is not None:
+                normalised[scan_id] = pixels
+        elif pixels is not None:
             arrays[name] = pixels
-    _check_maps(arrays, {r["file"]: r for r in rows}, cfg)
+            if layout == PHOTO and name == "photo.png":
+                row["content_sha256"] = pixel_sha256(pixels)
+    if layout == RENDERED:
+        _check_maps(arrays, {r["file"]: r for r in rows}, cfg)
+    if layout == LANDED_PHOTO and rows[0]["present"] is not True:
+        rows[0]["detail"] = "no JPEG or PNG photograph (.jpg, .jpeg, .png) in a folder without rendered maps"
     return rows
+
+
+def content_key(row: dict[str, Any]) -> str | None:
+    """What the duplicate check compares for a manifest row: ``px:<pixel sha256>`` for the photo of a
+    photo-only scan or a landed photograph, the file's sha256 for a rendered ``photo.png``, else None."""
+    if row.get("content_sha256") is not None:
+        return "px:" + row["content_sha256"]
+    if row["file"] == "photo.png" and row.get("sha256") is not None:
+        return row["sha256"]
+    return None
 
 
 def build_manifest(scan_dirs: list[Path], root: Path, cfg: ContractConfig,
                    known_scan_ids: set[str] | None = None,
-                   known_photo_hashes: dict[str, str] | None = None) -> pd.DataFrame:
+                   known_photo_hashes: dict[str, str] | None = None, landed_photos: bool = False,
+                   normalised: dict[str, NormalisedPhoto] | None = None) -> pd.DataFrame:
     """The manifest of ``scan_dirs`` (all under ``root``). ``known_*`` describe data already
-    accepted: their ids and photo hashes count as taken. Within the batch, the first scan (by id)
-    with a given photo keeps it; later copies are duplicates."""
+    accepted: their ids and photo content keys (:func:`content_key`) count as taken. Within the
+    batch, the first scan (by id) with a given photo keeps it; later copies are duplicates.
+    ``landed_photos`` / ``normalised``: see :func:`inspect_scan` (ingestion only)."""
     known_scan_ids = known_scan_ids or set()
     seen = dict(known_photo_hashes or {})
     rows: list[dict[str, Any]] = []
     for d in sorted(scan_dirs, key=lambda p: p.name):
-        scan_rows = inspect_scan(d, root, cfg)
+        scan_rows = inspect_scan(d, root, cfg, landed_photos, normalised)
         new_id = d.name not in known_scan_ids
         for r in scan_rows:
             r["scan_id_new"] = new_id
-            if r["file"] == "photo.png" and r["sha256"] is not None:
-                owner = seen.get(r["sha256"])
+            key = content_key(r)
+            if key is not None:
+                owner = seen.get(key)
                 r["content_unique"] = owner is None
                 if owner is None:
-                    seen[r["sha256"]] = d.name
+                    seen[key] = d.name
                 else:
                     r["detail"] = r["detail"] or f"same photo as scan {owner}"
         rows.extend(scan_rows)
@@ -334,6 +449,11 @@ def _expectations(cfg: ContractConfig) -> list[Any]:
         must("lighting_ok", "lighting_range"),
         must("meta_ok", "meta_schema"),
         must("content_unique", "unique_content"),
+        must("single_frame", "single_frame"),
+        must("metadata_free", "metadata_free"),
+        must("photo_format_ok", "photo_format"),
+        must("photo_mode_ok", "photo_mode"),
+        must("photo_size_ok", "photo_size"),
     ]
 
 

@@ -19,7 +19,14 @@ Ingestion of one batch
    forward), and readers of the store (``prepare``) refuse to run while a journal exists, so they
    see the old store or the new one, never a half-applied batch. Moves never overwrite and
    nothing is ever deleted.
-3. A quarantine name that is taken gets a numeric suffix (``<id>.1``, ``<id>.2``, ...).
+3. A *landed photograph* (a folder without rendered maps: READY plus one JPEG or PNG, see
+   :mod:`ctrlora.data.photos`) that passes is normalised before anything is stored: its
+   ``photo.png`` (pixels only, no metadata), ``meta.json`` (``"kind": "photo"``) and READY are
+   written to a hidden folder in the store, which the journal then renames to ``scans/<id>``;
+   the landed original, whose metadata must not be kept, is deleted after that rename (its
+   sha256 stays in meta.json). A refused photograph is quarantined untouched like any scan.
+   Duplicates are found by the hash of the normalised pixels, across batches.
+4. A quarantine name that is taken gets a numeric suffix (``<id>.1``, ``<id>.2``, ...).
    A quarantined scan folder that is itself a symlink is not entered: a fresh folder
    ``quarantine/<name>/`` receives ``reason.json`` and the link itself as ``scan_link``.
 """
@@ -27,18 +34,21 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ctrlora.data.contract import (ContractConfig, ContractError, Violation, build_manifest, summary_report,
-                                   validate)
-from ctrlora.data.files import sha256_file
-from ctrlora.data.scan import READY
+from ctrlora.data.contract import (PHOTO, ContractConfig, ContractError, Violation, build_manifest, scan_layout,
+                                   summary_report, validate)
+from ctrlora.data.files import png_bytes, read_png, sha256_file
+from ctrlora.data.photos import NormalisedPhoto, is_photo_name, photo_scan_meta, pixel_sha256
+from ctrlora.data.scan import META, READY, meta_bytes
 
 JOURNAL = ".ingest-journal.json"
+PHOTO_TMP_PREFIX = ".tmp-photo-"  # hidden folders in the store holding a normalised photo until its move
 
 
 @dataclass(frozen=True)
@@ -62,11 +72,13 @@ class IngestReport:
     violations: dict[str, list[dict[str, str]]] = field(default_factory=dict)
     pending: list[str] = field(default_factory=list)  # no READY yet: left in incoming
     ignored: list[str] = field(default_factory=list)  # hidden entries, stray files: left alone
+    photos: list[str] = field(default_factory=list)  # accepted landed photographs (normalised)
     recovered_moves: int = 0
     validation: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> str:
-        lines = [f"accepted {len(self.accepted)}, quarantined {len(self.quarantined)}, "
+        lines = [f"accepted {len(self.accepted)} ({len(self.photos)} photographs normalised), "
+                 f"quarantined {len(self.quarantined)}, "
                  f"pending {len(self.pending)}, ignored {len(self.ignored)}"
                  + (f", recovered {self.recovered_moves} moves of an interrupted batch" if self.recovered_moves else "")]
         for sid, qname in sorted(self.quarantined.items()):
@@ -144,6 +156,9 @@ def _apply(plan: list[dict[str, Any]], root: Path) -> int:
             done += 1
         elif not os.path.lexists(target):
             raise ContractError(f"journal step lost: neither {src} nor {target} exists")
+        if step.get("discard") is not None and os.path.lexists(root / step["discard"]):
+            # the landed original of a normalised photograph, now stored without its metadata
+            shutil.rmtree(root / step["discard"])
         if step.get("reason") is not None and not _reason_written(dst, step["reason"]["batch"]):
             _write_json_atomic(_reason_path(dst), step["reason"])
     return done
@@ -161,6 +176,7 @@ def recover(cfg: IngestConfig) -> int:
 
 
 def _store_index(store: Path) -> tuple[set[str], dict[str, str]]:
+    """Accepted scan ids and photo content keys (as :func:`ctrlora.data.contract.content_key`)."""
     ids: set[str] = set()
     hashes: dict[str, str] = {}
     for name in sorted(os.listdir(store)):
@@ -169,8 +185,31 @@ def _store_index(store: Path) -> tuple[set[str], dict[str, str]]:
         ids.add(name)
         photo = store / name / "photo.png"
         if photo.is_file() and not photo.is_symlink():
-            hashes.setdefault(sha256_file(photo), name)
+            if scan_layout(store / name) == PHOTO:
+                hashes.setdefault("px:" + pixel_sha256(read_png(photo, "RGB")), name)
+            else:
+                hashes.setdefault(sha256_file(photo), name)
     return ids, hashes
+
+
+def _clear_photo_temps(store: Path) -> None:
+    """Remove normalised-photo folders of a batch that stopped before its journal was written
+    (with no journal left, nothing refers to them; the landed originals are still in incoming)."""
+    for name in os.listdir(store):
+        if name.startswith(PHOTO_TMP_PREFIX) and os.path.isdir(store / name) and not os.path.islink(store / name):
+            shutil.rmtree(store / name)
+
+
+def _stage_photo(cfg: IngestConfig, scan_dir: Path, photo: NormalisedPhoto) -> Path:
+    """Write the normalised scan into a hidden folder of the store; returns it."""
+    original = next(n for n in sorted(os.listdir(scan_dir)) if is_photo_name(n))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{PHOTO_TMP_PREFIX}{scan_dir.name}-", dir=cfg.store))
+    meta = photo_scan_meta(scan_dir.name, cfg.contract.resolution, photo, sha256_file(scan_dir / original))
+    (tmp / "photo.png").write_bytes(png_bytes(photo.pixels, "RGB"))
+    (tmp / META).write_bytes(meta_bytes(meta))
+    (tmp / READY).write_bytes(b"")
+    os.chmod(tmp, 0o755)
+    return tmp
 
 
 def _quarantine_name(cfg: IngestConfig, scan_id: str, taken: set[str]) -> str:
@@ -205,11 +244,14 @@ def ingest(cfg: IngestConfig) -> IngestReport:
     _check_layout(cfg)
     report = IngestReport()
     report.recovered_moves = recover(cfg)
+    _clear_photo_temps(cfg.store)
     candidates, report.pending, report.ignored = find_complete(cfg.incoming)
     if not candidates:
         return report
     known_ids, known_hashes = _store_index(cfg.store)
-    manifest = build_manifest(candidates, cfg.data_root, cfg.contract, known_ids, known_hashes)
+    normalised: dict[str, NormalisedPhoto] = {}
+    manifest = build_manifest(candidates, cfg.data_root, cfg.contract, known_ids, known_hashes,
+                              landed_photos=True, normalised=normalised)
     outcome = validate(manifest, cfg.contract)
     report.validation = summary_report(outcome)
 
@@ -233,6 +275,16 @@ def ingest(cfg: IngestConfig) -> IngestReport:
                          "wrap": os.path.islink(path), "reason": reason})
             report.quarantined[sid] = qname
             report.violations[sid] = reason["violations"]
+        elif sid in normalised:
+            try:
+                staged = _stage_photo(cfg, path, normalised[sid])
+            except BaseException:
+                _clear_photo_temps(cfg.store)
+                raise
+            plan.append({"src": os.path.relpath(staged, root), "dst": os.path.relpath(cfg.store / sid, root),
+                         "reason": None, "discard": rel_src})
+            report.accepted.append(sid)
+            report.photos.append(sid)
         else:
             plan.append({"src": rel_src, "dst": os.path.relpath(cfg.store / sid, root), "reason": None})
             report.accepted.append(sid)

@@ -4,6 +4,10 @@ Every input scan is validated against the contract first; ``prepare`` is strict 
 stops it with a :class:`ContractError` naming the scans, files and rules (bad *incoming* scans are
 the ingestion's business: they never reach the accepted store). The output is built in a
 temporary sibling folder and renamed into place when complete.
+
+A photo-only scan (a clinic photograph, see :mod:`ctrlora.data.photos`) gains the derived
+conditions only; the rendered-only ones (segmentation, lighting, normal, depth) have no image and
+no pair row for it. Its caption is :data:`ctrlora.data.photos.PHOTO_CAPTION`.
 """
 from __future__ import annotations
 
@@ -18,10 +22,12 @@ from typing import Any
 
 from ctrlora.data.captions import caption_from_meta
 from ctrlora.data.conditions import CONDITIONS, encode_u8
-from ctrlora.data.contract import ContractConfig, ContractError, build_manifest, summary_report, validate
+from ctrlora.data.contract import (PHOTO, ContractConfig, ContractError, build_manifest, scan_layout, summary_report,
+                                   validate)
 from ctrlora.data.files import png_bytes, swap_into_place
 from ctrlora.data.hashing import dvc_dir_md5
 from ctrlora.data.ingest import pending_journal
+from ctrlora.data.photos import PHOTO_CAPTION
 from ctrlora.data.scan import load_scan
 
 
@@ -94,16 +100,25 @@ def _scan_dirs(sources: tuple[Path, ...]) -> tuple[list[Path], dict[str, int]]:
     return dirs, counts
 
 
-def _write_scan_outputs(job: tuple[str, str, str, tuple[str, ...]]) -> tuple[str, str, str]:
-    """Copy the photo and write every encoded condition of one scan. Returns (id, photo sha, caption)."""
-    scan_dir, tmp_out, _split, conditions = job
-    scan = load_scan(Path(scan_dir))
+def conditions_of(layout: str, conditions: tuple[str, ...]) -> tuple[str, ...]:
+    """The conditions a scan of ``layout`` has: all for a rendered scan, the derived ones for a
+    photo-only scan."""
+    return tuple(c for c in conditions if layout != PHOTO or CONDITIONS[c].source == "derived")
+
+
+def _write_scan_outputs(job: tuple[str, str, str, tuple[str, ...], str]) -> tuple[str, str, str, tuple[str, ...]]:
+    """Copy the photo and write every encoded condition of one scan.
+    Returns (id, photo sha, caption, the conditions written)."""
+    scan_dir, tmp_out, _split, conditions, layout = job
+    photo_only = layout == PHOTO
+    scan = load_scan(Path(scan_dir), rendered=not photo_only)
     out = Path(tmp_out)
     photo_bytes = (Path(scan_dir) / "photo.png").read_bytes()
     (out / "photos" / f"{scan.scan_id}.png").write_bytes(photo_bytes)
     for c in conditions:
         (out / "conditions" / c / f"{scan.scan_id}.png").write_bytes(png_bytes(encode_u8(c, scan), "RGB"))
-    return scan.scan_id, hashlib.sha256(photo_bytes).hexdigest(), caption_from_meta(scan.meta)
+    caption = PHOTO_CAPTION if photo_only else caption_from_meta(scan.meta)
+    return scan.scan_id, hashlib.sha256(photo_bytes).hexdigest(), caption, conditions
 
 
 def _validated_scans(cfg: PrepareConfig):
@@ -124,11 +139,11 @@ def _validated_scans(cfg: PrepareConfig):
     return dirs, counts, outcome
 
 
-def _write_all_scans(jobs: list, workers: int, progress: bool) -> list[tuple[str, str, str]]:
+def _write_all_scans(jobs: list, workers: int, progress: bool) -> list[tuple[str, str, str, tuple[str, ...]]]:
     """Run :func:`_write_scan_outputs` over ``jobs`` (in ``workers`` processes); sorted results."""
     from tqdm import tqdm
 
-    results: list[tuple[str, str, str]] = []
+    results: list[tuple[str, str, str, tuple[str, ...]]] = []
     bar = tqdm(total=len(jobs), desc="prepare", unit="scan", disable=not progress)
     if workers > 1:
         import multiprocessing as mp
@@ -145,9 +160,12 @@ def _write_all_scans(jobs: list, workers: int, progress: bool) -> list[tuple[str
     return sorted(results)
 
 
-def _write_pairs(folder: Path, condition: str, results: list[tuple[str, str, str]], splits: dict[str, str]) -> None:
+def _write_pairs(folder: Path, condition: str, results: list[tuple[str, str, str, tuple[str, ...]]],
+                 splits: dict[str, str]) -> None:
     with open(folder / "pairs.jsonl", "w") as f:
-        for sid, sha, caption in results:
+        for sid, sha, caption, written in results:
+            if condition not in written:  # a photo-only scan has no rendered-only condition
+                continue
             f.write(json.dumps({
                 "scan_id": sid, "split": splits[sid], "photo": f"photos/{sid}.png",
                 "photo_sha256": sha, "condition": f"conditions/{condition}/{sid}.png", "caption": caption,
@@ -181,7 +199,10 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
         for sub in ["photos", "meta", *[f"conditions/{c}" for c in cfg.conditions]]:
             (tmp / sub).mkdir(parents=True)
         splits = {d.name: split_of(d.name, cfg.test_fraction, cfg.validation_fraction) for d in dirs}
-        jobs = [(str(d), str(tmp), splits[d.name], tuple(cfg.conditions)) for d in sorted(dirs, key=lambda p: p.name)]
+        jobs = []
+        for d in sorted(dirs, key=lambda p: p.name):
+            layout = scan_layout(d)
+            jobs.append((str(d), str(tmp), splits[d.name], conditions_of(layout, tuple(cfg.conditions)), layout))
         results = _write_all_scans(jobs, cfg.workers, cfg.progress)
         for c in cfg.conditions:
             _write_pairs(tmp / "conditions" / c, c, results, splits)

@@ -1,0 +1,193 @@
+"""Clinic photographs: a landed JPEG or PNG turned into a scan's ``photo.png``, and the PNG
+metadata check every stored image passes.
+
+Normalisation rule (:func:`normalise_photo`), in this order:
+
+1. **Header first.** The file must be a JPEG or PNG (by content, not by name) with one frame
+   (animated PNG, MPO and other multi-frame files are refused); its declared width × height must
+   not exceed ``max_pixels`` (default 2²⁶ ≈ 67 MP, below PIL's own bomb threshold) — checked
+   before any pixel is decoded.
+2. **Size.** The shorter side must be at least the target resolution (never upscaled) and the
+   longer side at most :data:`MAX_ASPECT` times the shorter.
+3. **Decode** fully (a truncated file fails).
+4. **EXIF orientation** (tag 274, values 2–8) is applied to the pixels.
+5. **Pixel format** (:data:`MODE_RULE`): 8-bit RGB as is; 8-bit gray and palette images become
+   RGB; 16-bit gray is scaled to 8 bits (``round(v · 255 / 65535)``) then RGB; an alpha channel is
+   dropped only when every pixel is opaque. CMYK (its colours need the ICC profile we strip),
+   transparent pixels, 1-bit and 32-bit integer / float images are refused.
+6. **Crop and resize.** The largest centred square (offsets ``(w - s) // 2``, ``(h - s) // 2``)
+   is resized to resolution × resolution with Lanczos.
+
+Only the resulting pixels go on: a fresh array, encoded by :func:`ctrlora.data.files.png_bytes`,
+which writes no metadata chunk, so nothing of the file's EXIF, XMP, ICC profile, comments or PNG
+text reaches the store. Each refusal raises :class:`PhotoRejected` naming the contract rule.
+"""
+from __future__ import annotations
+
+import hashlib
+import struct
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ctrlora.data.scan import META, READY
+
+PHOTO_KIND = "photo"  # meta.json "kind" of a photo-only scan
+PHOTO_SCAN_FILES = ("photo.png", META, READY)  # a photo-only scan in the accepted store
+PHOTO_CAPTION = "dental photo"  # what is known of a clinic photograph without reading its pixels
+PHOTO_EXTENSIONS = (".jpg", ".jpeg", ".png")
+PHOTO_FORMATS = ("JPEG", "PNG")
+MAX_PHOTO_PIXELS = 1 << 26
+MAX_ASPECT = 4.0
+EXIF_ORIENTATION = 0x0112
+MODE_RULE = ("RGB kept; L and P (no transparency) converted to RGB; I;16 scaled by round(v*255/65535) then RGB; "
+             "RGBA / LA / PA / P with transparency only when fully opaque (alpha dropped); "
+             "CMYK, transparent pixels, 1, I, F and other modes refused")
+NORMALISATION = ("EXIF orientation applied, pixel format by the mode rule, largest centred square, "
+                 "Lanczos resize to resolution x resolution, 8-bit RGB, no metadata")
+
+# PNG chunks that carry pixels or how to display them; any other chunk (tEXt, zTXt, iTXt, eXIf,
+# iCCP, tIME, animation chunks, private chunks) counts as metadata
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PIXEL_CHUNKS = frozenset({"IHDR", "PLTE", "IDAT", "IEND", "tRNS", "gAMA", "cHRM", "sRGB", "sBIT", "pHYs", "bKGD"})
+
+
+class PhotoRejected(ValueError):
+    """A landed photograph breaks a contract rule; ``rule`` is its name in ``reason.json``."""
+
+    def __init__(self, rule: str, detail: str):
+        super().__init__(f"{rule}: {detail}")
+        self.rule = rule
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class NormalisedPhoto:
+    pixels: np.ndarray  # resolution × resolution × 3 uint8
+    source: dict[str, Any]  # format, width, height, mode, orientation applied (no metadata values)
+
+    @property
+    def pixel_sha256(self) -> str:
+        return pixel_sha256(self.pixels)
+
+
+def is_photo_name(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(PHOTO_EXTENSIONS)
+
+
+def pixel_sha256(pixels: np.ndarray) -> str:
+    """Content hash of decoded pixels (shape + bytes): equal for the same picture whatever file,
+    encoder or metadata it came in."""
+    a = np.ascontiguousarray(pixels, dtype=np.uint8)
+    return hashlib.sha256(("x".join(map(str, a.shape)) + ":").encode() + a.tobytes()).hexdigest()
+
+
+def png_chunk_types(data: bytes) -> list[str]:
+    """The chunk types of a PNG file in order (stops at a truncated chunk)."""
+    if not data.startswith(PNG_SIGNATURE):
+        raise ValueError("not a PNG file")
+    types, pos = [], len(PNG_SIGNATURE)
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        types.append(kind.decode("latin-1"))
+        pos += 12 + length
+    return types
+
+
+def png_metadata_chunks(data: bytes) -> list[str]:
+    """The chunks of a PNG that are not pixel data (see :data:`PIXEL_CHUNKS`), distinct, in order."""
+    found: list[str] = []
+    for kind in png_chunk_types(data):
+        if kind not in PIXEL_CHUNKS and kind not in found:
+            found.append(kind)
+    return found
+
+
+def _to_rgb(im, mode: str):
+    """Apply :data:`MODE_RULE`; returns an RGB image or raises :class:`PhotoRejected`."""
+    from PIL import Image
+
+    if mode == "RGB":
+        return im
+    if mode == "L":
+        return im.convert("RGB")
+    if mode in ("I;16", "I;16B", "I;16L"):
+        v = np.asarray(im).astype(np.uint32)
+        return Image.fromarray(((v * 255 + 32767) // 65535).astype(np.uint8), mode="L").convert("RGB")
+    if mode == "P":
+        if "transparency" not in im.info:
+            return im.convert("RGB")
+        im, mode = im.convert("RGBA"), "RGBA"
+    if mode in ("RGBA", "LA", "PA"):
+        alpha = np.asarray(im.getchannel("A"))
+        if alpha.min() < 255:
+            raise PhotoRejected("photo_mode", f"mode {mode} with {int((alpha < 255).sum())} transparent pixels "
+                                              "(a photograph has no transparency)")
+        return (im if mode == "RGBA" else im.convert("RGBA")).convert("RGB")
+    if mode == "CMYK":
+        raise PhotoRejected("photo_mode", "mode CMYK: its colours depend on an ICC profile, which is stripped; "
+                                          "export the photograph as RGB")
+    raise PhotoRejected("photo_mode", f"mode {mode} is not a photograph's pixel format ({MODE_RULE})")
+
+
+def normalise_photo(path: str | Path, resolution: int, max_pixels: int = MAX_PHOTO_PIXELS) -> NormalisedPhoto:
+    """The scan photo of the JPEG / PNG at ``path`` by the module's rule, or :class:`PhotoRejected`."""
+    from PIL import Image, ImageFile, ImageOps
+
+    try:
+        im = Image.open(path)  # header only
+    except Image.DecompressionBombError as exc:
+        raise PhotoRejected("header_within_limits", f"header declares a decompression bomb: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - any failure to identify the file
+        raise PhotoRejected("decodable", f"cannot read the image header: {type(exc).__name__}: {exc}") from None
+    with im:
+        if im.format not in PHOTO_FORMATS:
+            raise PhotoRejected("photo_format", f"format {im.format}, expected one of {', '.join(PHOTO_FORMATS)}")
+        width, height = im.size
+        if width * height > max_pixels:
+            raise PhotoRejected("header_within_limits", f"header declares {width}×{height} = {width * height} pixels "
+                                                        f"> {max_pixels} (decompression-bomb guard)")
+        frames = int(getattr(im, "n_frames", 1))
+        if frames != 1:
+            raise PhotoRejected("single_frame", f"{im.format} with {frames} frames (animated or multi-frame); "
+                                                "one still image expected")
+        short, long_ = min(width, height), max(width, height)
+        if short < resolution:
+            raise PhotoRejected("photo_size", f"size {width}×{height}: shorter side below {resolution} (never upscaled)")
+        if long_ > MAX_ASPECT * short:
+            raise PhotoRejected("photo_size", f"size {width}×{height}: aspect ratio above {MAX_ASPECT:g}:1")
+        lenient = ImageFile.LOAD_TRUNCATED_IMAGES
+        try:
+            ImageFile.LOAD_TRUNCATED_IMAGES = False
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                im.load()
+        except Exception as exc:  # noqa: BLE001
+            raise PhotoRejected("decodable", f"decoding failed: {type(exc).__name__}: {exc}") from None
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = lenient
+        source = {"format": im.format, "width": width, "height": height, "mode": im.mode}
+        orientation = im.getexif().get(EXIF_ORIENTATION, 1)
+        source["orientation"] = int(orientation) if orientation in range(1, 9) else 1
+        upright = ImageOps.exif_transpose(im)
+        rgb = _to_rgb(upright, upright.mode)
+        w, h = rgb.size
+        s = min(w, h)
+        left, top = (w - s) // 2, (h - s) // 2
+        square = rgb.crop((left, top, left + s, top + s))
+        if s != resolution:
+            square = square.resize((resolution, resolution), Image.Resampling.LANCZOS)
+        pixels = np.array(square, dtype=np.uint8)
+    if pixels.shape != (resolution, resolution, 3):
+        raise PhotoRejected("photo_mode", f"normalised to shape {pixels.shape}, expected {(resolution, resolution, 3)}")
+    return NormalisedPhoto(pixels=pixels, source=source)
+
+
+def photo_scan_meta(scan_id: str, resolution: int, photo: NormalisedPhoto, source_sha256: str) -> dict[str, Any]:
+    """``meta.json`` of a photo-only scan: what the normalisation did and the original file's hash
+    (to trace it in the clinic's export); no value read from the file's metadata is kept."""
+    return {"scan_id": scan_id, "kind": PHOTO_KIND, "resolution": resolution, "pixel_sha256": photo.pixel_sha256,
+            "normalisation": NORMALISATION, "source": {**photo.source, "sha256": source_sha256}}
