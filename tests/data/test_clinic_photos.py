@@ -239,3 +239,36 @@ def test_normalise_photo_rules(tmp_path):
         with pytest.raises(ValueError) as exc:
             normalise_photo(tmp_path / name, RES)
         assert exc.value.rule == rule, (name, exc.value)
+
+
+def test_embed_cache_and_base_training_take_scans_without_rendered_maps(clinic, tmp_path):
+    """Photo-only scans appear in the derived conditions' pairs only; the embed cache and two steps
+    of base training over a rendered and a derived condition run on that unequal data."""
+    import torch
+    from _models_helpers import tiny_eval_backbone
+
+    from ctrlora.models.adapters import add_adapter
+    from ctrlora.models.controlnet import CtrLoRAControlNet
+    from ctrlora.training.controlnet import ControlNetTrainConfig, train_base
+    from ctrlora.training.embed import build_embed_cache
+    from ctrlora.training.loop import TrainConfig
+
+    torch.manual_seed(0)
+    bb = tiny_eval_backbone(RES)
+    cache = build_embed_cache(bb.vae, bb.text_encoder, bb.tokenizer, clinic["data"] / "prepared",
+                              ["segmentation", "canny"], progress=False)
+    assert sorted(cache.scan_ids) == ["clinic-16bit", "clinic-phone", "clinic-png", "r-good"]
+    by_cond = {c: sorted(cache.scan_ids[int(i)] for i in ce.photo_index) for c, ce in cache.conditions.items()}
+    assert by_cond == {"segmentation": ["r-good"], "canny": sorted(cache.scan_ids)}
+    assert cache.captions[cache.scan_ids.index("clinic-phone")] == PHOTO_CAPTION
+    # base training samples train pairs of each condition; put every scan in train for this check
+    cache.splits = ["train"] * len(cache.scan_ids)
+    cn = CtrLoRAControlNet.from_unet(bb.unet, condition_embedding="vae", vae_scale_factor=bb.vae_scale_factor)
+    cn.requires_grad_(False)
+    for c in ("segmentation", "canny"):
+        add_adapter(cn, c, rank=2, own_modules=False)
+    cfg = ControlNetTrainConfig(TrainConfig.from_dict({"max_steps": 2, "batch_size": 2, "log_every": 1}))
+    result = train_base(cn, bb.unet, bb.scheduler, cache, ["segmentation", "canny"], cfg, tmp_path / "ckpt")
+    assert result.steps_run == 2
+    losses = [v for rec in result.history for k, v in rec.items() if k.startswith("loss/")]
+    assert losses and all(np.isfinite(losses))
