@@ -191,3 +191,65 @@ def photo_scan_meta(scan_id: str, resolution: int, photo: NormalisedPhoto, sourc
     (to trace it in the clinic's export); no value read from the file's metadata is kept."""
     return {"scan_id": scan_id, "kind": PHOTO_KIND, "resolution": resolution, "pixel_sha256": photo.pixel_sha256,
             "normalisation": NORMALISATION, "source": {**photo.source, "sha256": source_sha256}}
+
+
+def land_photos(src: str | Path, incoming: str | Path) -> dict[str, list[str]]:
+    """Land a clinic's export folder: each JPEG / PNG directly in ``src`` becomes
+    ``incoming/photo-<first 16 hex of its sha256>/`` holding a byte copy (``photo.jpg`` or
+    ``photo.png``) and ``READY``, written in a hidden folder and renamed into place. The id comes
+    from the content, never from the file name (which may carry a patient's name); a byte-identical
+    file lands once. ``src`` is left as it is. Returns ``{"landed": ids, "already_landed": ids,
+    "skipped": names}`` (skipped: not a plain file with a photo extension)."""
+    import os
+    import shutil
+    import tempfile
+
+    src, incoming = Path(src), Path(incoming)
+    if not src.is_dir():
+        raise NotADirectoryError(f"{src}: not a folder of photographs")
+    incoming.mkdir(parents=True, exist_ok=True)
+    out: dict[str, list[str]] = {"landed": [], "already_landed": [], "skipped": []}
+    for name in sorted(os.listdir(src)):
+        path = src / name
+        if not is_photo_name(name) or path.is_symlink() or not path.is_file():
+            out["skipped"].append(name)
+            continue
+        data = path.read_bytes()
+        scan_id = "photo-" + hashlib.sha256(data).hexdigest()[:16]
+        if os.path.lexists(incoming / scan_id) or scan_id in out["landed"]:
+            out["already_landed"].append(scan_id)
+            continue
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{scan_id}-", dir=incoming))
+        try:
+            ext = ".png" if name.lower().endswith(".png") else ".jpg"
+            (tmp / f"photo{ext}").write_bytes(data)
+            (tmp / READY).write_bytes(b"")
+            os.chmod(tmp, 0o755)
+            os.rename(tmp, incoming / scan_id)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        out["landed"].append(scan_id)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="Land a folder of clinic photographs into the incoming folder "
+                                                 "(one scan folder per photograph, READY last); then run the ingestion.")
+    parser.add_argument("src", type=Path, help="folder of .jpg / .jpeg / .png photographs (not recursive)")
+    parser.add_argument("--incoming", type=Path, default=Path("data/incoming"), help="landing folder (default: data/incoming)")
+    args = parser.parse_args(argv)
+    try:
+        result = land_photos(args.src, args.incoming)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}")
+        return 2
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

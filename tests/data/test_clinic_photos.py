@@ -272,3 +272,26 @@ def test_embed_cache_and_base_training_take_scans_without_rendered_maps(clinic, 
     assert result.steps_run == 2
     losses = [v for rec in result.history for k, v in rec.items() if k.startswith("loss/")]
     assert losses and all(np.isfinite(losses))
+
+
+def test_land_a_clinic_export_folder(tmp_path):
+    from ctrlora.data.photos import land_photos
+
+    export = tmp_path / "export"
+    export.mkdir()
+    Image.fromarray(_quadrant_photo(80, 120)).save(export / "Jane Patient 01.JPG", exif=_phone_exif(6))
+    Image.fromarray(_quadrant_photo(90, 90)).save(export / "b.png")
+    (export / "copy.png").write_bytes((export / "b.png").read_bytes())
+    (export / "notes.txt").write_text("Jane Patient")
+    before = {p.name: p.read_bytes() for p in export.iterdir()}
+    incoming = tmp_path / "data" / "incoming"
+    result = land_photos(export, incoming)
+    assert result["skipped"] == ["notes.txt"] and len(result["landed"]) == 2 and len(result["already_landed"]) == 1
+    for sid in result["landed"]:
+        files = sorted(os.listdir(incoming / sid))
+        assert files in (["READY", "photo.jpg"], ["READY", "photo.png"]) and "Jane" not in sid
+        photo = incoming / sid / files[1]
+        assert sid == "photo-" + hashlib.sha256(photo.read_bytes()).hexdigest()[:16]
+    assert sorted(os.listdir(incoming)) == sorted(result["landed"])
+    assert {p.name: p.read_bytes() for p in export.iterdir()} == before
+    assert land_photos(export, incoming)["landed"] == []
