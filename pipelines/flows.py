@@ -8,7 +8,10 @@
 * ``retrain_on_new_scans`` -- complete scans in ``data/incoming/`` (``READY`` marker) are ingested
   (``pipelines.ingest``: validation, quarantine), ``dvc repro prepare`` recomputes the prepared
   data, and when a condition's dataset hash (``dvc.lock``) changed the ``pipeline`` flow runs.
-  Nothing landed or nothing changed: it ends at once and says so.
+  It also catches up: scans already in the accepted store (``data/scans/``) that the last complete
+  run did not cover -- ingested by an earlier retrain that then failed or was interrupted -- make
+  it retrain even when nothing new landed (:func:`catch_up_reasons`, read from ``dvc.lock``).
+  Nothing landed and nothing left behind, or nothing changed: it ends at once and says so.
 
 Commands::
 
@@ -38,8 +41,8 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from pipelines.dvclock import dataset_hashes
-from pipelines.settings import INCOMING, REPO_ROOT, load_params
+from pipelines.dvclock import dataset_hashes, uncovered
+from pipelines.settings import INCOMING, PATHS, REPO_ROOT, load_params
 
 EVENT = "dental.scans.landed"
 RESOURCE_ID = "ctrlora.incoming"
@@ -64,6 +67,39 @@ def flows_params(root: Path) -> dict[str, Any]:
 
 def schedule_params(root: Path) -> dict[str, Any]:
     return {**DEFAULT_SCHEDULE, **(load_params(root).get("schedule") or {})}
+
+
+def repo_paths(root: Path) -> dict[str, Any]:
+    """The ``paths`` section of the repo at ``root`` over this checkout's (a repo may omit it)."""
+    return {**PATHS, **(load_params(root).get("paths") or {})}
+
+
+def store_hash(root: Path, store: str) -> str | None:
+    """DVC's current hash of the accepted store ``store`` (relative to ``root``) as a stage
+    dependency -- what ``dvc repro`` compares with ``dvc.lock``; None when the folder does not
+    exist or no stage depends on it."""
+    from dvc.repo import Repo
+
+    folder = (root / store).resolve()
+    if not folder.is_dir():
+        return None
+    with Repo(str(root)) as repo:
+        for stage in repo.index.stages:
+            for dep in stage.deps:
+                if Path(dep.fs_path).resolve() == folder:
+                    return dep.get_hash().value
+    return None
+
+
+def catch_up_reasons(root: Path) -> list[str]:
+    """Why the accepted store is not covered by the last complete run (``[]``: it is): scans an
+    earlier retrain ingested but did not carry through (it failed or was interrupted after
+    ingest, after prepare, or in any later stage). See :func:`pipelines.dvclock.uncovered`."""
+    store = str(repo_paths(root)["scans"])
+    folder = root / store
+    has_scans = folder.is_dir() and any(p.is_dir() and not p.name.startswith(".")
+                                        for p in folder.iterdir())
+    return uncovered(root, store, store_hash(root, store), has_scans)
 
 
 def dvc_stages(root: str | Path, dvc_file: str = "dvc.yaml") -> list[str]:
@@ -195,19 +231,34 @@ def pipeline(repo_root: str = ".", register_models: bool = True, retries: int | 
     return {"stages": results, "registered": registered}
 
 
+@task(name="catch-up-check", cache_policy=NO_CACHE)
+def catch_up_task(repo_root: str) -> list[str]:
+    """:func:`catch_up_reasons` as a task run (its answer shows in the UI)."""
+    reasons = catch_up_reasons(Path(repo_root))
+    for reason in reasons:
+        get_run_logger().info("not covered by the last complete run: %s", reason)
+    return reasons
+
+
 @flow(name="ctrlora-retrain-on-new-scans")
 def retrain_on_new_scans(repo_root: str = ".", run_pipeline: bool = True) -> dict[str, Any]:
-    """Ingest complete scans from data/incoming; retrain when a dataset hash changed."""
+    """Ingest complete scans from data/incoming; retrain when a dataset hash changed or when the
+    accepted store holds scans the last complete run did not cover."""
     logger = get_run_logger()
     root = Path(repo_root).resolve()
-    landed = complete_scans(root / INCOMING)
-    if not landed:
-        msg = f"no complete scans in {INCOMING}/ (a scan counts once its {READY} marker exists): nothing to do"
+    incoming = str(repo_paths(root)["incoming"])
+    landed = complete_scans(root / incoming)
+    report = None
+    if landed:
+        logger.info("%d complete scan(s) landed: %s", len(landed), ", ".join(landed))
+        report = ingest_task(str(root))
+        logger.info("ingest: accepted %s, quarantined %s", report.get("accepted"),
+                    report.get("quarantined"))
+    elif not catch_up_task(str(root)):
+        msg = (f"no complete scans in {incoming}/ (a scan counts once its {READY} marker exists) "
+               "and the accepted store is covered by the last complete run: nothing to do")
         logger.info(msg)
         return {"status": "no-new-scans", "message": msg, "scans": []}
-    logger.info("%d complete scan(s) landed: %s", len(landed), ", ".join(landed))
-    report = ingest_task(str(root))
-    logger.info("ingest: accepted %s, quarantined %s", report.get("accepted"), report.get("quarantined"))
     before = dataset_hashes(root)
     cfg = flows_params(root)
     repro_target.with_options(retries=int(cfg["retries"]),
@@ -215,15 +266,19 @@ def retrain_on_new_scans(repo_root: str = ".", run_pipeline: bool = True) -> dic
         str(root), str(cfg["prepare_stage"]))
     after = dataset_hashes(root)
     changed = sorted(c for c in after if before.get(c) != after[c])
-    if not changed:
+    behind = catch_up_task(str(root))  # after prepare: what the later stages have not run on
+    if not changed and not behind:
         msg = "dataset hashes unchanged after ingest + prepare: no retraining needed"
         logger.info(msg)
         return {"status": "unchanged", "message": msg, "scans": landed, "ingest": report}
-    logger.info("dataset hash changed for: %s", ", ".join(changed))
+    if changed:
+        logger.info("dataset hash changed for: %s", ", ".join(changed))
+    if behind:
+        logger.info("catching up: %d stage input(s) behind the accepted store", len(behind))
     result = pipeline(str(root)) if run_pipeline else None
     return {"status": "retrained" if run_pipeline else "changed", "changed": changed,
             "hashes": {c: {"before": before.get(c), "after": after[c]} for c in changed},
-            "scans": landed, "ingest": report, "pipeline": result}
+            "catch_up": behind, "scans": landed, "ingest": report, "pipeline": result}
 
 
 # --------------------------------------------------------------------------- serve / watch
@@ -255,18 +310,19 @@ def emit_landed(root: Path, scans: list[str]):
     """Emit ``dental.scans.landed`` for ``scans`` (returns the Event, or None if not sent)."""
     from prefect.events import emit_event
 
+    incoming = root / repo_paths(root)["incoming"]
     return emit_event(
         event=EVENT,
         resource={"prefect.resource.id": f"{RESOURCE_ID}.{root.name}",
-                  "prefect.resource.name": str(root / INCOMING)},
-        payload={"scans": scans, "incoming": str(root / INCOMING)},
+                  "prefect.resource.name": str(incoming)},
+        payload={"scans": scans, "incoming": str(incoming)},
     )
 
 
 def watch(root: Path, poll_seconds: float, once: bool = False) -> int:
     """Poll data/incoming; emit one event per batch of newly complete scans."""
     seen: set[str] = set()
-    incoming = root / INCOMING
+    incoming = root / repo_paths(root)["incoming"]
     print(f"watching {incoming} every {poll_seconds:g} s for complete scans ({READY} marker)")
     while True:
         current = set(complete_scans(incoming))

@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+
+import yaml
 
 import pipelines  # noqa: F401  (tool defaults)
 
 from ctrlora.data.contract import ContractConfig
 from ctrlora.data.ingest import IngestConfig, ingest
-from pipelines.settings import PATHS, REPO_ROOT
-from pipelines.stage import read_params
+from pipelines.settings import PARAMS_ENV, PARAMS_FILE, PATHS, REPO_ROOT, params_path, read_params
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,11 +27,16 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--data", type=Path, help="a data folder holding incoming/, scans/ and quarantine/")
     parser.add_argument("--json", action="store_true", help="print the full report as JSON")
     args = parser.parse_args(argv)
-    contract = ContractConfig(resolution=int(read_params("prepare")["resolution"]))
+    # --repo: that project's params.yaml (its resolution and its `paths`), unless $CTRLORA_PARAMS
+    # names another file, as for the stage entries
+    params_file = (args.repo / PARAMS_FILE) if args.data is None and not os.environ.get(PARAMS_ENV) \
+        else params_path()
+    contract = ContractConfig(resolution=int(read_params("prepare", path=params_file)["resolution"]))
     if args.data is not None:
         cfg = IngestConfig.under(args.data, contract)
     else:
-        cfg = IngestConfig(*(args.repo / PATHS[k] for k in ("data", "incoming", "scans", "quarantine")), contract)
+        paths = {**PATHS, **((yaml.safe_load(params_file.read_text()) or {}).get("paths") or {})}
+        cfg = IngestConfig(*(args.repo / paths[k] for k in ("data", "incoming", "scans", "quarantine")), contract)
     report = ingest(cfg)
     if args.json:
         print(json.dumps({"accepted": report.accepted, "quarantined": report.quarantined,

@@ -1,91 +1,17 @@
 """Prefect flows over a real DVC graph: a temp git + DVC repo with a tiny dvc.yaml of fast Python
-stages (written here), the real Prefect test harness, a real sqlite MLflow store in tmp_path."""
+stages (tests/_flows_helpers.py), the real Prefect test harness, a real sqlite MLflow store in
+tmp_path, real scans landed by ``ctrlora render`` and ingested by ``pipelines.ingest``."""
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 import time
-from pathlib import Path
 
 import pytest
+from _flows_helpers import STAGES, land_scans, make_toy_repo
 
 pytest.importorskip("prefect")
 pytest.importorskip("dvc")
-
-STAGES = ["backbone", "prepare", "train@depth", "train@lighting", "evaluate"]
-
-PREPARE = """\
-import os, sys, yaml
-p = yaml.safe_load(open("params.yaml"))["prepare"]
-for c in p["conditions"]:
-    os.makedirs(f"data/prepared/conditions/{c}", exist_ok=True)
-    with open(f"data/prepared/conditions/{c}/pairs.jsonl", "w") as fh:
-        fh.write(open("src/scans.txt").read() + c + "\\n")
-"""
-BACKBONE = """\
-import os
-for d in ("models/backbone/unet", "models/base"):
-    os.makedirs(d, exist_ok=True)
-open("models/backbone/unet/config.json", "w").write("{}")
-open("models/base/config.json", "w").write("{}")
-"""
-TRAIN = """\
-import hashlib, json, os, sys
-c = sys.argv[1]
-if os.environ.get("TEST_FAIL_ALWAYS") == c:
-    sys.exit(f"boom: injected permanent failure in train@{c}")
-flaky = os.environ.get("TEST_FLAKY_MARKER")
-if flaky and os.environ.get("TEST_FLAKY_STAGE") == c and not os.path.exists(flaky):
-    open(flaky, "w").write("failed once")
-    sys.exit(f"transient failure injected in train@{c}")
-data = open(f"data/prepared/conditions/{c}/pairs.jsonl", "rb").read()
-os.makedirs(f"models/adapters/{c}", exist_ok=True)
-open(f"models/adapters/{c}/adapter_model.safetensors", "wb").write(hashlib.sha256(data).digest())
-json.dump({"condition": c, "rank": 2, "base_hash": "f" * 64}, open(f"models/adapters/{c}/adapter_config.json", "w"))
-"""
-EVALUATE = """\
-import json, os
-os.makedirs("metrics", exist_ok=True)
-json.dump({c: {"fidelity": 0.5 + 0.1 * i} for i, c in enumerate(sorted(
-          d for d in os.listdir("models/adapters") if os.path.isdir(f"models/adapters/{d}")))},
-          open("metrics/evaluate.json", "w"))
-"""
-DVC_YAML = """\
-stages:
-  prepare:
-    cmd: python src/prepare.py
-    deps: [src/prepare.py, src/scans.txt]
-    params: [prepare]
-    outs:
-      - data/prepared/conditions/lighting
-      - data/prepared/conditions/depth
-  backbone:
-    cmd: python src/backbone.py
-    deps: [src/backbone.py]
-    outs: [models/backbone, models/base]
-  train:
-    foreach: [lighting, depth]
-    do:
-      cmd: python src/train.py ${item}
-      deps: [src/train.py, "data/prepared/conditions/${item}", models/base]
-      outs: ["models/adapters/${item}"]
-  evaluate:
-    cmd: python src/evaluate.py
-    deps: [src/evaluate.py, models/adapters/lighting, models/adapters/depth]
-    metrics: [metrics/evaluate.json: {cache: false}]
-"""
-PARAMS = """\
-prepare:
-  conditions: [lighting, depth]
-flows:
-  retries: 0
-  retry_delay_seconds: 0
-register:
-  gate: {metric: fidelity, mode: max, min_delta: 0}
-"""
 
 
 @pytest.fixture(scope="session")
@@ -97,37 +23,14 @@ def prefect_harness():
         yield
 
 
-def _run(cmd, cwd):
-    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
-    subprocess.run(cmd, cwd=cwd, check=True, env=env, capture_output=True)
-
-
 @pytest.fixture
 def repo(tmp_path, monkeypatch):
-    root = tmp_path / "repo"
-    (root / "src").mkdir(parents=True)
-    for name, text in {"prepare.py": PREPARE, "backbone.py": BACKBONE, "train.py": TRAIN,
-                       "evaluate.py": EVALUATE}.items():
-        (root / "src" / name).write_text(text)
-    (root / "src" / "scans.txt").write_text("scan-001\n")
-    (root / "dvc.yaml").write_text(DVC_YAML)
-    (root / "params.yaml").write_text(PARAMS)
-    # a research graph beside the production one: the production flow must never run it
-    (root / "research").mkdir()
-    (root / "research" / "dvc.yaml").write_text(
-        "stages:\n  ablation:\n    cmd: python -c \"raise SystemExit('research ran')\"\n"
-        "    wdir: ..\n    deps: [models/adapters/lighting]\n    outs: [models/research]\n")
-    _run(["git", "init", "-q"], root)
-    for args in (["init", "-q"], ["config", "core.analytics", "false"],
-                 ["config", "core.site_cache_dir", ".dvc/site_cache"]):
-        _run([sys.executable, "-m", "dvc", *args], root)
-    _run(["git", "add", "-A"], root)
-    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], root)
+    root = make_toy_repo(tmp_path / "repo")
     db = tmp_path / "mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "test-flows")
-    monkeypatch.delenv("TEST_FAIL_ALWAYS", raising=False)
-    monkeypatch.delenv("TEST_FLAKY_MARKER", raising=False)
+    for name in ("TEST_FAIL_ALWAYS", "TEST_FAIL_PREPARE", "TEST_FLAKY_MARKER"):
+        monkeypatch.delenv(name, raising=False)
     return root
 
 
@@ -226,6 +129,50 @@ def test_retrain_without_new_scans_ends_quickly(prefect_harness, repo):
     assert out["status"] == "no-new-scans" and "nothing to do" in out["message"]
     assert time.perf_counter() - start < 20
     assert not (repo / "dvc.lock").exists()  # nothing ran
+
+
+def test_retrain_catches_up_on_scans_that_failed_retrains_left_behind(prefect_harness, repo,
+                                                                       monkeypatch):
+    """Scans ingested by a retrain that then failed -- in prepare, or later in training -- are in
+    the accepted store but not in what the last complete run trained on; the next retrain, with
+    nothing new landed, must still retrain on them."""
+    from pipelines.flows import StageFailed, catch_up_reasons, pipeline, retrain_on_new_scans
+
+    assert pipeline(str(repo), register_models=False)["stages"]  # the baseline run: all covered
+    assert catch_up_reasons(repo) == []
+    assert retrain_on_new_scans(str(repo))["status"] == "no-new-scans"
+    landed = land_scans(repo, 2, seed=7)
+
+    monkeypatch.setenv("TEST_FAIL_PREPARE", "1")  # 1. ingest succeeds, prepare fails
+    state = retrain_on_new_scans(str(repo), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(StageFailed, match="injected failure in prepare"):
+        state.result()
+    assert sorted(p.name for p in (repo / "data/scans").iterdir() if p.is_dir()) == landed
+    assert not any((repo / "data/incoming").iterdir())  # nothing is left to land
+    (reason,) = catch_up_reasons(repo)
+    assert reason.startswith("stage prepare last ran on data/scans")
+
+    monkeypatch.delenv("TEST_FAIL_PREPARE")  # 2. nothing new; prepare passes, train@depth fails
+    monkeypatch.setenv("TEST_FAIL_ALWAYS", "depth")
+    state = retrain_on_new_scans(str(repo), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(StageFailed, match="train@depth"):
+        state.result()
+    reasons = catch_up_reasons(repo)
+    assert any(r.startswith("stage train@depth last ran on data/prepared/conditions/depth")
+               for r in reasons), reasons
+
+    monkeypatch.delenv("TEST_FAIL_ALWAYS")  # 3. nothing new, nothing fails: it still retrains
+    out = retrain_on_new_scans(str(repo))
+    assert out["status"] == "retrained" and out["scans"] == [] and out["catch_up"]
+    ran = {s["stage"] for s in out["pipeline"]["stages"] if s["status"] == "ran"}
+    assert {"train@depth", "train@lighting", "evaluate"} <= ran
+    pairs = (repo / "data/prepared/conditions/depth/pairs.jsonl").read_text().split()
+    assert set(landed) <= set(pairs)
+    assert {r["condition"] for r in out["pipeline"]["registered"]} == {"depth", "lighting"}
+    assert catch_up_reasons(repo) == []
+    assert retrain_on_new_scans(str(repo))["status"] == "no-new-scans"
 
 
 def test_watch_emits_landed_event_for_complete_scans_only(prefect_harness, repo, capsys):
