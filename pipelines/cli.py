@@ -5,6 +5,8 @@
     ctrlora-ops registry rollback CONDITION                 champion back to the previous one
     ctrlora-ops registry resolve models:/ctrlora-<c>@champion [--dst DIR]
     ctrlora-ops generate ...                                ``ctrlora generate`` + models:/ adapters
+    ctrlora-ops studio [--port 7860]                        local web page: compose, compare, promote
+    ctrlora-ops benchmark freeze | bump --reason R | show   the frozen benchmark the gate uses
 
 The tracking store comes from ``MLFLOW_TRACKING_URI`` (default: ``sqlite:///mlflow.db`` in the
 repo, see :mod:`pipelines.settings`). ``generate`` takes everything ``ctrlora generate`` takes;
@@ -21,6 +23,8 @@ import sys
 from pathlib import Path
 
 from ctrlora import generate_cli
+from pipelines import benchmark
+from pipelines import studio
 from pipelines.settings import PARAMS_FILE, REPO_ROOT
 
 URI_SCHEME = "models:/"
@@ -148,9 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("registry", help="list / promote / roll back / resolve registered adapters")
     _add_registry(p)
     p.set_defaults(_run=_run_registry)
+    p = sub.add_parser("benchmark", help="freeze / bump / show the benchmark promotions are decided on")
+    benchmark.add_arguments(p)
+    p.set_defaults(_run=benchmark.run)
     p = sub.add_parser("generate", help="ctrlora generate, with models:/ registry URIs as adapters")
     generate_cli.add_arguments(p, parts_required=False)
     p.set_defaults(_run=_run_generate)
+    p = sub.add_parser("studio", help="local web page: compose conditions, compare versions, promote")
+    studio.add_arguments(p)
+    p.set_defaults(_run=studio.run)
     return parser
 
 

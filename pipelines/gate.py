@@ -1,16 +1,28 @@
 """The promotion gate, as pure functions: does a new version beat the champion?
 
-A gate is ``{metric, mode, min_delta}`` (params.yaml ``register.gate``; :data:`DEFAULT_GATE` when
-absent). ``mode`` max: the new version passes when ``new >= champion + min_delta``; ``min``: when
-``new <= champion - min_delta``. A version without the metric never passes on its own (it was not
-evaluated), and the first version of a model passes when it has the metric.
+Two decisions live here:
+
+* :func:`paired_decision` -- the gate registration applies. Champion and challenger were scored
+  in the same run on the same frozen benchmark scans, seeds and re-detectors; the input is the
+  paired bootstrap interval of the mean per-scan difference (challenger - champion).
+  ``rule: superiority`` promotes when the interval's lower end is above ``min_delta``;
+  ``rule: noninferiority`` (for a retrain on changed data) promotes a version trained on other
+  data than the champion when the lower end is above ``-margin`` and the mean difference is
+  positive; a version trained on the champion's data is always held to superiority. An exact
+  tie (every per-scan difference zero) never promotes.
+* :func:`evaluate_gate` -- a comparison of the numbers two versions carry as tags, kept for a
+  person's ``ctrlora-ops registry promote`` (``metric``, ``mode`` max / min, ``min_delta``).
+
+Both read params.yaml ``register.gate`` (:data:`DEFAULT_GATE` fills what is absent).
 """
 from __future__ import annotations
 
 import math
 from typing import Any, Mapping
 
-DEFAULT_GATE: dict[str, Any] = {"metric": "fidelity", "mode": "max", "min_delta": 0.0}
+DEFAULT_GATE: dict[str, Any] = {"metric": "fidelity", "mode": "max", "min_delta": 0.0,
+                                "rule": "superiority", "margin": 0.0}
+RULES = ("superiority", "noninferiority")
 METRIC_TAG_PREFIX = "metric."   # a version's numbers are tags metric.<name>
 
 
@@ -19,8 +31,41 @@ def gate_config(gate: Mapping[str, Any] | None) -> dict[str, Any]:
     merged = {**DEFAULT_GATE, **(gate or {})}
     if merged["mode"] not in ("max", "min"):
         raise ValueError(f"gate mode must be 'max' or 'min', got {merged['mode']!r}")
+    if merged["rule"] not in RULES:
+        raise ValueError(f"gate rule must be one of {RULES}, got {merged['rule']!r}")
     merged["min_delta"] = float(merged["min_delta"])
+    merged["margin"] = float(merged["margin"])
+    if merged["margin"] < 0:
+        raise ValueError(f"gate margin must be >= 0, got {merged['margin']}")
     return merged
+
+
+def paired_decision(gate: Mapping[str, Any], value: float, low: float, high: float, *,
+                    champion_version: str, same_data: bool, all_zero: bool = False,
+                    level: float = 0.95) -> tuple[bool, str]:
+    """(promote, reason with the numbers) from the paired interval ``[low, high]`` around the
+    mean per-scan difference ``value`` = challenger - champion v``champion_version``.
+    ``same_data``: both were trained on the same dataset hash (non-inferiority does not apply);
+    ``all_zero``: every per-scan difference is exactly zero (a tie)."""
+    gate = gate_config(gate)
+    rule, delta, margin = gate["rule"], gate["min_delta"], gate["margin"]
+    span = f"{value:+.6g} [{low:+.6g}, {high:+.6g}] ({level:.0%} paired bootstrap)"
+    head = f"challenger - champion v{champion_version} = {span}"
+    if all_zero:
+        return False, f"{head}: identical on every benchmark scan (a tie); champion kept"
+    if not (math.isfinite(value) and math.isfinite(low) and math.isfinite(high)):
+        return False, f"{head}: interval undefined; champion kept"
+    if rule == "noninferiority" and not same_data:
+        ok = low > -margin and value > 0
+        why = (f"non-inferior within margin {margin:g} and better on average"
+               if ok else f"not shown non-inferior within margin {margin:g} with a positive mean "
+                          "(lower end must be > -margin, mean > 0)")
+    else:
+        ok = low > delta
+        basis = "superiority" if rule == "superiority" else "superiority (same data as the champion)"
+        why = (f"lower end {low:+.6g} > min_delta {delta:g} ({basis})" if ok
+               else f"lower end {low:+.6g} <= min_delta {delta:g} ({basis}): within noise or worse")
+    return ok, f"{head}: {why}; " + ("promoted" if ok else "champion kept")
 
 
 def evaluate_gate(gate: Mapping[str, Any], new: float | None, champion: float | None,

@@ -1,7 +1,10 @@
 """The registered model: an MLflow pyfunc wrapping backbone + base ControlNet + one adapter.
 
-A version's artifacts are three directories (``backbone``, ``base``, ``adapter``);
-:meth:`CtrLoRAPyfunc.load_context` builds a :class:`~ctrlora.pipeline.CtrLoRAPipeline` from them.
+A version's artifacts are the ``adapter`` directory and ``parts``, the reference to the backbone
+and base ControlNet it was registered with (each stored once per content hash, fetched from the
+tracking store's artifacts and checked against that hash: :func:`pipelines.registry.fetch_parts`);
+versions registered before the parts were shared carry ``backbone`` and ``base`` directories
+themselves. :meth:`CtrLoRAPyfunc.load_context` builds a :class:`~ctrlora.pipeline.CtrLoRAPipeline`.
 The model is logged as code (:mod:`pipelines.pyfunc_model`), not pickled: loading a version runs
 that file, which imports this class from the installed ``ctrlora-dental`` package.
 """
@@ -62,10 +65,15 @@ class CtrLoRAPyfunc(mlflow.pyfunc.PythonModel):
         from ctrlora.models.adapters import read_adapter_config
         from ctrlora.pipeline import CtrLoRAPipeline
 
-        adapter = Path(context.artifacts["adapter"])
+        arts = dict(context.artifacts)
+        if "parts" in arts:
+            from pipelines.registry import fetch_parts
+
+            arts.update({k: str(v) for k, v in fetch_parts(arts["parts"]).items()})
+        adapter = Path(arts["adapter"])
         self.condition = read_adapter_config(adapter)["condition"]
         self.pipe = CtrLoRAPipeline.from_pretrained_parts(
-            context.artifacts["backbone"], context.artifacts["base"], {self.condition: str(adapter)})
+            arts["backbone"], arts["base"], {self.condition: str(adapter)})
 
     # The DataFrame hints tell MLflow not to infer a schema: the input column holds raw PNG
     # bytes or base64 text, which an inferred schema would reject.

@@ -8,8 +8,11 @@ adapter hash and dataset hash is reported, not registered again.
 
 Looks for adapters in ``models/adapters/<c>/`` (new conditions) and ``models/base/adapters/<c>/``
 (base conditions), reads each one's dataset hash from ``dvc.lock``, the metrics from
-``metrics/evaluate.json`` and the gate from ``params.yaml`` section ``register``. Before the graph
-has produced those outputs it says which are missing and exits 0 without opening the registry.
+``metrics/evaluate.json`` and the gate from ``params.yaml`` section ``register``. A model's first
+version takes the ``champion`` alias; every later one is scored against the champion on the frozen
+benchmark (:mod:`pipelines.benchmark`) and takes it only when the paired interval says so. Before
+the graph has produced those outputs it says which are missing and exits 0 without opening the
+registry.
 """
 from __future__ import annotations
 
@@ -73,7 +76,7 @@ def missing_outputs(root: Path) -> list[str]:
 
 
 def _register_one(root: Path, cand: Candidate, metrics_all: dict, commit: str,
-                  gate: dict[str, Any], dry_run: bool, log):
+                  gate: dict[str, Any], dry_run: bool, log, judge=None):
     """Register one adapter (or say what would be registered); None on a dry run."""
     from pipelines.registration import register_adapter  # MLflow only when registering
 
@@ -90,7 +93,7 @@ def _register_one(root: Path, cand: Candidate, metrics_all: dict, commit: str,
     return register_adapter(
         c, cand.adapter_dir, dataset_hash=dataset_hash, base_hash=base_hash,
         backbone_dir=root / BACKBONE_DIR, base_dir=root / BASE_DIR, metrics=metrics,
-        git_commit=commit, gate=gate, dataset_path=root / PREPARED_CONDITIONS / c)
+        git_commit=commit, gate=gate, dataset_path=root / PREPARED_CONDITIONS / c, judge=judge)
 
 
 def register_all(root: Path, *, dry_run: bool = False, log=print) -> tuple[list, list[str]] | None:
@@ -105,20 +108,29 @@ def register_all(root: Path, *, dry_run: bool = False, log=print) -> tuple[list,
     gate = register_params(root)["gate"]
     metrics_all = json.loads((root / METRICS_FILE).read_text())
     commit = git_commit(root)
+    judge = None
+    if not dry_run:
+        from pipelines.benchmark import gate_for
+
+        judge = gate_for(root, gate, log)
     results, errors = [], []
-    for cand in find_adapters(root):
-        try:
-            res = _register_one(root, cand, metrics_all, commit, gate, dry_run, log)
-        except (KeyError, FileNotFoundError, ValueError) as exc:
-            errors.append(f"{cand.condition}: {exc}")
-            log(f"register: {cand.condition}: NOT registered: {exc}")
-            continue
-        if res is None:
-            continue
-        results.append(res)
-        what = "registered" if res.created else "already registered"
-        log(f"register: {res.model_name} v{res.version} {what}; {res.decision}: {res.reason}; "
-            f"champion v{res.champion}")
+    try:
+        for cand in find_adapters(root):
+            try:
+                res = _register_one(root, cand, metrics_all, commit, gate, dry_run, log, judge)
+            except (KeyError, FileNotFoundError, ValueError) as exc:
+                errors.append(f"{cand.condition}: {exc}")
+                log(f"register: {cand.condition}: NOT registered: {exc}")
+                continue
+            if res is None:
+                continue
+            results.append(res)
+            what = "registered" if res.created else "already registered"
+            log(f"register: {res.model_name} v{res.version} {what}; {res.decision}: {res.reason}; "
+                f"champion v{res.champion}")
+    finally:
+        if judge is not None:
+            judge.close()
     return results, errors
 
 

@@ -7,8 +7,18 @@ Registration is idempotent: the same adapter hash and dataset hash return the ex
 and create nothing.
 
 The version's model is the pyfunc of :mod:`pipelines.pyfunc`, logged as code
-(:mod:`pipelines.pyfunc_model`; nothing is pickled) with the backbone, base ControlNet and adapter
-directories as artifacts. No ``code_paths`` are copied: the loading process imports the installed
+(:mod:`pipelines.pyfunc_model`; nothing is pickled) with the adapter directory and ``parts.json``
+as artifacts. The backbone and the base ControlNet are logged once per content hash, each as the
+artifacts of a run of its own, and ``parts.json`` references them (:mod:`pipelines.registry`):
+a hundred adapter versions on one SD 1.5 backbone store it once.
+
+The gate: the first version of a model takes ``champion``. Every later one is compared with the
+champion by ``judge`` (:class:`pipelines.benchmark.BenchmarkGate`: both scored in one run on the
+frozen benchmark, paired bootstrap); without a judge, or when the comparison fails, the champion
+stays and the reason says why. The decision, its interval, the benchmark version and the
+side-by-side grid go to the version's tags and to the registering run.
+
+No ``code_paths`` are copied: the loading process imports the installed
 ``ctrlora-dental`` package, so ``ctrlora``/``pipelines`` are imported once, from one place, and
 the ``git_commit`` tag says which code produced the version. (``code_paths`` would put a frozen
 snapshot of ``ctrlora/`` first on ``sys.path``; in a process that has already imported
@@ -20,6 +30,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version as dist_version
@@ -34,8 +45,9 @@ from mlflow.exceptions import MlflowException
 from ctrlora.data.files import sha256_file
 from ctrlora.models.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from pipelines.gate import flatten_metrics, gate_config, metric_tags
-from pipelines.registry import (CHAMPION, CHALLENGER, alias_version, apply_gate, find_version,
-                                model_name)
+from pipelines.registry import (CHAMPION, CHALLENGER, HASH_TAG, PART_TAG, PARTS_FILE, RegistryError,
+                                alias_version, dir_hash, find_version, model_name,
+                                record_decision)
 from pipelines.settings import PREPARED_CONDITIONS, REPO_ROOT
 
 # The models-from-code file; referred to by path (importing it would set a model as a side effect).
@@ -44,6 +56,18 @@ EXPERIMENT = "ctrlora-register"   # overridden by MLFLOW_EXPERIMENT_NAME
 # Pinned into every version's requirements, so a loading environment can be rebuilt.
 REQUIREMENTS = ("ctrlora-dental", "torch", "diffusers", "peft", "transformers", "safetensors",
                 "accelerate", "pillow", "numpy", "pandas", "mlflow")
+
+
+@dataclass
+class GateOutcome:
+    """A judge's decision on a challenger: ``tags`` go to the version and the run, ``metrics`` and
+    ``artifacts`` (files, e.g. the side-by-side grid) to the run."""
+
+    promoted: bool
+    reason: str
+    tags: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    artifacts: list[Path] = field(default_factory=list)
 
 
 @dataclass
@@ -66,13 +90,17 @@ def register_adapter(condition: str, adapter_dir: str | Path, *, dataset_hash: s
                      backbone_dir: str | Path, base_dir: str | Path,
                      metrics: Mapping[str, Any] | None, git_commit: str,
                      gate: Mapping[str, Any] | None = None,
-                     dataset_path: str | Path | None = None) -> RegistrationResult:
+                     dataset_path: str | Path | None = None,
+                     judge: Any = None) -> RegistrationResult:
     """Register ``adapter_dir`` as a version of ``ctrlora-<condition>`` and apply the gate.
 
     Idempotent: a version with the same ``adapter_hash`` and ``dataset_hash`` is returned as is
     (nothing is created; its gate decision is not re-taken, so a rollback is not undone by
     running the pipeline again). ``dataset_path``: where the data set lives, recorded as the
     MLflow input's source (default ``data/prepared/conditions/<condition>`` of the repo).
+    ``judge``: compares the new version with the champion (``judge.compare(...)`` returns a
+    :class:`GateOutcome`; ``judge.tags`` are put on every version it sees); ``None``: a version
+    takes the alias only when there is no champion yet.
     """
     adapter_dir, backbone_dir, base_dir = Path(adapter_dir), Path(backbone_dir), Path(base_dir)
     _check_parts(adapter_dir, backbone_dir, base_dir)
@@ -83,31 +111,111 @@ def register_adapter(condition: str, adapter_dir: str | Path, *, dataset_hash: s
 
     existing = find_version(condition, adapter_hash, dataset_hash)
     if existing is not None:
-        return _existing_result(client, condition, existing, gate)
+        return _existing_result(client, condition, existing, judge,
+                                _local_parts(backbone_dir, base_dir, adapter_dir))
 
     flat = flatten_metrics(metrics)
     tags = {"condition": condition, "dataset_hash": dataset_hash, "base_hash": base_hash,
             "adapter_hash": adapter_hash, "git_commit": git_commit, **metric_tags(flat)}
     dataset_path = Path(dataset_path or REPO_ROOT / PREPARED_CONDITIONS / condition)
-    with tempfile.TemporaryDirectory(prefix="ctrlora-register-") as tmp, \
-            mlflow.start_run(experiment_id=_experiment_id(client),
-                             run_name=f"register-{condition}") as run:
-        _log_run_record(condition, adapter_dir, backbone_dir, base_dir, gate, flat, tags)
-        _log_dataset_input(condition, dataset_path, dataset_hash)
-        info = mlflow.pyfunc.log_model(
-            name="model", python_model=str(PYFUNC_CODE),
-            artifacts=_stage_artifacts(Path(tmp), backbone_dir, base_dir, adapter_dir),
-            pip_requirements=_pip_requirements(),
-            metadata={"condition": condition, "dataset_hash": dataset_hash,
-                      "adapter_hash": adapter_hash, "base_hash": base_hash},
-        )
-        mv = mlflow.register_model(info.model_uri, name, tags=tags)
+    experiment_id = _experiment_id(client)
+    with tempfile.TemporaryDirectory(prefix="ctrlora-register-") as tmp:
+        refs = {"backbone": _log_part(client, experiment_id, "backbone", backbone_dir, Path(tmp)),
+                "base": _log_part(client, experiment_id, "base", base_dir, Path(tmp),
+                                  skip_top=("adapters",))}
+        tags.update({f"{k}_content_hash": r["content_hash"] for k, r in refs.items()})
+        parts_file = Path(tmp) / PARTS_FILE
+        parts_file.write_text(json.dumps(refs, indent=1, sort_keys=True) + "\n")
+        with mlflow.start_run(experiment_id=experiment_id, run_name=f"register-{condition}") as run:
+            _log_run_record(condition, adapter_dir, backbone_dir, base_dir, gate, flat, tags)
+            _log_dataset_input(condition, dataset_path, dataset_hash)
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=str(PYFUNC_CODE),
+                artifacts={"adapter": _stage_dir(adapter_dir, Path(tmp) / "adapter"),
+                           "parts": str(parts_file)},
+                pip_requirements=_pip_requirements(),
+                metadata={"condition": condition, "dataset_hash": dataset_hash,
+                          "adapter_hash": adapter_hash, "base_hash": base_hash},
+            )
+            mv = mlflow.register_model(info.model_uri, name, tags=tags)
     client.update_registered_model(name, description=f"CtrLoRA adapter for the '{condition}' condition")
-    promoted, reason, _ = apply_gate(client, name, client.get_model_version(name, str(mv.version)), gate)
+    mv = client.get_model_version(name, str(mv.version))
+    promoted, reason, champion = _decide(client, name, mv, judge,
+                                         _local_parts(backbone_dir, base_dir, adapter_dir))
     mv = client.get_model_version(name, str(mv.version))
     return RegistrationResult(condition, name, str(mv.version), True,
-                              CHAMPION if promoted else CHALLENGER, reason,
-                              alias_version(client, name, CHAMPION), run.info.run_id, dict(mv.tags))
+                              CHAMPION if promoted else CHALLENGER, reason, champion,
+                              run.info.run_id, dict(mv.tags))
+
+
+def _local_parts(backbone_dir: Path, base_dir: Path, adapter_dir: Path) -> dict[str, Path]:
+    return {"backbone": backbone_dir, "base": base_dir, "adapter": adapter_dir}
+
+
+def _decide(client: MlflowClient, name: str, mv, judge: Any,
+            challenger: Mapping[str, Path]) -> tuple[bool, str, str | None]:
+    """Gate version ``mv`` against the champion, record the decision on the version and its
+    run; returns (promoted, reason, champion after the call)."""
+    version = str(mv.version)
+    champ_v = alias_version(client, name, CHAMPION)
+    base_tags = {str(k): str(v) for k, v in (getattr(judge, "tags", None) or {}).items()}
+    if champ_v == version:
+        return True, f"v{version} already champion", champ_v
+    if champ_v is None:
+        where = f" (benchmark v{base_tags['benchmark_version']})" if "benchmark_version" in base_tags else ""
+        outcome = GateOutcome(True, f"first version of {name}: no champion yet, so it takes the "
+                                    f"alias without a comparison{where}", dict(base_tags))
+    elif judge is None:
+        outcome = GateOutcome(False, f"no frozen benchmark to compare v{version} with champion "
+                                     f"v{champ_v} on (ctrlora-ops benchmark freeze); champion kept")
+    else:
+        try:
+            outcome = judge.compare(name, client.get_model_version(name, champ_v), mv, challenger)
+        except (RegistryError, MlflowException, OSError, ValueError, RuntimeError, KeyError) as exc:
+            outcome = GateOutcome(False, f"champion v{champ_v} kept: the benchmark comparison of "
+                                         f"v{version} failed: {exc}", dict(base_tags))
+    tags = {**outcome.tags, "gate_decided_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    champion = record_decision(client, name, version, outcome.promoted, outcome.reason, tags)
+    _log_outcome(client, mv.run_id, outcome, tags)
+    return outcome.promoted, outcome.reason, champion
+
+
+def _log_outcome(client: MlflowClient, run_id: str | None, outcome: GateOutcome,
+                 tags: Mapping[str, str]) -> None:
+    """The decision on the registering run: tags, numbers and the grid under ``gate/``."""
+    if not run_id:
+        return
+    for key, value in {"gate": CHAMPION if outcome.promoted else CHALLENGER,
+                       "gate_reason": outcome.reason, **tags}.items():
+        client.set_tag(run_id, key, str(value)[:5000])
+    for key, value in outcome.metrics.items():
+        client.log_metric(run_id, key, float(value))
+    for path in outcome.artifacts:
+        client.log_artifact(run_id, str(path), artifact_path="gate")
+
+
+def _log_part(client: MlflowClient, experiment_id: str, kind: str, src: Path, tmp: Path,
+              skip_top: tuple[str, ...] = ()) -> dict[str, str]:
+    """Log ``src`` (without ``skip_top``) once per content hash as the artifacts of a run of its
+    own; returns the reference a version stores in ``parts.json``."""
+    staged = Path(_stage_dir(src, tmp / f"part-{kind}", skip_top))
+    digest = dir_hash(staged)
+    found = client.search_runs(
+        [experiment_id], max_results=1, order_by=["attributes.start_time ASC"],
+        filter_string=(f"tags.`{PART_TAG}` = '{kind}' and tags.`{HASH_TAG}` = '{digest}' "
+                       "and attributes.status = 'FINISHED'"))
+    if found:
+        run_id = found[0].info.run_id
+    else:
+        run_id = client.create_run(experiment_id, tags={PART_TAG: kind, HASH_TAG: digest},
+                                   run_name=f"{kind}-{digest[:12]}").info.run_id
+        try:
+            client.log_artifacts(run_id, str(staged), artifact_path=kind)
+        except BaseException:
+            client.set_terminated(run_id, status="FAILED")
+            raise
+        client.set_terminated(run_id)  # FINISHED: only now do later versions reuse it
+    return {"kind": kind, "content_hash": digest, "run_id": run_id, "artifact_path": kind}
 
 
 def _check_parts(adapter_dir: Path, backbone_dir: Path, base_dir: Path) -> None:
@@ -118,14 +226,14 @@ def _check_parts(adapter_dir: Path, backbone_dir: Path, base_dir: Path) -> None:
         raise FileNotFoundError(f"{adapter_dir}: no {ADAPTER_WEIGHTS} (not an adapter directory)")
 
 
-def _existing_result(client: MlflowClient, condition: str, existing,
-                     gate: Mapping[str, Any]) -> RegistrationResult:
+def _existing_result(client: MlflowClient, condition: str, existing, judge: Any,
+                     challenger: Mapping[str, Path]) -> RegistrationResult:
     """The idempotent hit: report the version; gate it only if it never was (registered, then
     interrupted before the gate)."""
     name = model_name(condition)
     version = str(existing.version)
     if existing.tags.get("gate") is None:
-        _, reason, _ = apply_gate(client, name, existing, gate)
+        _, reason, _ = _decide(client, name, existing, judge, challenger)
         existing = client.get_model_version(name, version)
         decision = existing.tags.get("gate", "unchanged")
     else:
@@ -195,15 +303,6 @@ def _stage_dir(src: Path, dst: Path, skip_top: tuple[str, ...] = ()) -> str:
         return [n for n in names if Path(directory) == src and n in skip_top]
     shutil.copytree(src, dst, copy_function=_link_or_copy, ignore=ignore)
     return str(dst)
-
-
-def _stage_artifacts(tmp: Path, backbone_dir: Path, base_dir: Path,
-                     adapter_dir: Path) -> dict[str, str]:
-    """The pyfunc's artifacts; the base without its base-condition adapters (each of those is
-    a version of its own model)."""
-    return {"backbone": _stage_dir(backbone_dir, tmp / "backbone"),
-            "base": _stage_dir(base_dir, tmp / "base", skip_top=("adapters",)),
-            "adapter": _stage_dir(adapter_dir, tmp / "adapter")}
 
 
 def _pip_requirements() -> list[str]:

@@ -10,12 +10,21 @@ Every adapter is a version of the registered model ``ctrlora-<condition>``
 * ``challenger`` -- the latest version that did not pass the gate; its ``gate_reason`` tag says
   why, with the numbers.
 
+A version's model holds its adapter and ``parts.json``, a reference to the backbone and the base
+ControlNet it needs. Each of those is logged once per content hash (:func:`dir_hash`) as the
+artifacts of a run of its own (tags ``ctrlora.part`` and ``ctrlora.content_hash``) and shared by
+every version that uses it; :func:`fetch_part` downloads one into a local cache keyed by that
+hash and checks the hash before handing it out.
+
 The tracking URI comes from the environment (``MLFLOW_TRACKING_URI``; :mod:`pipelines.settings`
 defaults it to the sqlite store in the repo).
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -34,7 +43,11 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 ROLLED_BACK = "rolled_back"
 HISTORY_TAG = "champion_history"
-ARTIFACTS = ("backbone", "base", "adapter")  # the pyfunc's artifact directories
+ARTIFACTS = ("backbone", "base", "adapter")  # what a resolved version brings
+PARTS = ("backbone", "base")                 # logged once per content hash, referenced by versions
+PARTS_FILE = "parts.json"                    # a version's reference to its parts
+PART_TAG, HASH_TAG = "ctrlora.part", "ctrlora.content_hash"
+PARTS_CACHE_ENV = "CTRLORA_PARTS_CACHE"      # where fetched parts are kept (default: temp dir)
 
 
 class RegistryError(RuntimeError):
@@ -59,6 +72,63 @@ class ResolvedModel:
     base: Path
     adapter: Path
     local_dir: Path
+
+
+def dir_hash(directory: str | Path) -> str:
+    """sha256 over every file of ``directory``: its relative path and the sha256 of its bytes,
+    in sorted path order (names and contents, not timestamps)."""
+    root = Path(directory)
+    outer = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        inner = hashlib.sha256()
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                inner.update(block)
+        outer.update(f"{path.relative_to(root).as_posix()}\0{inner.hexdigest()}\n".encode())
+    return outer.hexdigest()
+
+
+def _parts_cache() -> Path:
+    return Path(os.environ.get(PARTS_CACHE_ENV) or Path(tempfile.gettempdir()) / "ctrlora-parts")
+
+
+def fetch_part(ref: Mapping[str, str]) -> Path:
+    """The local directory of a part reference ``{kind, content_hash, run_id, artifact_path}``:
+    from the cache when a copy with that hash is there, else downloaded from the run's
+    artifacts and checked against the hash."""
+    kind, digest = ref["kind"], ref["content_hash"]
+    target = _parts_cache() / kind / digest
+    if target.is_dir() and dir_hash(target) == digest:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{digest[:12]}-", dir=target.parent))
+    try:
+        got = Path(mlflow.artifacts.download_artifacts(run_id=ref["run_id"],
+                                                       artifact_path=ref["artifact_path"],
+                                                       dst_path=str(tmp)))
+        actual = dir_hash(got)
+        if actual != digest:
+            raise RegistryError(f"{kind} of run {ref['run_id']}: content hash {actual[:12]} does not "
+                                f"match the reference {digest[:12]} (artifact store changed?)")
+        if target.exists():
+            shutil.rmtree(target)
+        try:
+            os.replace(got, target)
+        except OSError:  # another process put a copy there first
+            if not (target.is_dir() and dir_hash(target) == digest):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def fetch_parts(parts_file: str | Path) -> dict[str, Path]:
+    """``{"backbone": dir, "base": dir}`` of a version's ``parts.json``."""
+    refs = json.loads(Path(parts_file).read_text())
+    missing = [k for k in PARTS if k not in refs]
+    if missing:
+        raise RegistryError(f"{parts_file}: no reference for {missing}")
+    return {k: fetch_part(refs[k]) for k in PARTS}
 
 
 def model_name(condition: str) -> str:
@@ -137,6 +207,24 @@ def apply_gate(client: MlflowClient, name: str, mv, gate: Mapping[str, Any] | No
     client.set_registered_model_alias(name, CHALLENGER, version)
     _tag_version(client, name, version, gate=CHALLENGER, gate_reason=reason)
     return False, reason, champ_v
+
+
+def record_decision(client: MlflowClient, name: str, version: str, promoted: bool, reason: str,
+                    tags: Mapping[str, str] | None = None) -> str | None:
+    """Apply a gate decision taken elsewhere (the paired benchmark comparison): ``version``
+    becomes ``champion`` (promoted) or ``challenger``, and carries the decision and ``tags``.
+    Returns the champion after the call."""
+    version = str(version)
+    extra = {k: str(v) for k, v in (tags or {}).items()}
+    if promoted:
+        _set_champion(client, name, version)
+        _tag_version(client, name, version, gate=CHAMPION, gate_reason=reason, promoted_at=_now(),
+                     **extra)
+        return version
+    if alias_version(client, name, CHAMPION) != version:
+        client.set_registered_model_alias(name, CHALLENGER, version)
+    _tag_version(client, name, version, gate=CHALLENGER, gate_reason=reason, **extra)
+    return alias_version(client, name, CHAMPION)
 
 
 def promote(condition: str, version: str | int, force: bool = False,
@@ -233,10 +321,12 @@ def resolve_adapter_uri(uri: str, dst_path: str | Path | None = None) -> Resolve
                                                      dst_path=str(dst_path)))
     mlmodel = yaml.safe_load((local / "MLmodel").read_text())
     arts = mlmodel["flavors"]["python_function"].get("artifacts") or {}
-    missing = [k for k in ARTIFACTS if k not in arts]
+    paths = {k: local / v["path"] for k, v in arts.items()}
+    if "parts" in paths:  # backbone and base stored once, referenced
+        paths.update(fetch_parts(paths["parts"]))
+    missing = [k for k in ARTIFACTS if k not in paths]
     if missing:
         raise RegistryError(f"{uri}: not a CtrLoRA model (artifacts missing: {missing})")
-    paths = {k: local / arts[k]["path"] for k in ARTIFACTS}
     condition = mv.tags.get("condition") or name[len(MODEL_PREFIX):]
     return ResolvedModel(name, str(mv.version), condition, paths["backbone"], paths["base"],
                          paths["adapter"], local)

@@ -28,6 +28,7 @@ def tracking(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.setenv("MLFLOW_EXPERIMENT_NAME", "test-register")
+        mp.setenv("CTRLORA_PARTS_CACHE", str(root / "parts-cache"))  # fresh processes start empty
         yield uri
 
 
@@ -91,13 +92,15 @@ def test_registration_tags_input_and_idempotency(tracking, tmp_path):
     again = _register(tmp_path, "t-tags", seed=1, fidelity=0.5)
     assert (again.version, again.created, again.decision) == ("1", False, "unchanged")
     assert len(client.search_model_versions("name='ctrlora-t-tags'")) == 1
-    assert len(client.search_runs([run.info.experiment_id])) == 1  # no second run either
+    # no second registering run either (the backbone and base have runs of their own)
+    assert len(client.search_runs([run.info.experiment_id], "tags.condition = 't-tags'")) == 1
     # same adapter, different data → a new version
     other = _register(tmp_path, "t-tags", seed=1, fidelity=0.5, dataset_hash="d" * 32 + ".dir")
     assert other.created and other.version == "2"
 
 
-def test_worse_challenger_keeps_champion_and_rollback(tracking, tmp_path):
+def test_without_benchmark_only_first_version_is_champion_then_manual_promote_and_rollback(
+        tracking, tmp_path):
     from mlflow import MlflowClient
 
     from pipelines import registry
@@ -107,18 +110,20 @@ def test_worse_challenger_keeps_champion_and_rollback(tracking, tmp_path):
     assert _register(tmp_path, "t-gate", 1, 0.50).decision == "champion"
     worse = _register(tmp_path, "t-gate", 2, 0.40)
     assert worse.decision == "challenger" and worse.champion == "1"
-    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
-    assert str(client.get_model_version_by_alias(name, "challenger").version) == "2"
-    reason = client.get_model_version(name, "2").tags["gate_reason"]
-    assert "0.4" in reason and "0.5" in reason and "champion v1" in reason
-
+    assert "no frozen benchmark" in worse.reason and "champion kept" in worse.reason
+    # stored numbers from another run never move the alias by themselves
     better = _register(tmp_path, "t-gate", 3, 0.60)
-    assert better.decision == "champion" and better.champion == "3"
-    assert str(client.get_model_version_by_alias(name, "challenger").version) == "2"  # still the loser
+    assert better.decision == "challenger" and better.champion == "1"
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+    assert str(client.get_model_version_by_alias(name, "challenger").version) == "3"
 
-    # a person cannot promote the worse one without --force
+    # a person promotes on the versions' tags (register.gate metric / mode), or with --force
+    assert registry.promote("t-gate", "3").promoted
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "3"
     refused = registry.promote("t-gate", "2")
     assert not refused.promoted and str(client.get_model_version_by_alias(name, "champion").version) == "3"
+    reason = client.get_model_version(name, "2").tags["gate_reason"]
+    assert "0.4" in reason and "0.6" in reason and "champion v3" in reason
 
     back = registry.rollback("t-gate")
     assert (back.version, back.previous) == ("1", "3")
@@ -134,6 +139,40 @@ def test_worse_challenger_keeps_champion_and_rollback(tracking, tmp_path):
     rows = [r for r in registry.list_models() if r["model"] == name]
     assert [r["version"] for r in rows] == ["1", "2", "3"]
     assert rows[0]["aliases"] == ["champion"] and rows[0]["metrics"]["fidelity"] == 0.5
+
+
+def test_backbone_and_base_are_stored_once_and_fetched_by_hash(tracking, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from pipelines import registry
+
+    monkeypatch.setenv("CTRLORA_PARTS_CACHE", str(tmp_path / "cache"))
+    client = MlflowClient()
+    for seed in (1, 2, 3):
+        _register(tmp_path, "t-once", seed, 0.5)
+    exp = client.get_experiment_by_name("test-register").experiment_id
+    parts = {}
+    for kind in registry.PARTS:
+        runs = client.search_runs([exp], filter_string=f"tags.`{registry.PART_TAG}` = '{kind}'")
+        digests = {r.data.tags[registry.HASH_TAG] for r in runs}
+        parts[kind] = runs
+        assert len(digests) == len(runs)  # one run per content hash, whatever the versions
+    versions = [client.get_model_version("ctrlora-t-once", v) for v in ("1", "2", "3")]
+    backbone_hash = registry.dir_hash(tmp_path / "backbone")
+    assert {v.tags["backbone_content_hash"] for v in versions} == {backbone_hash}
+    assert backbone_hash in {r.data.tags[registry.HASH_TAG] for r in parts["backbone"]}
+    # a version's own artifacts: the adapter and the reference, no copy of backbone or base
+    model_files = {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(versions[0].run_id, "model/artifacts")}
+    assert model_files == {"adapter", registry.PARTS_FILE}
+
+    first = registry.resolve_adapter_uri("models:/ctrlora-t-once/1", tmp_path / "dl1")
+    third = registry.resolve_adapter_uri("models:/ctrlora-t-once/3", tmp_path / "dl3")
+    assert first.backbone == third.backbone and registry.dir_hash(first.backbone) == backbone_hash
+    assert (first.backbone / "unet" / "config.json").is_file() and not (first.base / "adapters").exists()
+    # a damaged cache copy is not handed out: fetched again and checked
+    (first.backbone / "unet" / "config.json").write_text('{"tampered": true}')
+    again = registry.resolve_adapter_uri("models:/ctrlora-t-once/2", tmp_path / "dl2")
+    assert registry.dir_hash(again.backbone) == backbone_hash
 
 
 def test_gate_modes_and_missing_metric():

@@ -1,0 +1,537 @@
+"""The frozen benchmark that decides promotions, and the gate that scores on it.
+
+A benchmark version is a fixed set of held-out test scans, the re-detectors that score them, the
+sampling (steps, scheduler, guidance, first seed: scan ``i`` gets ``seed + i``) and the bootstrap
+(resamples, seed). It changes only through an explicit command, which writes a new version:
+
+    ctrlora-ops benchmark freeze            # v1 from the current test split and re-detectors
+    ctrlora-ops benchmark bump --reason ... # v<N+1>; the earlier manifests stay
+    ctrlora-ops benchmark show [--json]     # the current version, its scans, whether it verifies
+
+(also ``python -m pipelines.benchmark ...``). Where things lie (params.yaml ``paths``):
+
+* ``paths.benchmark`` (``benchmark/``, committed): ``v<N>.json``, the manifest -- scan ids, the
+  pairs rows (captions), the sha256 of every frozen file, sampling and bootstrap settings.
+* ``paths.benchmark_store`` (``data/benchmark/``, not in git): ``v<N>/`` the frozen files --
+  ``prepared/`` (photos and condition images in the prepared layout), ``labels/<id>/
+  segmentation.png`` (raw label maps) and ``detectors/<c>/`` (the re-detectors).
+
+When the store lacks a file (a fresh clone), it is copied back from where the manifest says it
+came from, but only when its sha256 matches; any other difference is an error naming the file.
+New scans never enter a version: its scan list is in the manifest. The scans are test scans
+when frozen and are checked against the workspace's current split before every use (a benchmark
+scan now in train or validation is an error: never trained on).
+
+:class:`BenchmarkGate` is the judge :func:`pipelines.registration.register_adapter` calls: it
+generates the champion's and the challenger's images on the benchmark scans with the same seeds,
+scores both with the frozen re-detectors (the evaluation library's ``generate`` and
+``per_scan_fidelity``), takes the paired bootstrap of the per-scan differences
+(``bootstrap_diff``) and decides with :func:`pipelines.gate.paired_decision`.
+
+Params (``register.benchmark``): ``max_scans`` (scans in a new version), ``sampling``,
+``bootstrap``, ``grid_rows``.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from ctrlora.data.files import sha256_file
+
+DEFAULT_BENCHMARK: dict[str, Any] = {
+    "max_scans": 32,
+    "sampling": {"steps": 20, "scheduler": "ddim", "guidance_scale": 1.0, "batch_size": 32,
+                 "seed": 1000},
+    "bootstrap": {"n_boot": 2000, "seed": 0},
+    "grid_rows": 8,
+}
+LEVEL = 0.95
+SPLIT = "test"
+LABEL_FILE = "segmentation.png"
+
+
+class BenchmarkError(RuntimeError):
+    """The benchmark cannot be frozen, found or trusted; the message names the file and rule."""
+
+
+# ---------------------------------------------------------------------------- params and places
+def benchmark_params(root: Path) -> dict[str, Any]:
+    """params.yaml ``register.benchmark`` over :data:`DEFAULT_BENCHMARK`."""
+    from pipelines.settings import load_params
+
+    section = (load_params(root).get("register") or {}).get("benchmark") or {}
+    out = json.loads(json.dumps(DEFAULT_BENCHMARK))
+    for key, value in section.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key].update(value)
+        else:
+            out[key] = value
+    if not isinstance(out["max_scans"], int) or out["max_scans"] < 2:
+        raise BenchmarkError(f"{root / 'params.yaml'}: register.benchmark.max_scans must be an "
+                             f"integer >= 2 (a paired interval needs scans), got {out['max_scans']!r}")
+    return out
+
+
+def _paths(root: Path) -> dict[str, Any]:
+    from pipelines.settings import load_params
+
+    return load_params(root).get("paths") or {}
+
+
+def manifest_dir(root: Path) -> Path:
+    return Path(root) / _paths(root).get("benchmark", "benchmark")
+
+
+def store_dir(root: Path) -> Path:
+    return Path(root) / _paths(root).get("benchmark_store", "data/benchmark")
+
+
+def versions(root: Path) -> list[int]:
+    d = manifest_dir(root)
+    found = []
+    for p in d.glob("v*.json") if d.is_dir() else []:
+        if p.stem[1:].isdigit():
+            found.append(int(p.stem[1:]))
+    return sorted(found)
+
+
+def current_version(root: Path) -> int | None:
+    v = versions(root)
+    return v[-1] if v else None
+
+
+def read_manifest(root: Path, version: int | None = None) -> dict[str, Any]:
+    version = current_version(root) if version is None else int(version)
+    if version is None:
+        raise BenchmarkError(f"{manifest_dir(root)}: no benchmark frozen yet "
+                             "(ctrlora-ops benchmark freeze)")
+    path = manifest_dir(root) / f"v{version}.json"
+    if not path.is_file():
+        raise BenchmarkError(f"{path}: no such benchmark version")
+    try:
+        m = json.loads(path.read_text())
+    except ValueError as exc:
+        raise BenchmarkError(f"{path}: not valid JSON ({exc})") from exc
+    missing = [k for k in ("version", "scan_ids", "conditions", "pairs", "files", "origin",
+                           "sampling", "bootstrap") if k not in m]
+    if missing:
+        raise BenchmarkError(f"{path}: manifest lacks {missing}")
+    if m["version"] != version:
+        raise BenchmarkError(f"{path}: says version {m['version']}, its name says {version}")
+    return m
+
+
+# ---------------------------------------------------------------------------- freeze / bump
+def _workspace(root: Path) -> dict[str, Path]:
+    p = _paths(root)
+    return {k: Path(root) / p.get(k, d) for k, d in (
+        ("prepared", "data/prepared"), ("rendered", "data/rendered"), ("scans", "data/scans"),
+        ("detectors", "models/evaluate/detectors"))}
+
+
+def _conditions(root: Path) -> list[str]:
+    from pipelines.settings import load_params
+
+    params = load_params(root)
+    conds = [*((params.get("train_base") or {}).get("conditions") or []),
+             *((params.get("train_adapter") or {}).get("conditions") or [])]
+    if not conds:
+        raise BenchmarkError(f"{root / 'params.yaml'}: no conditions in train_base / train_adapter")
+    return conds
+
+
+def _current_splits(root: Path) -> dict[str, str] | None:
+    path = _workspace(root)["prepared"] / "meta" / "splits.json"
+    if not path.is_file():
+        return None
+    raw = json.loads(path.read_text())
+    return {sid: split for split in ("train", "validation", "test") for sid in raw.get(split, [])}
+
+
+def freeze(root: Path, *, bump: bool = False, reason: str = "", log=print) -> dict[str, Any]:
+    """Write benchmark v1 (``bump=False``; refused when one exists) or v<N+1> (``bump=True``)
+    from the workspace's prepared test split and re-detectors; returns the manifest."""
+    from ctrlora.data.pairs import read_pairs
+    from ctrlora.evaluation.fidelity import DETECTED_CONDITIONS
+
+    root = Path(root).resolve()
+    have = versions(root)
+    if have and not bump:
+        raise BenchmarkError(f"{manifest_dir(root)}: benchmark v{have[-1]} is already frozen; a new "
+                             "version is made only by `ctrlora-ops benchmark bump --reason ...`")
+    if bump and not have:
+        raise BenchmarkError(f"{manifest_dir(root)}: nothing to bump; `ctrlora-ops benchmark freeze` first")
+    if bump and not reason.strip():
+        raise BenchmarkError("benchmark bump needs --reason (it is recorded in the manifest)")
+    version = (have[-1] + 1) if have else 1
+    params, ws, conditions = benchmark_params(root), _workspace(root), _conditions(root)
+    splits = _current_splits(root)
+    if splits is None:
+        raise BenchmarkError(f"{ws['prepared'] / 'meta' / 'splits.json'}: not found (run the prepare stage)")
+    rows = {c: {r["scan_id"]: r for r in read_pairs(ws["prepared"], c, SPLIT)} for c in conditions}
+    ids = sorted(set.intersection(*(set(r) for r in rows.values())))[: params["max_scans"]]
+    if len(ids) < 2:
+        raise BenchmarkError(f"{ws['prepared']}: {len(ids)} test scans with all of {conditions}; "
+                             "a benchmark needs at least 2")
+    bad = [s for s in ids if splits.get(s) != SPLIT]
+    if bad:
+        raise BenchmarkError(f"{ws['prepared'] / 'meta' / 'splits.json'}: scans {bad[:5]} are not in "
+                             "the test split (rule: benchmark scans are never trained on)")
+    origin: dict[str, str] = {}   # store path -> repo-relative source
+    pairs: dict[str, list[dict[str, str]]] = {c: [] for c in conditions}
+    first = rows[conditions[0]]
+    for sid in ids:
+        photo = first[sid]["photo"]
+        origin[f"prepared/{photo}"] = _rel(ws["prepared"] / photo, root)
+        for c in conditions:
+            r = rows[c][sid]
+            origin[f"prepared/{r['condition']}"] = _rel(ws["prepared"] / r["condition"], root)
+            pairs[c].append({"scan_id": sid, "split": SPLIT, "photo": photo,
+                             "condition": r["condition"], "caption": r["caption"]})
+        if "segmentation" in conditions:
+            src = [s / sid / LABEL_FILE for s in (ws["rendered"], ws["scans"])
+                   if (s / sid / LABEL_FILE).is_file()]
+            if not src:
+                raise BenchmarkError(f"scan {sid}: no raw {LABEL_FILE} under {ws['rendered']} or "
+                                     f"{ws['scans']} (segmentation is scored against label maps)")
+            origin[f"labels/{sid}/{LABEL_FILE}"] = _rel(src[0], root)
+    for c in conditions:
+        if c not in DETECTED_CONDITIONS:
+            continue
+        d = ws["detectors"] / c
+        files = sorted(p for p in d.glob("*") if p.is_file()) if d.is_dir() else []
+        if not files:
+            raise BenchmarkError(f"{d}: no re-detector for {c!r} (run the detectors stage first)")
+        for f in files:
+            origin[f"detectors/{c}/{f.name}"] = _rel(f, root)
+    hashes = {k: sha256_file(root / v) for k, v in sorted(origin.items())}
+    manifest = {
+        "version": version, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "reason": reason or "first frozen benchmark", "previous": have[-1] if have else None,
+        "split": SPLIT, "scan_ids": ids, "conditions": conditions,
+        "sampling": dict(params["sampling"]), "bootstrap": {**params["bootstrap"], "level": LEVEL},
+        "grid_rows": int(params["grid_rows"]),
+        "scan_ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
+        "pairs": pairs, "files": hashes, "origin": origin,
+    }
+    out = manifest_dir(root) / f"v{version}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, out)
+    materialize(root, version)
+    log(f"benchmark v{version} frozen: {len(ids)} test scans, {len(conditions)} conditions, "
+        f"{len(hashes)} files -> {_rel(out, root)} (store {_rel(store_dir(root) / f'v{version}', root)})")
+    return manifest
+
+
+def _rel(path: Path, root: Path) -> str:
+    return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+
+
+# ---------------------------------------------------------------------------- materialize / open
+def materialize(root: Path, version: int | None = None) -> Path:
+    """The store folder of ``version`` (default: current) with every file the manifest lists,
+    each checked against its sha256; missing files are copied from their recorded origin when
+    that file still has the frozen content. Returns the folder."""
+    root = Path(root).resolve()
+    m = read_manifest(root, version)
+    where = manifest_dir(root) / f"v{m['version']}.json"
+    store = store_dir(root) / f"v{m['version']}"
+    for rel, digest in m["files"].items():
+        dst = store / rel
+        if dst.is_file():
+            if sha256_file(dst) == digest:
+                continue
+            raise BenchmarkError(f"{dst}: content differs from {where} (sha256 {digest[:12]}); "
+                                 "rule: a frozen benchmark never changes -- restore it or bump")
+        src = root / m["origin"].get(rel, "")
+        if not src.is_file():
+            raise BenchmarkError(f"{dst}: missing, and its origin {src} is gone too; restore the "
+                                 f"store (rule: benchmark v{m['version']} is frozen)")
+        if sha256_file(src) != digest:
+            raise BenchmarkError(f"{dst}: missing, and its origin {src} now has other content "
+                                 f"than {where} records; rule: a frozen benchmark never changes "
+                                 "-- restore the store or `ctrlora-ops benchmark bump`")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        part = dst.with_name(dst.name + ".part")
+        shutil.copyfile(src, part)
+        os.replace(part, dst)
+    for c, rows in m["pairs"].items():  # the pairs index, written from the manifest itself
+        f = store / "prepared" / "conditions" / c / "pairs.jsonl"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+        if not f.is_file() or f.read_text() != text:
+            f.write_text(text)
+    return store
+
+
+@dataclass
+class Benchmark:
+    """One verified benchmark version: ``store`` holds its frozen files."""
+
+    version: int
+    manifest: dict[str, Any]
+    store: Path
+
+    @property
+    def scan_ids(self) -> list[str]:
+        return list(self.manifest["scan_ids"])
+
+    def data(self, condition: str):
+        """The benchmark scans of ``condition`` as an :class:`~ctrlora.evaluation.loading.EvalData`."""
+        from ctrlora.evaluation.loading import load_split
+
+        if condition not in self.manifest["conditions"]:
+            raise BenchmarkError(f"benchmark v{self.version} has no {condition!r} scans "
+                                 f"(it holds {self.manifest['conditions']}); bump it")
+        data = load_split(self.store / "prepared", SPLIT, [condition], [self.store / "labels"],
+                          progress=False)
+        if data.scan_ids != self.scan_ids:
+            raise BenchmarkError(f"{self.store}: scans {data.scan_ids[:3]}... differ from the manifest's")
+        return data
+
+    def detectors(self, condition: str) -> dict[str, Any]:
+        """The frozen re-detector of ``condition`` (``{}`` for conditions scored without one)."""
+        from ctrlora.evaluation.detectors import load_detector
+        from ctrlora.evaluation.fidelity import DETECTED_CONDITIONS
+
+        if condition not in DETECTED_CONDITIONS:
+            return {}
+        return {condition: load_detector(self.store / "detectors" / condition)}
+
+    def sampling(self):
+        from ctrlora.evaluation.generation import SamplingConfig
+
+        return SamplingConfig(**self.manifest["sampling"])
+
+
+def open_benchmark(root: Path, version: int | None = None) -> Benchmark:
+    """The current (or given) version, materialized and verified, its scans checked against the
+    workspace's current split (never trained on)."""
+    root = Path(root).resolve()
+    m = read_manifest(root, version)
+    store = materialize(root, m["version"])
+    splits = _current_splits(root) or {}
+    leaked = [s for s in m["scan_ids"] if splits.get(s) not in (None, SPLIT)]
+    if leaked:
+        raise BenchmarkError(f"{_workspace(root)['prepared'] / 'meta' / 'splits.json'}: benchmark "
+                             f"v{m['version']} scans {leaked[:5]} are now in "
+                             f"{sorted({splits[s] for s in leaked})} (rule: benchmark scans are never "
+                             "trained on); bump the benchmark")
+    return Benchmark(int(m["version"]), m, store)
+
+
+# ---------------------------------------------------------------------------- the comparison
+@dataclass
+class Comparison:
+    """Champion and challenger scored on one benchmark version: per-scan primary fidelity,
+    the paired interval of (challenger - champion), the side-by-side grid."""
+
+    condition: str
+    metric: str
+    champion: Any          # float64 [scans]
+    challenger: Any        # float64 [scans]
+    interval: Any          # ctrlora.evaluation.stats.Interval
+    grid: Path | None
+
+
+def compare(bench: Benchmark, condition: str, champion: Mapping[str, Path],
+            challenger: Mapping[str, Path], grid_path: Path | None = None,
+            titles: tuple[str, str] = ("champion", "challenger")) -> Comparison:
+    """Generate and score both sides (``{"backbone", "base", "adapter"}`` directories) on the
+    benchmark's scans with its seeds and re-detectors; the grid is condition | champion |
+    challenger for the first ``grid_rows`` scans."""
+    import numpy as np
+    import torch
+
+    from ctrlora.evaluation.fidelity import PRIMARY_METRIC
+    from ctrlora.evaluation.generation import generate
+    from ctrlora.evaluation.grids import save_grid
+    from ctrlora.evaluation.loading import condition_cell, load_models
+    from ctrlora.evaluation.scoring import per_scan_fidelity
+    from ctrlora.evaluation.stats import bootstrap_diff
+    from ctrlora.pipeline import CtrLoRAPipeline
+
+    data, detectors, sampling = bench.data(condition), bench.detectors(condition), bench.sampling()
+    images, scores = {}, {}
+    for side, parts in (("champion", champion), ("challenger", challenger)):
+        models = load_models(parts["backbone"], parts["base"], {condition: parts["adapter"]})
+        pipe = CtrLoRAPipeline.from_components(models.backbone, models.controlnet)
+        pipe.set_progress_bar_config(disable=True)
+        with torch.no_grad():
+            images[side] = generate(pipe, data, {condition: (condition, 1.0, condition)}, sampling,
+                                    desc=f"benchmark {side}", progress=False)
+        scores[side] = per_scan_fidelity(condition, images[side], data, detectors)
+        del pipe, models
+    boot = bench.manifest["bootstrap"]
+    iv = bootstrap_diff(scores["challenger"], scores["champion"], n_boot=int(boot["n_boot"]),
+                        seed=int(boot["seed"]), level=float(boot.get("level", LEVEL)))
+    grid = None
+    if grid_path is not None:
+        rows = min(int(bench.manifest.get("grid_rows", 8)), len(data))
+        grid = save_grid([[condition_cell(condition, data, i), images["champion"][i],
+                           images["challenger"][i]] for i in range(rows)],
+                         grid_path, titles=[condition, *titles])
+    return Comparison(condition, PRIMARY_METRIC[condition], np.asarray(scores["champion"]),
+                      np.asarray(scores["challenger"]), iv, grid)
+
+
+class UnusableBenchmark:
+    """The judge when the benchmark cannot be trusted: every comparison fails with the reason,
+    so no alias moves (a model's first version still takes it: nothing to compare with)."""
+
+    def __init__(self, error: str):
+        self.error, self.tags = error, {}
+
+    def compare(self, *args, **kwargs):
+        raise RuntimeError(f"benchmark unusable: {self.error}")
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "UnusableBenchmark":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+class BenchmarkGate:
+    """The judge of :func:`pipelines.registration.register_adapter`: the challenger against the
+    champion on one benchmark version, decided by params.yaml ``register.gate``."""
+
+    def __init__(self, bench: Benchmark, gate: Mapping[str, Any]):
+        from pipelines.gate import gate_config
+
+        self.bench, self.gate = bench, gate_config(gate)
+        self.tags = {"benchmark_version": str(bench.version)}
+        self._out = Path(tempfile.mkdtemp(prefix="ctrlora-gate-out-"))  # grids until logged
+
+    def close(self) -> None:
+        shutil.rmtree(self._out, ignore_errors=True)
+
+    def __enter__(self) -> "BenchmarkGate":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def compare(self, name: str, champion_mv, challenger_mv, challenger: Mapping[str, Path]):
+        import numpy as np
+
+        from pipelines.gate import paired_decision
+        from pipelines.registration import GateOutcome
+        from pipelines.registry import resolve_adapter_uri
+
+        condition = challenger_mv.tags.get("condition") or name.split("-", 1)[1]
+        champ_v = str(champion_mv.version)
+        work = Path(tempfile.mkdtemp(prefix=f"ctrlora-gate-{condition}-"))
+        try:
+            resolved = resolve_adapter_uri(f"models:/{name}/{champ_v}", work / "champion")
+            champion = {"backbone": resolved.backbone, "base": resolved.base, "adapter": resolved.adapter}
+            grid = work / f"{condition}_v{champ_v}_vs_v{challenger_mv.version}.png"
+            res = compare(self.bench, condition, champion, challenger, grid,
+                          titles=(f"champion v{champ_v}", f"challenger v{challenger_mv.version}"))
+            iv = res.interval
+            same = champion_mv.tags.get("dataset_hash") == challenger_mv.tags.get("dataset_hash")
+            diffs = res.challenger - res.champion
+            ok, reason = paired_decision(self.gate, iv.value, iv.low, iv.high, champion_version=champ_v,
+                                         same_data=same, all_zero=bool(np.all(diffs == 0)),
+                                         level=iv.level)
+            reason = f"benchmark v{self.bench.version}, {res.metric} on {iv.n} scans: {reason}"
+            tags = {**self.tags, "gate_rule": self.gate["rule"], "gate_metric": res.metric,
+                    "gate_champion_version": champ_v,
+                    "gate_delta": repr(round(iv.value, 6)), "gate_low": repr(round(iv.low, 6)),
+                    "gate_high": repr(round(iv.high, 6)), "gate_n_scans": str(iv.n),
+                    "gate_level": str(iv.level),
+                    "gate_champion_mean": repr(round(float(res.champion.mean()), 6)),
+                    "gate_challenger_mean": repr(round(float(res.challenger.mean()), 6))}
+            metrics = {"gate_delta": iv.value, "gate_low": iv.low, "gate_high": iv.high,
+                       "gate_champion_mean": float(res.champion.mean()),
+                       "gate_challenger_mean": float(res.challenger.mean()),
+                       "benchmark_version": float(self.bench.version)}
+            per_scan = work / f"{condition}_per_scan.csv"
+            per_scan.write_text("scan_id,champion,challenger\n" + "".join(
+                f"{s},{a:.6f},{b:.6f}\n" for s, a, b in zip(self.bench.scan_ids, res.champion,
+                                                           res.challenger)))
+            keep = self._out / f"{condition}-v{challenger_mv.version}"
+            keep.mkdir(parents=True, exist_ok=True)
+            arts = [Path(shutil.copy2(p, keep / p.name)) for p in (grid, per_scan)]
+            return GateOutcome(ok, reason, tags, metrics, arts)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def gate_for(root: Path, gate: Mapping[str, Any], log=print):
+    """The judge for the project at ``root``: a :class:`BenchmarkGate` on the current version;
+    None when no benchmark is frozen and :class:`UnusableBenchmark` when it does not verify (in
+    both cases later versions keep the champion, saying why)."""
+    if current_version(root) is None:
+        log(f"register: no frozen benchmark in {manifest_dir(root)}; only a model's first version "
+            "takes the alias (ctrlora-ops benchmark freeze)")
+        return None
+    try:
+        return BenchmarkGate(open_benchmark(root), gate)
+    except BenchmarkError as exc:
+        log(f"register: the benchmark cannot be used, no alias will move: {exc}")
+        return UnusableBenchmark(str(exc))
+
+
+# ---------------------------------------------------------------------------- command line
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from pipelines.settings import REPO_ROOT
+
+    sub = parser.add_subparsers(dest="benchmark_command", required=True, metavar="ACTION")
+    p = sub.add_parser("freeze", help="write benchmark v1 from the test split and re-detectors")
+    p.add_argument("--repo", type=Path, default=REPO_ROOT)
+    p = sub.add_parser("bump", help="write the next benchmark version (the only way it changes)")
+    p.add_argument("--reason", required=True, help="why (recorded in the manifest)")
+    p.add_argument("--repo", type=Path, default=REPO_ROOT)
+    p = sub.add_parser("show", help="the current version, its scans, and whether it verifies")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--repo", type=Path, default=REPO_ROOT)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        if args.benchmark_command in ("freeze", "bump"):
+            freeze(args.repo, bump=args.benchmark_command == "bump",
+                   reason=getattr(args, "reason", "") or "")
+            return 0
+        bench = open_benchmark(args.repo)
+    except BenchmarkError as exc:
+        print(f"benchmark: {exc}", file=sys.stderr)
+        return 1
+    m = bench.manifest
+    info = {"version": bench.version, "created": m["created"], "reason": m["reason"],
+            "scans": len(m["scan_ids"]), "conditions": m["conditions"], "sampling": m["sampling"],
+            "bootstrap": m["bootstrap"], "store": str(bench.store), "verified": True,
+            "versions": versions(args.repo)}
+    if args.json:
+        print(json.dumps(info, indent=1))
+    else:
+        print(f"benchmark v{bench.version} ({m['created']}; {m['reason']}): {info['scans']} scans, "
+              f"conditions {', '.join(m['conditions'])}; sampling {m['sampling']}; "
+              f"every file verified in {bench.store}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.benchmark",
+                                     description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""The frozen benchmark and the paired promotion gate, on a toy project built here: real rendered
+scans prepared by the real ``prepare`` (32 px), a real re-detector, a tiny real backbone / base /
+adapters, a real sqlite MLflow store. Champion and challenger are generated and scored in one
+run; the alias moves on the paired interval only."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+pytest.importorskip("mlflow")
+
+from _models_helpers import perturb, randomize_adapter, tiny_eval_backbone  # noqa: E402
+
+SIZE = 32
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _params(root: Path, **register) -> None:
+    paths = yaml.safe_load((REPO / "params.yaml").read_text())["paths"]
+    params = {"paths": paths, "train_base": {"conditions": []},
+              "train_adapter": {"conditions": ["lighting"]},
+              "register": {"gate": {"rule": "superiority", "min_delta": 0.0},
+                           "benchmark": {"max_scans": 6, "grid_rows": 3,
+                                         "sampling": {"steps": 2, "batch_size": 8, "seed": 5},
+                                         "bootstrap": {"n_boot": 300, "seed": 0}},
+                           **register}}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _prepare(data: Path, sources) -> None:
+    from ctrlora.data.contract import ContractConfig
+    from ctrlora.data.prepare import PrepareConfig, prepare
+
+    prepare(PrepareConfig(sources=tuple(sources), out=data / "prepared", data_root=data,
+                          test_fraction=0.4, validation_fraction=0.1, conditions=("lighting",),
+                          contract=ContractConfig(resolution=SIZE), workers=1, progress=False))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """data/rendered, data/prepared, models/evaluate/detectors/lighting, models/{backbone, base}
+    and three lighting adapters (``models/adapters/lighting-<k>``) on one base."""
+    import torch
+
+    from ctrlora.data.render import DatasetConfig, render_dataset
+    from ctrlora.evaluation.detectors import save_detector, train_detector
+    from ctrlora.evaluation.fidelity import default_detector_config
+    from ctrlora.evaluation.loading import detector_targets, load_split
+    from ctrlora.models import adapters
+    from ctrlora.models.controlnet import CtrLoRAControlNet
+
+    root = tmp_path_factory.mktemp("gate") / "project"
+    data = root / "data"
+    render_dataset(DatasetConfig(out=data / "rendered", n=20, seed=3, resolution=SIZE, workers=1,
+                                 progress=False))
+    _prepare(data, [data / "rendered"])
+    train = load_split(data / "prepared", "train", ["lighting"], progress=False)
+    det = train_detector(default_detector_config("lighting", width=4, epochs=1), train.photos,
+                         detector_targets("lighting", train), progress=False)
+    save_detector(det, root / "models/evaluate/detectors/lighting")
+    torch.manual_seed(0)
+    bb = tiny_eval_backbone(SIZE)
+    bb.save(root / "models/backbone")
+    cn = CtrLoRAControlNet.from_unet(bb.unet, vae_scale_factor=bb.vae_scale_factor)
+    perturb(cn, 1)  # non-zero zero-convs: the control changes the image
+    cn.save_pretrained(root / "models/base")
+    want = adapters.base_hash(cn)
+    for k in (1, 2, 3):
+        name = f"lighting{k}"
+        adapters.add_adapter(cn, name, rank=2, own_modules=True)
+        randomize_adapter(cn, name, seed=k, scale=0.5)
+        d = adapters.save_adapter(cn, name, root / "models/adapters" / f"lighting-{k}", want)
+        cfg = json.loads((d / adapters.ADAPTER_CONFIG).read_text())
+        (d / adapters.ADAPTER_CONFIG).write_text(json.dumps({**cfg, "condition": "lighting"}))
+    _params(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tracking(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow-gate")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        mp.setenv("MLFLOW_EXPERIMENT_NAME", "test-gate")
+        mp.setenv("CTRLORA_PARTS_CACHE", str(root / "parts-cache"))
+        yield
+
+
+def test_paired_decision_rules():
+    from pipelines.gate import paired_decision
+
+    sup = {"rule": "superiority", "min_delta": 0.0}
+    ok, why = paired_decision(sup, 0.05, 0.02, 0.08, champion_version="3", same_data=True)
+    assert ok and "champion v3" in why and "+0.02" in why
+    # noise: the interval straddles zero, however good the mean looks
+    assert not paired_decision(sup, 0.03, -0.001, 0.06, champion_version="3", same_data=False)[0]
+    assert not paired_decision({**sup, "min_delta": 0.05}, 0.05, 0.02, 0.08, champion_version="3",
+                               same_data=True)[0]
+    tie = paired_decision(sup, 0.0, 0.0, 0.0, champion_version="3", same_data=False, all_zero=True)
+    assert not tie[0] and "tie" in tie[1]
+    non = {"rule": "noninferiority", "margin": 0.02}
+    assert paired_decision(non, 0.004, -0.01, 0.02, champion_version="1", same_data=False)[0]
+    assert not paired_decision(non, 0.004, -0.03, 0.02, champion_version="1", same_data=False)[0]
+    assert not paired_decision(non, -0.001, -0.01, 0.01, champion_version="1", same_data=False)[0]
+    # retrained on the champion's own data: non-inferiority does not apply
+    same = paired_decision(non, 0.004, -0.01, 0.02, champion_version="1", same_data=True)
+    assert not same[0] and "same data" in same[1]
+    assert not paired_decision(non, 0.0, 0.0, 0.0, champion_version="1", same_data=False, all_zero=True)[0]
+    assert not paired_decision(sup, float("nan"), float("nan"), float("nan"), champion_version="1",
+                               same_data=False)[0]
+    with pytest.raises(ValueError, match="rule"):
+        paired_decision({"rule": "vibes"}, 0.1, 0.1, 0.1, champion_version="1", same_data=False)
+    with pytest.raises(ValueError, match="margin"):
+        paired_decision({"margin": -1}, 0.1, 0.1, 0.1, champion_version="1", same_data=False)
+
+
+def test_benchmark_is_frozen_versioned_and_never_takes_new_scans(project, tmp_path):
+    from ctrlora.data.render import DatasetConfig, render_dataset
+    from pipelines import benchmark as B
+
+    root = tmp_path / "p"
+    shutil.copytree(project, root, symlinks=True)
+    with pytest.raises(B.BenchmarkError, match="no benchmark frozen yet"):
+        B.open_benchmark(root)
+    with pytest.raises(B.BenchmarkError, match="nothing to bump"):
+        B.freeze(root, bump=True, reason="x", log=lambda m: None)
+    m1 = B.freeze(root, log=lambda m: None)
+    splits = json.loads((root / "data/prepared/meta/splits.json").read_text())
+    assert m1["version"] == 1 and len(m1["scan_ids"]) == 6 and set(m1["scan_ids"]) <= set(splits["test"])
+    assert m1["sampling"]["seed"] == 5 and m1["bootstrap"]["n_boot"] == 300
+    assert "detectors/lighting/detector.safetensors" in m1["files"]
+    assert (root / "benchmark/v1.json").is_file()
+    with pytest.raises(B.BenchmarkError, match="already frozen"):
+        B.freeze(root, log=lambda m: None)
+
+    # scans land and prepare reruns: the benchmark's scans and files stay what they were
+    render_dataset(DatasetConfig(out=root / "data/scans", n=10, seed=9, resolution=SIZE, workers=1,
+                                 progress=False))
+    _prepare(root / "data", [root / "data/rendered", root / "data/scans"])
+    new_test = json.loads((root / "data/prepared/meta/splits.json").read_text())["test"]
+    assert any(s.startswith("r9-") for s in new_test)
+    bench = B.open_benchmark(root)
+    assert bench.version == 1 and bench.scan_ids == m1["scan_ids"]
+    assert bench.data("lighting").scan_ids == m1["scan_ids"]
+    assert set(bench.detectors("lighting")) == {"lighting"}
+
+    # a fresh clone: the store is refilled from the workspace, file by file, checked by hash
+    shutil.rmtree(root / "data/benchmark")
+    assert B.open_benchmark(root).scan_ids == m1["scan_ids"]
+    # ... but not from a changed origin
+    shutil.rmtree(root / "data/benchmark")
+    photo = root / m1["origin"][next(k for k in m1["files"] if k.startswith("prepared/photos/"))]
+    photo.write_bytes(photo.read_bytes() + b"\0")
+    with pytest.raises(B.BenchmarkError, match=r"photos/.*other content.*never changes"):
+        B.open_benchmark(root)
+    photo.write_bytes(photo.read_bytes()[:-1])
+    # a tampered frozen file is refused, naming it
+    store_det = B.materialize(root) / "detectors/lighting/detector_config.json"
+    store_det.write_text(store_det.read_text() + " ")
+    with pytest.raises(B.BenchmarkError, match="detector_config.json: content differs"):
+        B.open_benchmark(root)
+    store_det.write_text(store_det.read_text()[:-1])
+    # a benchmark scan that the workspace now trains on is refused
+    meta = root / "data/prepared/meta/splits.json"
+    raw = json.loads(meta.read_text())
+    moved = m1["scan_ids"][0]
+    raw["test"].remove(moved)
+    raw["train"].append(moved)
+    meta.write_text(json.dumps(raw))
+    with pytest.raises(B.BenchmarkError, match=f"{moved}.*never trained on"):
+        B.open_benchmark(root)
+
+    # only an explicit bump with a reason makes a new version; v1 stays as it was
+    _prepare(root / "data", [root / "data/rendered", root / "data/scans"])
+    with pytest.raises(B.BenchmarkError, match="reason"):
+        B.freeze(root, bump=True, log=lambda m: None)
+    v1_text = (root / "benchmark/v1.json").read_text()
+    m2 = B.freeze(root, bump=True, reason="clinic scans landed", log=lambda m: None)
+    assert m2["version"] == 2 and m2["previous"] == 1 and m2["reason"] == "clinic scans landed"
+    assert (root / "benchmark/v1.json").read_text() == v1_text
+    assert B.open_benchmark(root).version == 2 and B.open_benchmark(root, 1).scan_ids == m1["scan_ids"]
+
+
+def _register(root: Path, k: int, dataset: str, judge):
+    from pipelines.registration import register_adapter
+
+    return register_adapter(
+        "lighting", root / "models/adapters" / f"lighting-{k}", dataset_hash=dataset * 32 + ".dir",
+        base_hash="b" * 64, backbone_dir=root / "models/backbone", base_dir=root / "models/base",
+        metrics={"fidelity": 0.5}, git_commit="c0ffee", dataset_path=root / "data/prepared",
+        judge=judge)
+
+
+def test_gate_scores_both_in_one_run_and_moves_only_on_evidence(project, tracking, tmp_path):
+    from mlflow import MlflowClient
+    from PIL import Image
+
+    from pipelines import benchmark as B
+
+    root = tmp_path / "p"
+    shutil.copytree(project, root, symlinks=True)
+    B.freeze(root, log=lambda m: None)
+    client = MlflowClient()
+    name = "ctrlora-lighting"
+    strict = {"rule": "superiority", "min_delta": 0.0}
+
+    with B.gate_for(root, strict) as judge:
+        first = _register(root, 1, "a", judge)
+        assert (first.decision, first.champion) == ("champion", "1")
+        assert "no champion yet" in first.reason and first.tags["benchmark_version"] == "1"
+        # the same weights retrained on other data: identical on every scan, a tie
+        tie = _register(root, 1, "b", judge)
+    assert tie.created and tie.decision == "challenger" and tie.champion == "1"
+    assert "tie" in tie.reason and "benchmark v1" in tie.reason
+    mv = client.get_model_version(name, tie.version)
+    assert mv.tags["gate_delta"] == "0.0" and mv.tags["benchmark_version"] == "1"
+    assert mv.tags["gate_champion_version"] == "1" and mv.tags["gate_n_scans"] == "6"
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+
+    # a different adapter: both generated and scored now; the logged interval decides
+    with B.gate_for(root, strict) as judge:
+        other = _register(root, 2, "c", judge)
+    mv = client.get_model_version(name, other.version)
+    low, high = float(mv.tags["gate_low"]), float(mv.tags["gate_high"])
+    delta = float(mv.tags["gate_delta"])
+    assert low <= delta <= high and low < high
+    assert (other.decision == "champion") == (low > 0.0)
+    run = client.get_run(other.run_id)
+    assert run.data.tags["benchmark_version"] == "1" and run.data.tags["gate_reason"] == other.reason
+    assert run.data.metrics["gate_low"] == pytest.approx(low, abs=1e-6)
+    files = {a.path for a in client.list_artifacts(other.run_id, "gate")}
+    grid_name = f"gate/lighting_v1_vs_v{other.version}.png"
+    assert grid_name in files and "gate/lighting_per_scan.csv" in files
+    local = Path(client.download_artifacts(other.run_id, grid_name, str(tmp_path / "dl")))
+    assert Image.open(local).size[0] >= 3 * SIZE  # condition | champion | challenger
+    csv = Path(client.download_artifacts(other.run_id, "gate/lighting_per_scan.csv", str(tmp_path / "dl")))
+    lines = csv.read_text().splitlines()
+    assert lines[0] == "scan_id,champion,challenger" and len(lines) == 7
+    diffs = np.array([float(x.split(",")[2]) - float(x.split(",")[1]) for x in lines[1:]])
+    assert diffs.mean() == pytest.approx(delta, abs=1e-5)
+
+    # a gate that accepts anything above -1: the same kind of comparison moves the alias
+    champion_before = client.get_model_version_by_alias(name, "champion").version
+    with B.gate_for(root, {"rule": "superiority", "min_delta": -1.0}) as judge:
+        loose = _register(root, 3, "d", judge)
+    assert loose.decision == "champion" and loose.champion == loose.version
+    assert client.get_model_version(name, loose.version).tags["gate_champion_version"] == str(champion_before)
+    assert "promoted" in loose.reason
+
+    # a benchmark that no longer verifies: the comparison is refused, the alias stays
+    (root / "data/benchmark/v1/detectors/lighting/detector_config.json").write_text("{}")
+    with B.gate_for(root, strict, log=lambda m: None) as judge:
+        refused = _register(root, 2, "e", judge)
+    assert refused.decision == "challenger" and refused.champion == loose.version
+    assert "benchmark unusable" in refused.reason and "detector_config.json" in refused.reason
