@@ -39,7 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser, parts_required: bool = True) 
     parser.add_argument("--negative-prompt", default=None, help="text of the unconditional CFG branch (default empty)")
     parser.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    parser.add_argument("--scheduler", choices=("ddim", "dpm"), default="ddim", help="DDIM (eta 0) or DPM-Solver++")
+    # the names of ctrlora.pipeline.SCHEDULERS, spelled out so --help does not import diffusers
+    parser.add_argument("--scheduler", choices=("ddim", "dpm", "dpm_karras", "unipc"), default="ddim",
+                        help="DDIM (eta 0), DPM-Solver++ 2M, DPM-Solver++ 2M with Karras sigmas, or UniPC")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
     parser.add_argument("--seed", type=int, default=0, help="seed of image 0; image i uses seed + i")
     parser.add_argument("--strength", type=float, default=1.0, help="control strength (default 1.0)")

@@ -2,8 +2,8 @@
 
 Components: ``vae``, ``text_encoder``, ``tokenizer``, ``unet`` (the Stable-Diffusion backbone),
 ``controlnet`` (a :class:`~ctrlora.models.controlnet.CtrLoRAControlNet` holding any number of
-condition adapters) and ``scheduler`` (the backbone's; its config seeds the DDIM / DPM-Solver++
-schedulers built per call).
+condition adapters) and ``scheduler`` (the backbone's; its config seeds the scheduler built per call:
+DDIM, DPM-Solver++ 2M, DPM-Solver++ 2M with Karras sigmas or UniPC, see :data:`SCHEDULERS`).
 
 What one call does, as the reference CtrLoRA samples:
 
@@ -43,7 +43,7 @@ import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -56,7 +56,9 @@ from ctrlora.models.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_NAME,
 from ctrlora.models.controlnet import CtrLoRAControlNet
 from ctrlora.models.latents import encode_posterior, encode_text, sample_latent
 
-SCHEDULERS = ("ddim", "dpm")
+# Fast samplers by name, each built from the backbone's scheduler config (same betas, prediction
+# type and timestep spacing): DDIM; DPM-Solver++ 2M; the same with Karras sigmas; UniPC (bh2).
+SCHEDULERS = ("ddim", "dpm", "dpm_karras", "unipc")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
@@ -134,6 +136,26 @@ def condition_to_tensor(image: Any, label: str = "condition") -> torch.Tensor:
         raise ValueError(f"{label}: values must be in [0, 1] (got [{lo:.3g}, {hi:.3g}]); "
                          "the reference feeds condition images in [0, 1], not [-1, 1]")
     return t.clamp(0, 1).contiguous()
+
+
+def make_scheduler(config: Mapping[str, Any], name: str | SchedulerMixin) -> SchedulerMixin:
+    """A fresh scheduler named in :data:`SCHEDULERS`, built from a backbone scheduler ``config``
+    (a scheduler instance is returned as given). DDIM keeps ldm's final step to alpha_bar[0]
+    (``set_alpha_to_one=False`` unless the config says otherwise); the multistep solvers are
+    order 2 with the data-prediction (``++``) form that guided sampling needs."""
+    if isinstance(name, SchedulerMixin):
+        return name
+    config = dict(config)
+    if name == "ddim":
+        return DDIMScheduler.from_config(config, set_alpha_to_one=config.get("set_alpha_to_one", False))
+    if name == "dpm":
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
+    if name == "dpm_karras":
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2,
+                                                       use_karras_sigmas=True)
+    if name == "unipc":
+        return UniPCMultistepScheduler.from_config(config, solver_order=2, solver_type="bh2", predict_x0=True)
+    raise ValueError(f"scheduler must be one of {SCHEDULERS} (or a scheduler instance), got {name!r}")
 
 
 def _expand_batch(x: torch.Tensor, batch: int, per_prompt: int) -> torch.Tensor:
@@ -241,15 +263,9 @@ class CtrLoRAPipeline(DiffusionPipeline):
     def make_scheduler(self, name: str | SchedulerMixin) -> SchedulerMixin:
         """A fresh scheduler for one call: ``"ddim"`` (ldm's DDIM: final step to alpha_bar[0],
         i.e. ``set_alpha_to_one=False`` unless the backbone config says otherwise) or ``"dpm"``
-        (DPM-Solver++ 2M); a scheduler instance is used as given."""
-        if isinstance(name, SchedulerMixin):
-            return name
-        config = dict(self.scheduler.config)
-        if name == "ddim":
-            return DDIMScheduler.from_config(config, set_alpha_to_one=config.get("set_alpha_to_one", False))
-        if name == "dpm":
-            return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
-        raise ValueError(f"scheduler must be one of {SCHEDULERS} (or a scheduler instance), got {name!r}")
+        (DPM-Solver++ 2M), ``"dpm_karras"`` (DPM-Solver++ 2M on Karras sigmas) or ``"unipc"``
+        (UniPC, bh2 with its corrector); a scheduler instance is used as given."""
+        return make_scheduler(self.scheduler.config, name)
 
     def _parse_conditions(self, conditions: Mapping[str, Any] | None) -> list[_Condition]:
         known = set(list_adapters(self.controlnet))
@@ -520,7 +536,8 @@ class CtrLoRAPipeline(DiffusionPipeline):
             num_inference_steps, guidance_scale: sampling steps; CFG scale (<= 1: no CFG).
             negative_prompt: text of the unconditional branch (default ``""``); that branch
                 keeps the conditions.
-            scheduler: ``"ddim"`` (``eta`` applies, default 0) or ``"dpm"`` (DPM-Solver++ 2M).
+            scheduler: ``"ddim"`` (``eta`` applies, default 0), ``"dpm"`` (DPM-Solver++ 2M),
+                ``"dpm_karras"`` (the same on Karras sigmas), ``"unipc"`` or a scheduler instance.
             control_strength: scale of every residual (the reference's control strength).
             seed: int, one int per image, a ``torch.Generator`` or one per image (per-image
                 generators make every image independent of its batch); ``generator`` is an
