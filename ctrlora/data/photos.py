@@ -9,7 +9,8 @@ Normalisation rule (:func:`normalise_photo`), in this order:
    before any pixel is decoded.
 2. **Size.** The shorter side must be at least the target resolution (never upscaled) and the
    longer side at most :data:`MAX_ASPECT` times the shorter.
-3. **Decode** fully (a truncated file fails).
+3. **Decode** fully (a truncated file fails); a JPEG at the coarsest DCT scale (1, 1/2, 1/4 or
+   1/8) that keeps both sides at least the resolution.
 4. **EXIF orientation** (tag 274, values 2–8) is applied to the pixels.
 5. **Pixel format** (:data:`MODE_RULE`): 8-bit RGB as is; 8-bit gray and palette images become
    RGB; 16-bit gray is scaled to 8 bits (``round(v · 255 / 65535)``) then RGB; an alpha channel is
@@ -159,6 +160,10 @@ def normalise_photo(path: str | Path, resolution: int, max_pixels: int = MAX_PHO
             raise PhotoRejected("photo_size", f"size {width}×{height}: shorter side below {resolution} (never upscaled)")
         if long_ > MAX_ASPECT * short:
             raise PhotoRejected("photo_size", f"size {width}×{height}: aspect ratio above {MAX_ASPECT:g}:1")
+        if im.format == "JPEG":
+            # let libjpeg decode at 1/2, 1/4 or 1/8 scale while the result stays >= the resolution
+            # on both sides (a 12 MP phone photo decodes in a tenth of the time and memory)
+            im.draft(im.mode, (resolution, resolution))
         lenient = ImageFile.LOAD_TRUNCATED_IMAGES
         try:
             ImageFile.LOAD_TRUNCATED_IMAGES = False
