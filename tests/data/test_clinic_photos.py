@@ -231,6 +231,14 @@ def test_normalise_photo_rules(tmp_path):
     Image.fromarray(rgba, "RGBA").save(tmp_path / "opaque.png")
     assert np.array_equal(normalise_photo(tmp_path / "opaque.png", RES).pixels,
                           np.asarray(Image.fromarray(a).resize((RES, RES), Image.Resampling.LANCZOS)))
+    # palette (no transparency) and 8-bit gray become RGB
+    Image.fromarray(a).quantize(4).save(tmp_path / "palette.png")
+    Image.fromarray(a).convert("L").save(tmp_path / "gray.jpg")
+    pal = Image.open(tmp_path / "palette.png")
+    assert pal.mode == "P" and np.array_equal(normalise_photo(tmp_path / "palette.png", 70).pixels,
+                                              np.asarray(pal.convert("RGB")))
+    gray = normalise_photo(tmp_path / "gray.jpg", RES)
+    assert gray.source["mode"] == "L" and (gray.pixels[..., 0] == gray.pixels[..., 2]).all()
     rgba[0, 0, 3] = 0
     Image.fromarray(rgba, "RGBA").save(tmp_path / "transparent.png")
     Image.fromarray(a).save(tmp_path / "photo.gif")
