@@ -1,6 +1,7 @@
 # The two commands of the README:
 #   make repro   set up .venv if needed, then run the whole DVC pipeline (embedded default)
 #   make test    set up .venv if needed, then run the test suite
+#   make studio  the local web page over the registry (docs/studio.md); STUDIO_ARGS="--port 8000"
 #   make test-sd15  the SD 1.5 path on random weights at 64 px (minutes, ~8 GB; not in make test)
 # and the research graph (baselines and ablations, after the production graph; docs/research.md):
 #   make research  dvc repro research/dvc.yaml, then the README's tables
@@ -28,3 +29,6 @@ research: setup
 
 report: setup
 	python -m pipelines.report
+
+studio: setup
+	ctrlora-ops studio $(STUDIO_ARGS)
