@@ -235,7 +235,8 @@ def freeze(root: Path, *, bump: bool = False, reason: str = "", log=print) -> di
 
 
 def _rel(path: Path, root: Path) -> str:
-    return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+    """``path`` relative to the project (not resolved: a workspace may hold symlinked data)."""
+    return Path(os.path.relpath(Path(path).absolute(), Path(root).absolute())).as_posix()
 
 
 # ---------------------------------------------------------------------------- materialize / open

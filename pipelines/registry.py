@@ -265,7 +265,8 @@ def _version_row(model: str, mv, aliases: list[str]) -> dict[str, Any]:
     tags = dict(mv.tags)
     row = {"model": model, "condition": model[len(MODEL_PREFIX):], "version": str(mv.version),
            "aliases": sorted(aliases)}
-    for key in ("dataset_hash", "adapter_hash", "base_hash", "git_commit", "gate", "gate_reason"):
+    for key in ("dataset_hash", "adapter_hash", "base_hash", "git_commit", "gate", "gate_reason",
+                "benchmark_version", "gate_delta", "gate_low", "gate_high"):
         row[key] = tags.get(key)
     row["metrics"] = metrics_from_tags(tags)
     return row
