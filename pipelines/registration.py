@@ -48,6 +48,7 @@ from pipelines.gate import flatten_metrics, gate_config, metric_tags
 from pipelines.registry import (CHAMPION, CHALLENGER, HASH_TAG, PART_TAG, PARTS_FILE, RegistryError,
                                 alias_version, dir_hash, find_version, model_name,
                                 record_decision)
+from pipelines.registry_lock import locked_by_model
 from pipelines.settings import PREPARED_CONDITIONS, REPO_ROOT
 
 # The models-from-code file; referred to by path (importing it would set a model as a side effect).
@@ -86,6 +87,7 @@ class RegistrationResult:
         return asdict(self)
 
 
+@locked_by_model(model_name)  # lookup, new version and gate: one registration at a time per model
 def register_adapter(condition: str, adapter_dir: str | Path, *, dataset_hash: str, base_hash: str,
                      backbone_dir: str | Path, base_dir: str | Path,
                      metrics: Mapping[str, Any] | None, git_commit: str,
