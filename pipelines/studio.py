@@ -610,6 +610,25 @@ class Studio:
                                lambda j: self.engine.run(req, self.scans, j))
         return job.public()
 
+    def adapter_details(self, ref: Any) -> dict:
+        """The adapter's own record (``adapter_config.json``: rank, parameters, base hash,
+        training stage and steps) and file size; a registry version is downloaded for it."""
+        from ctrlora.models.adapters import ADAPTER_WEIGHTS, read_adapter_config
+
+        if not isinstance(ref, str):
+            raise StudioError("adapter: no reference given")
+        self.catalogue.find(ref)
+        try:
+            parts = self.catalogue.parts(ref)
+        except Exception as exc:  # download / store errors, as one line
+            raise StudioError(f"{ref}: cannot be fetched ({exc})") from exc
+        cfg = read_adapter_config(parts.adapter)
+        keep = ("condition", "rank", "alpha", "num_params", "base_hash", "origin", "stage", "steps", "dtype")
+        out = {k: cfg[k] for k in keep if k in cfg}
+        out["target_modules"] = len(cfg.get("target_modules") or [])
+        out["file_bytes"] = (parts.adapter / ADAPTER_WEIGHTS).stat().st_size
+        return out
+
     def gate_report(self, condition: Any, version: Any) -> dict:
         """What the page shows before a promotion: the version's own gate tags and its gate
         metric beside the champion's."""
@@ -687,6 +706,10 @@ def make_app(studio: Studio):
     @app.get("/api/jobs/{job_id}")
     def job(job_id: str):
         return answer(lambda: studio.jobs.get(job_id).public())
+
+    @app.get("/api/adapter")
+    def adapter(ref: str = ""):
+        return answer(lambda: studio.adapter_details(ref))
 
     @app.get("/api/gate")
     def gate(condition: str = "", version: str = ""):

@@ -33,11 +33,12 @@ PAGE = r"""<!doctype html>
  .card label { display: block; margin: 3px 0; }
  .card img, .thumb { width: 96px; height: 96px; image-rendering: pixelated; border: 1px solid var(--line); background: #eee; }
  .row { display: flex; flex-wrap: wrap; gap: 12px; align-items: center; }
- .grid { display: flex; gap: 18px; flex-wrap: wrap; align-items: flex-start; }
+ .grid { display: flex; gap: 14px; align-items: flex-start; }
  .col h3 { font-size: 13px; margin: 0 0 4px; color: var(--muted); }
  .imgs { display: flex; flex-wrap: wrap; gap: 6px; }
- figure { margin: 0; text-align: center; font-size: 11px; color: var(--muted); }
- figure img { width: 128px; height: 128px; image-rendering: pixelated; border: 1px solid var(--line); display: block; }
+ #maps, #truth { flex-direction: column; }
+ figure { margin: 0; width: 100px; text-align: center; font-size: 11px; color: var(--muted); }
+ figure img { width: 96px; height: 96px; image-rendering: pixelated; border: 1px solid var(--line); display: block; margin: 0 auto; }
  .chip { display: inline-block; border: 1px solid var(--line); border-radius: 10px; padding: 0 6px; margin: 2px; cursor: pointer; font-size: 12px; }
  button { background: var(--accent); color: #fff; border: 0; border-radius: 5px; padding: 6px 12px; cursor: pointer; }
  button.secondary { background: #eef2f6; color: var(--ink); border: 1px solid var(--line); }
@@ -45,9 +46,11 @@ PAGE = r"""<!doctype html>
  #error { display: none; background: #fef3f2; border: 1px solid #fda29b; color: var(--bad); padding: 8px 12px; border-radius: 6px; }
  #progress-box { display: none; }
  progress { width: 320px; }
- .runs { display: flex; gap: 24px; flex-wrap: wrap; }
+ .runs { display: flex; gap: 14px; flex-wrap: wrap; }
  .run { border: 1px solid var(--line); border-radius: 6px; padding: 8px; }
- .scores { font-size: 12px; color: var(--muted); }
+ .scores { font-size: 11px; color: var(--muted); }
+ .scores div { white-space: nowrap; }
+ .run .imgs { flex-wrap: nowrap; }
  dialog { border: 1px solid var(--line); border-radius: 8px; max-width: 560px; }
  .ok { color: var(--good); } .bad { color: var(--bad); }
  pre { white-space: pre-wrap; margin: 0; font-size: 12px; }
@@ -179,6 +182,10 @@ function inspect(a) {
   const t = el("table", { id: "inspect-table" });
   for (const [k, v] of rows) { const tr = el("tr"); tr.appendChild(el("th", {}, k)); tr.appendChild(el("td", {}, v)); t.appendChild(tr); }
   box.appendChild(t);
+  const details = el("table", { id: "adapter-table" }); box.appendChild(details);
+  api(`/api/adapter?ref=${encodeURIComponent(a.ref)}`).then(d => {
+    for (const [k, v] of Object.entries(d)) { const tr = el("tr"); tr.appendChild(el("th", {}, `adapter ${k.replace("_", " ")}`)); tr.appendChild(el("td", {}, String(v))); details.appendChild(tr); }
+  }).catch(e => showError(e.message));
   const use = el("button", { class: "secondary" }, `compose with ${a.condition}`);
   use.onclick = () => { const cb = $(`use-${a.condition}`); cb.checked = true; $(`version-${a.condition}`).value = a.ref; syncCards(); };
   box.appendChild(use);
@@ -303,6 +310,11 @@ async function poll() {
   else setTimeout(poll, 250);
 }
 function scoreText(s) { return Object.entries(s).map(([k, v]) => `${k} ${fmt(v)}`).join(" · "); }
+function scoreBox(s, cls) {
+  const box = el("div", { class: cls || "scores" });
+  for (const [k, v] of Object.entries(s)) box.appendChild(el("div", { title: k }, `${k.replace("segmentation.", "seg.")} ${fmt(v)}`));
+  return box;
+}
 function figure(src, caption, cls) {
   const f = el("figure"); f.appendChild(el("img", { src, class: cls || "", alt: caption })); f.appendChild(el("figcaption", {}, caption)); return f;
 }
@@ -318,7 +330,7 @@ function showResult(res) {
     const box = el("div", { class: "run", "data-ref": r.ref });
     if (r.ref) box.appendChild(el("h3", {}, labelOf(r.ref)));
     const imgs = el("div", { class: "imgs" });
-    for (const im of r.images) { const f = figure(im.image, `seed ${im.seed}`, "generated"); f.appendChild(el("div", { class: "scores" }, scoreText(im.scores))); imgs.appendChild(f); }
+    for (const im of r.images) { const f = figure(im.image, `seed ${im.seed}`, "generated"); f.appendChild(scoreBox(im.scores)); imgs.appendChild(f); }
     box.appendChild(imgs);
     if (Object.keys(r.mean_scores).length) box.appendChild(el("div", { class: "scores mean" }, "mean: " + scoreText(r.mean_scores)));
     const a = STATE.adapters.find(x => x.ref === r.ref);
@@ -338,7 +350,7 @@ async function askPromote(a) {
     const g = $("gate-report"); g.innerHTML = "";
     const t = el("table");
     const rows = [["gate decision (tags)", rep.gate ? `${rep.gate}: ${rep.gate_reason || ""}` : "no gate report in its tags"],
-      ["gate", `${rep.gate_config.metric || "fidelity"} (${rep.gate_config.mode || "max"}, min_delta ${rep.gate_config.min_delta ?? 0})`],
+      ["gate (params.yaml)", Object.entries(rep.gate_config).map(([k, v]) => `${k} ${v}`).join(", ") || "defaults"],
       [`v${rep.version} ${rep.metric}`, rep.value == null ? "-" : fmt(rep.value)],
       [`champion ${rep.champion ? "v" + rep.champion : "(none)"} ${rep.metric}`, rep.champion_value == null ? "-" : fmt(rep.champion_value)]];
     for (const [k, v] of rows) { const tr = el("tr"); tr.appendChild(el("th", {}, k)); tr.appendChild(el("td", {}, v)); t.appendChild(tr); }

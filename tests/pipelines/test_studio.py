@@ -217,6 +217,7 @@ def test_studio_in_a_real_browser(server, project, registry):
             expect(page.locator("tr[data-ref='models:/ctrlora-lighting/1']")).to_contain_text("champion")
             v2.locator("button.inspect").click()
             expect(page.locator("#inspect-table")).to_contain_text("2" * 32 + ".dir")
+            expect(page.locator("#adapter-table")).to_contain_text("adapter rank2")   # its own config
             _shot(page, "inspect")
 
             # two conditions: lighting from an uploaded map, canny from a test scan (ground truth)
