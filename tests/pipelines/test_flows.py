@@ -175,6 +175,32 @@ def test_retrain_catches_up_on_scans_that_failed_retrains_left_behind(prefect_ha
     assert retrain_on_new_scans(str(repo))["status"] == "no-new-scans"
 
 
+def test_uncovered_reads_what_the_last_complete_run_left_behind_from_the_lock(tmp_path):
+    import yaml
+
+    from pipelines.dvclock import stale_deps, uncovered
+
+    def item(path, md5):
+        return {"path": path, "hash": "md5", "md5": md5}
+
+    assert uncovered(tmp_path, "data/scans", None, store_has_data=False) == []
+    (no_lock,) = uncovered(tmp_path, "data/scans", "s1.dir", store_has_data=True)
+    assert "never trained on" in no_lock
+    lock = {"schema": "2.0", "stages": {
+        "prepare": {"deps": [item("data/scans", "s1.dir")], "outs": [item("data/prepared/c", "p2.dir")]},
+        "train": {"deps": [item("./data/prepared/c/", "p1.dir")], "outs": [item("models/c", "m1.dir")]},
+        "evaluate": {"deps": [item("models/c", "m1.dir"), item("data/scans", "s1.dir")]}}}
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
+    assert stale_deps(tmp_path) == [{"stage": "train", "path": "data/prepared/c", "recorded": "p1.dir",
+                                     "producer": "prepare", "produced": "p2.dir"}]
+    assert len(uncovered(tmp_path, "data/scans", "s1.dir", store_has_data=True)) == 1
+    reasons = uncovered(tmp_path, "data/scans", "s2.dir", store_has_data=True)
+    assert [r.split(" last ran")[0] for r in reasons] == ["stage evaluate", "stage prepare", "stage train"]
+    lock["stages"]["train"]["deps"][0]["md5"] = "p2.dir"
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
+    assert uncovered(tmp_path, "data/scans", "s1.dir", store_has_data=True) == []
+
+
 def test_watch_emits_landed_event_for_complete_scans_only(prefect_harness, repo, capsys):
     from pipelines.flows import EVENT, complete_scans, emit_landed
 
