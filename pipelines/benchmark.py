@@ -362,11 +362,13 @@ def compare(bench: Benchmark, condition: str, champion: Mapping[str, Path],
     from ctrlora.evaluation.scoring import per_scan_fidelity
     from ctrlora.evaluation.stats import bootstrap_diff
     from ctrlora.pipeline import CtrLoRAPipeline
+    from pipelines.stage import resolve_backbone
 
     data, detectors, sampling = bench.data(condition), bench.detectors(condition), bench.sampling()
     images, scores = {}, {}
     for side, parts in (("champion", champion), ("challenger", challenger)):
-        models = load_models(parts["backbone"], parts["base"], {condition: parts["adapter"]})
+        models = load_models(resolve_backbone(Path(parts["backbone"])), parts["base"],
+                             {condition: parts["adapter"]})
         pipe = CtrLoRAPipeline.from_components(models.backbone, models.controlnet)
         pipe.set_progress_bar_config(disable=True)
         with torch.no_grad():
@@ -456,7 +458,8 @@ class BenchmarkGate:
                     "gate_high": repr(round(iv.high, 6)), "gate_n_scans": str(iv.n),
                     "gate_level": str(iv.level),
                     "gate_champion_mean": repr(round(float(res.champion.mean()), 6)),
-                    "gate_challenger_mean": repr(round(float(res.challenger.mean()), 6))}
+                    "gate_challenger_mean": repr(round(float(res.challenger.mean()), 6)),
+                    "gate_grid": f"runs:/{challenger_mv.run_id}/gate/{grid.name}"}
             metrics = {"gate_delta": iv.value, "gate_low": iv.low, "gate_high": iv.high,
                        "gate_champion_mean": float(res.champion.mean()),
                        "gate_challenger_mean": float(res.challenger.mean()),

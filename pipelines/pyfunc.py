@@ -70,10 +70,13 @@ class CtrLoRAPyfunc(mlflow.pyfunc.PythonModel):
             from pipelines.registry import fetch_parts
 
             arts.update({k: str(v) for k, v in fetch_parts(arts["parts"]).items()})
+        from pipelines.stage import resolve_backbone
+
         adapter = Path(arts["adapter"])
         self.condition = read_adapter_config(adapter)["condition"]
+        # at SD scale the backbone part is the record of a local SD 1.5 directory
         self.pipe = CtrLoRAPipeline.from_pretrained_parts(
-            arts["backbone"], arts["base"], {self.condition: str(adapter)})
+            str(resolve_backbone(Path(arts["backbone"]))), arts["base"], {self.condition: str(adapter)})
 
     # The DataFrame hints tell MLflow not to infer a schema: the input column holds raw PNG
     # bytes or base64 text, which an inferred schema would reject.

@@ -236,6 +236,7 @@ def test_gate_scores_both_in_one_run_and_moves_only_on_evidence(project, trackin
     files = {a.path for a in client.list_artifacts(other.run_id, "gate")}
     grid_name = f"gate/lighting_v1_vs_v{other.version}.png"
     assert grid_name in files and "gate/lighting_per_scan.csv" in files
+    assert mv.tags["gate_grid"] == f"runs:/{other.run_id}/{grid_name}"
     local = Path(client.download_artifacts(other.run_id, grid_name, str(tmp_path / "dl")))
     assert Image.open(local).size[0] >= 3 * SIZE  # condition | champion | challenger
     csv = Path(client.download_artifacts(other.run_id, "gate/lighting_per_scan.csv", str(tmp_path / "dl")))
