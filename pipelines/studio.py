@@ -52,7 +52,8 @@ LIMITS: dict[str, tuple[float, float]] = {
 MAX_UPLOAD_BYTES = 8 * 2**20
 SIDE_RANGE = (16, 2048)        # pixels per side of an uploaded image
 SQUARE_TOLERANCE = 0.10        # the models draw square images; maps must be square within 10 %
-MAX_UPLOADS = 64               # uploads kept in memory (oldest dropped first)
+MAX_UPLOADS = 32               # uploads kept in memory (oldest dropped first)
+KEEP_SIDE = 1024               # uploads are kept at most this large (the models draw 64-512 px)
 MAX_PIPELINES = 4              # loaded pipelines kept (oldest dropped first)
 MAX_SCANS = 60                 # test scans offered on the page
 SAMPLERS = ("ddim", "dpm", "dpm_karras", "unipc")
@@ -106,6 +107,17 @@ def resize_u8(img: np.ndarray, size: int) -> np.ndarray:
     if img.shape[0] == size and img.shape[1] == size:
         return img
     return np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR), dtype=np.uint8)
+
+
+def map_at(spec: "CondSpec", size: int) -> np.ndarray:
+    """The condition map at the model's size; a derived one is computed from the photograph
+    resized first, as ``prepare`` derives it from the normalised photo."""
+    if not spec.derive:
+        return resize_u8(spec.image, size)
+    from ctrlora.data.conditions import encode_u8
+    from ctrlora.data.scan import Scan
+
+    return encode_u8(spec.condition, Scan(scan_id="upload", photo=resize_u8(spec.image, size)))
 
 
 def png_data_url(img: np.ndarray) -> str:
@@ -346,8 +358,9 @@ class CondSpec:
     condition: str
     ref: str
     weight: float
-    image: np.ndarray          # uint8 H×W×3 (original size)
+    image: np.ndarray          # uint8 H×W×3: the map, or the photograph it is derived from
     from_scan: bool
+    derive: bool = False       # compute the map from ``image`` at the model's size
 
 
 @dataclass
@@ -435,7 +448,7 @@ class Engine:
             return out
 
         sched.step = counted
-        conds = {c.condition: (resize_u8(c.image, size), c.weight) for c in req.conds}
+        conds = {c.condition: (map_at(c, size), c.weight) for c in req.conds}
         out = pipe(req.prompt, conds, num_inference_steps=req.steps, guidance_scale=req.guidance,
                    negative_prompt=req.negative_prompt or None, scheduler=sched,
                    control_strength=req.strength, seed=[req.seed + i for i in range(req.num_images)],
@@ -474,7 +487,7 @@ class Engine:
                          "mean_scores": {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
                          if scores and scores[0] else {}})
         return {"maps": [{"condition": c.condition, "weight": c.weight,
-                          "image": png_data_url(resize_u8(c.image, size))} for c in req.conds],
+                          "image": png_data_url(map_at(c, size))} for c in req.conds],
                 "truth": png_data_url(resize_u8(scans.image(req.scan, "photo"), size)) if req.scan else None,
                 "scan": req.scan, "prompt": req.prompt, "runs": runs,
                 "compare": list(req.compare) if req.compare else None}
@@ -494,6 +507,8 @@ class Studio:
     def upload(self, body: dict) -> dict:
         filename = str(body.get("filename") or "upload")
         img = decode_upload(body.get("data"), filename)
+        if max(img.shape[:2]) > KEEP_SIDE:
+            img = resize_u8(img, KEEP_SIDE)
         token = uuid.uuid4().hex[:16]
         self.uploads[token] = (filename, img)
         while len(self.uploads) > MAX_UPLOADS:
@@ -515,7 +530,7 @@ class Studio:
             raise StudioError(f"condition {cond!r} cannot be derived from a photograph "
                               f"(derived conditions: {', '.join(DERIVED)})")
         filename, photo = self._upload(body.get("photo"), "photo")
-        return png_data_url(encode_u8(cond, Scan(scan_id=filename, photo=photo)))
+        return png_data_url(encode_u8(cond, Scan(scan_id=filename, photo=resize_u8(photo, 128))))
 
     # -- state
     def state(self) -> dict:
@@ -571,16 +586,12 @@ class Studio:
                 if c not in DERIVED:
                     raise StudioError(f"{c} is not derived from a photograph; upload its map "
                                       f"(derived conditions: {', '.join(DERIVED)})")
-                from ctrlora.data.conditions import encode_u8
-                from ctrlora.data.scan import Scan
-
-                name, photo = self._upload(item.get("map"), f"{c} photo")
-                img, from_scan = encode_u8(c, Scan(scan_id=name, photo=photo)), False
+                img, from_scan = self._upload(item.get("map"), f"{c} photo")[1], False
             elif source == "upload":
                 img, from_scan = self._upload(item.get("map"), f"{c} map")[1], False
             else:
                 raise StudioError(f"{c}: unknown map source {source!r} (upload, scan or derive)")
-            conds.append(CondSpec(c, ref, w, img, from_scan))
+            conds.append(CondSpec(c, ref, w, img, from_scan, derive=source == "derive"))
         sampler = body.get("sampler", "ddim")
         if sampler not in SAMPLERS:
             raise StudioError(f"sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")

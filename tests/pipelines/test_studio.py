@@ -175,6 +175,20 @@ def test_api_refuses_bad_requests_and_derives_maps(server, project):
     assert status == 200 and out["image"].startswith("data:image/png;base64,")
     status, out = _post(url + "api/derive", {"condition": "lighting", "photo": up["token"]})
     assert status == 400 and "cannot be derived" in out["error"]
+    # a generation whose canny map is derived from the photograph, polled to its end
+    status, job = _post(url + "api/generate", {"conditions": [{"condition": "canny", "source": "derive",
+                                                               "map": up["token"]}],
+                                               "steps": 2, "num_images": 1, "sampler": "dpm"})
+    assert status == 200 and job["state"] in ("queued", "running")
+    deadline = time.monotonic() + 300
+    while job["state"] not in ("done", "error") and time.monotonic() < deadline:
+        time.sleep(0.5)
+        with urllib.request.urlopen(url + f"api/jobs/{job['id']}", timeout=30) as r:
+            job = json.loads(r.read())
+    assert job["state"] == "done", job["error"]
+    (run,) = job["result"]["runs"]
+    assert len(run["images"]) == 1 and run["images"][0]["scores"] == {}   # no ground truth: no scores
+    assert job["result"]["maps"][0]["condition"] == "canny" and job["result"]["truth"] is None
 
 
 # ----------------------------------------------------------------------------- the browser
