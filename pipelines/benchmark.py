@@ -393,8 +393,11 @@ class UnusableBenchmark:
     """The judge when the benchmark cannot be trusted: every comparison fails with the reason,
     so no alias moves (a model's first version still takes it: nothing to compare with)."""
 
-    def __init__(self, error: str):
-        self.error, self.tags = error, {}
+    def __init__(self, error: str, version: int | None = None):
+        self.error = error
+        self.tags = {"benchmark_error": error[:1000]}
+        if version is not None:
+            self.tags["benchmark_version"] = str(version)
 
     def compare(self, *args, **kwargs):
         raise RuntimeError(f"benchmark unusable: {self.error}")
@@ -488,7 +491,7 @@ def gate_for(root: Path, gate: Mapping[str, Any], log=print):
         return BenchmarkGate(open_benchmark(root), gate)
     except BenchmarkError as exc:
         log(f"register: the benchmark cannot be used, no alias will move: {exc}")
-        return UnusableBenchmark(str(exc))
+        return UnusableBenchmark(str(exc), current_version(root))
 
 
 # ---------------------------------------------------------------------------- command line

@@ -259,3 +259,5 @@ def test_gate_scores_both_in_one_run_and_moves_only_on_evidence(project, trackin
         refused = _register(root, 2, "e", judge)
     assert refused.decision == "challenger" and refused.champion == loose.version
     assert "benchmark unusable" in refused.reason and "detector_config.json" in refused.reason
+    tags = client.get_model_version(name, refused.version).tags
+    assert tags["benchmark_version"] == "1" and "detector_config.json" in tags["benchmark_error"]
