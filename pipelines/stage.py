@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -19,7 +20,7 @@ from typing import Any, Iterator
 from pipelines.settings import REPO_ROOT, read_params
 
 __all__ = ["read_params", "artefact_paths", "timed_stage", "checkpoint_dir", "clear_checkpoints",
-           "resolve_backbone", "write_curve"]
+           "resolve_backbone", "write_curve", "main_process"]
 
 TIMINGS_FILE = REPO_ROOT / "logs" / "stage_times.jsonl"
 
@@ -36,6 +37,12 @@ def artefact_paths(path: Path | None = None) -> dict[str, Any]:
     return _resolve(read_params("paths", path=path))
 
 
+def main_process() -> bool:
+    """False in the other processes of an ``accelerate launch`` / torchrun run (global rank > 0):
+    they train their share and leave every output (models, curves, timings) to rank 0."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 @contextlib.contextmanager
 def timed_stage(name: str) -> Iterator[None]:
     """Print and record the wall time of one stage run (``logs/stage_times.jsonl``)."""
@@ -48,13 +55,14 @@ def timed_stage(name: str) -> Iterator[None]:
     finally:
         seconds = time.perf_counter() - start
         print(f"[{name}] {status} in {seconds:.1f} s", flush=True)
-        try:
-            TIMINGS_FILE.parent.mkdir(parents=True, exist_ok=True)
-            with open(TIMINGS_FILE, "a") as fh:
-                fh.write(json.dumps({"stage": name, "seconds": round(seconds, 2), "status": status,
-                                     "finished": time.time()}) + "\n")
-        except OSError:
-            pass
+        if main_process():
+            try:
+                TIMINGS_FILE.parent.mkdir(parents=True, exist_ok=True)
+                with open(TIMINGS_FILE, "a") as fh:
+                    fh.write(json.dumps({"stage": name, "seconds": round(seconds, 2), "status": status,
+                                         "finished": time.time()}) + "\n")
+            except OSError:
+                pass
 
 
 def checkpoint_dir(stage: str, params: dict[str, Any]) -> Path:

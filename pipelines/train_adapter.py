@@ -8,8 +8,8 @@ import sys
 import pipelines  # noqa: F401  (tool defaults)
 import torch
 
-from pipelines.stage import (artefact_paths, checkpoint_dir, clear_checkpoints, read_params, resolve_backbone,
-                             timed_stage, write_curve)
+from pipelines.stage import (artefact_paths, checkpoint_dir, clear_checkpoints, main_process, read_params,
+                             resolve_backbone, timed_stage, write_curve)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = ControlNetTrainConfig(TrainConfig.from_dict(p["train"]), prompt_dropout=float(p["prompt_dropout"]))
         result = train_condition(controlnet, bb.unet, bb.scheduler, cache, condition, cfg, mode="adapter",
                                  checkpoint_dir=ckpt, max_pairs=p.get("max_pairs"))
+        if not main_process():
+            return 0
         if out.exists():
             shutil.rmtree(out)
         save_adapter(controlnet, condition, out, base_hash=bh, extra={"stage": "train_adapter",

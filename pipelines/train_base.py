@@ -11,8 +11,8 @@ import pipelines  # noqa: F401  (tool defaults)
 import torch
 
 from pipelines.settings import BASE_ADAPTERS
-from pipelines.stage import (artefact_paths, checkpoint_dir, clear_checkpoints, read_params, resolve_backbone,
-                             timed_stage, write_curve)
+from pipelines.stage import (artefact_paths, checkpoint_dir, clear_checkpoints, main_process, read_params,
+                             resolve_backbone, timed_stage, write_curve)
 
 
 def main() -> int:
@@ -36,6 +36,8 @@ def main() -> int:
         ckpt = checkpoint_dir("train_base", p)
         cfg = ControlNetTrainConfig(TrainConfig.from_dict(p["train"]), prompt_dropout=float(p["prompt_dropout"]))
         result = train_base(controlnet, bb.unet, bb.scheduler, cache, conditions, cfg, checkpoint_dir=ckpt)
+        if not main_process():
+            return 0
         if out.exists():
             shutil.rmtree(out)
         controlnet.save_pretrained(out)

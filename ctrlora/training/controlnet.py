@@ -14,6 +14,10 @@ Modes (see :func:`ctrlora.models.adapters.set_trainable`):
 ``adapter``  new condition: base frozen, only the condition's adapter (LoRA + own zero convs +
              own norms) trains.
 ``full``     baselines: every ControlNet weight trains (a full ControlNet fine-tune).
+
+Under ``accelerate launch`` with P processes, ``batch_size`` stays the batch of one optimiser
+step: every process draws the whole step (same pairs, noise, timesteps) and runs its 1/P share
+(:class:`~ctrlora.training.loop.Trainer` ``global_batch``), so the result does not depend on P.
 """
 from __future__ import annotations
 
@@ -64,7 +68,7 @@ def make_trainer(cfg: ControlNetTrainConfig, model, params, checkpoint_dir, unus
     # base training leaves the inactive conditions' LoRA unused in a step
     acc = make_accelerator(cfg.train, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)])
     apply_memory_options(cfg.train, model)
-    return Trainer(cfg.train, model, params, checkpoint_dir, accelerator=acc)
+    return Trainer(cfg.train, model, params, checkpoint_dir, accelerator=acc, global_batch=True)
 
 
 def apply_memory_options(cfg: TrainConfig, model: ControlledDenoiser) -> None:
@@ -85,10 +89,12 @@ def apply_memory_options(cfg: TrainConfig, model: ControlledDenoiser) -> None:
 
 
 def controlnet_loss(model, cache: EmbedCache, scheduler, condition: str, rows: torch.Tensor, cfg: ControlNetTrainConfig,
-               gen: torch.Generator, device, condition_images: torch.Tensor | None = None):
+               gen: torch.Generator, device, condition_images: torch.Tensor | None = None,
+               share: slice | None = None):
     """One training step's loss of ``condition``: a batch of ``rows`` (its cached pairs), fresh
     posterior samples of photo and condition latents, prompt dropout, noise and timesteps, all
-    drawn from ``gen`` in that order; the denoising loss of the backbone's prediction type."""
+    drawn from ``gen`` in that order; the denoising loss of the backbone's prediction type.
+    ``share``: the rows of the drawn batch this process trains on (None: all of them)."""
     b = cfg.train.batch_size
     pick = rows[torch.randint(0, len(rows), (b,), generator=gen)]
     ce = cache.conditions[condition]
@@ -103,6 +109,8 @@ def controlnet_loss(model, cache: EmbedCache, scheduler, condition: str, rows: t
     noise = torch.randn(z.shape, generator=gen)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=gen)
     noisy = scheduler.add_noise(z, noise, t)
+    if share is not None:
+        z, noise, t, noisy, text, c = (x[share] for x in (z, noise, t, noisy, text, c))
     pred = model(noisy.to(device), t.to(device), text.to(device), c.to(device))
     return denoising_loss(scheduler, pred, z, noise, t)
 
@@ -128,7 +136,7 @@ def train_base(controlnet, unet, scheduler, cache: EmbedCache, conditions: Seque
     def loss_fn(m, step, gen):
         cond = condition_schedule(list(conditions), cfg.train.seed, step)
         set_adapter(controlnet, cond)
-        loss = controlnet_loss(m, cache, scheduler, cond, rows[cond], cfg, gen, device)
+        loss = controlnet_loss(m, cache, scheduler, cond, rows[cond], cfg, gen, device, share=trainer.share())
         return loss, {f"loss/{cond}": loss.item()}
 
     return trainer.fit(loss_fn, desc="train_base", on_log=on_log)
@@ -158,6 +166,7 @@ def train_condition(controlnet, unet, scheduler, cache: EmbedCache, condition: s
     device = trainer.accelerator.device
 
     def loss_fn(m, step, gen):
-        return controlnet_loss(m, cache, scheduler, condition, rows, cfg, gen, device, condition_images), {}
+        return controlnet_loss(m, cache, scheduler, condition, rows, cfg, gen, device, condition_images,
+                               share=trainer.share()), {}
 
     return trainer.fit(loss_fn, desc=f"train_{mode}[{condition}]", on_log=on_log)

@@ -9,6 +9,14 @@ Design choices, in the order they matter:
   resume are the same, with no data-loader state to save.
 * **accelerate** does devices, mixed precision, gradient accumulation, DDP and checkpoint state
   (model, optimiser, scaler); the same code runs under ``accelerate launch`` on several GPUs.
+* **Several processes, one global batch** (``Trainer(global_batch=True)``, the ControlNet
+  trainers): every process draws the same step's randomness for the whole ``batch_size`` and
+  trains on its share (:meth:`Trainer.share`); DDP averages the gradients of the equal shares,
+  which is the gradient of the whole batch. So P processes train what one process trains with
+  the same ``batch_size`` (up to float summation order), and a checkpoint resumes under any
+  process count that divides the batch. Logged losses are averaged over the processes; only the
+  main process writes checkpoint files. Without ``global_batch`` each process draws its own
+  ``batch_size`` samples (stream ``process_index``), the global batch growing with P.
 * The caller supplies ``loss_fn(model, step, generator) -> (loss, logs)``; the loop owns the
   optimiser step, clipping, the learning-rate schedule (linear warm-up, then constant or cosine
   down to ``min_lr_ratio``), an optional exponential moving average of the trained weights,
@@ -174,13 +182,21 @@ class Trainer:
     """Owns the accelerator, the optimiser, checkpoints and the loop.
 
     ``params`` are the tensors to optimise (they must belong to ``model``); everything else in
-    ``model`` should have ``requires_grad=False``.
+    ``model`` should have ``requires_grad=False``. ``global_batch``: ``batch_size`` is the batch
+    of all processes together and ``loss_fn`` trains on :meth:`share` of what it draws (module
+    docstring); needs ``batch_size`` divisible by the number of processes.
     """
 
     def __init__(self, cfg: TrainConfig, model: torch.nn.Module, params: Iterable[torch.nn.Parameter],
-                 checkpoint_dir: str | Path | None = None, accelerator: Accelerator | None = None):
+                 checkpoint_dir: str | Path | None = None, accelerator: Accelerator | None = None,
+                 global_batch: bool = False):
         self.cfg = cfg
         self.accelerator = accelerator or make_accelerator(cfg)
+        self.global_batch = global_batch
+        procs = self.accelerator.num_processes
+        if global_batch and cfg.batch_size % procs:
+            raise ValueError(f"batch_size {cfg.batch_size} is the batch of all {procs} processes together "
+                             f"and must be divisible by their number")
         params = [p for p in params if p.requires_grad]
         if not params:
             raise ValueError("nothing to train: no parameter with requires_grad=True was given")
@@ -190,6 +206,24 @@ class Trainer:
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.ema: list[torch.Tensor] | None = (
             [p.detach().clone().float() for p in self.params] if cfg.ema_decay > 0 else None)
+
+    def share(self) -> slice | None:
+        """This process's rows of a ``global_batch`` batch of ``batch_size`` (``None`` with one
+        process: everything, no slicing)."""
+        acc = self.accelerator
+        if not self.global_batch or acc.num_processes == 1:
+            return None
+        per = self.cfg.batch_size // acc.num_processes
+        return slice(acc.process_index * per, (acc.process_index + 1) * per)
+
+    def _global_logs(self, logs: dict[str, float]) -> dict[str, float]:
+        """Each log value averaged over the processes (every process logs the same keys)."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return logs
+        keys = sorted(logs)
+        values = acc.reduce(torch.tensor([logs[k] for k in keys], dtype=torch.float64, device=acc.device), "mean")
+        return {k: float(v) for k, v in zip(keys, values.tolist())}
 
     # -- learning rate and EMA -----------------------------------------------------------------
     def _set_lr(self, step: int) -> None:
@@ -228,6 +262,8 @@ class Trainer:
         if self.accelerator.is_main_process and tmp.exists():
             shutil.rmtree(tmp)
         self.accelerator.save_state(str(tmp), safe_serialization=True)
+        # every process has written its part (its RNG state) before the folder is renamed
+        self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             if self.ema is not None:
                 save_file({f"p{i}": t.contiguous() for i, t in enumerate(self.ema)}, str(tmp / "ema.safetensors"))
@@ -266,7 +302,8 @@ class Trainer:
             logs_sum: dict[str, float] = {}
             self._set_lr(step)
             for micro in range(cfg.gradient_accumulation_steps):
-                gen = step_generator(cfg.seed, step, stream=micro * 1000 + acc.process_index)
+                stream = micro * 1000 + (0 if self.global_batch else acc.process_index)
+                gen = step_generator(cfg.seed, step, stream=stream)
                 with acc.accumulate(self.model):
                     loss, logs = loss_fn(self.model, step, gen)
                     if not torch.isfinite(loss):
@@ -276,7 +313,7 @@ class Trainer:
                         acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
-                logs = {"loss": float(loss.detach()), **{k: float(v) for k, v in logs.items()}}
+                logs = self._global_logs({"loss": float(loss.detach()), **{k: float(v) for k, v in logs.items()}})
                 for k, v in logs.items():
                     logs_sum[k] = logs_sum.get(k, 0.0) + v / cfg.gradient_accumulation_steps
             if self.ema is not None:
