@@ -381,8 +381,10 @@ class Request:
 class Engine:
     """Loads pipelines (kept for reuse) and runs them, reporting sampler steps to a job."""
 
-    def __init__(self, catalogue: Catalogue, device: str | None, detectors_dir: Path | None):
+    def __init__(self, catalogue: Catalogue, device: str | None, detectors_dir: Path | None,
+                 threads: int | None = None):
         self.catalogue, self.device, self.detectors_dir = catalogue, device, detectors_dir
+        self.threads = threads
         self._pipes: OrderedDict[tuple, Any] = OrderedDict()
         self._hashes: dict[tuple[str, Path], str] = {}
         self._detectors: dict[str, Any] = {}
@@ -411,6 +413,12 @@ class Engine:
                 if self._digest(kind, getattr(p, kind)) != self._digest(kind, getattr(first, kind)):
                     raise StudioError(f"{c} ({adapters[c]}) was registered with another {kind} than "
                                       f"{first_c} ({adapters[first_c]}); they cannot be combined")
+        import torch  # here, with the first generation, not at start-up (seconds saved)
+
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        if self.device is None:
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
         pipe = CtrLoRAPipeline.from_pretrained_parts(first.backbone, first.base,
                                                      {c: p.adapter for c, p in parts.items()},
                                                      device=self.device)
@@ -786,20 +794,14 @@ def build(args, cache: Path) -> Studio:
         catalogue.folders = repo_folders(args.repo)   # empty registry: the repo's own folders
     sources = [args.repo / PATHS["rendered"], args.repo / PATHS["scans"]]
     scans = TestScans(args.prepared, sources)
-    device = args.device
-    if device is None:
-        import torch
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    engine = Engine(catalogue, device, args.detectors if args.detectors.is_dir() else None)
+    engine = Engine(catalogue, args.device, args.detectors if args.detectors.is_dir() else None,
+                    threads=args.threads)
     return Studio(catalogue, scans, engine, args.repo)
 
 
 def run(args) -> int:
     import uvicorn
 
-    if args.threads:
-        import torch
-        torch.set_num_threads(args.threads)
     cache = Path(tempfile.mkdtemp(prefix="ctrlora-studio-"))
     try:
         try:
