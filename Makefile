@@ -19,6 +19,7 @@ repro: setup
 	python -m pipelines.repro
 
 test: setup
+	@scripts/browser.sh
 	python -m pytest -q
 
 test-sd15: setup
