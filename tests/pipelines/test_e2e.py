@@ -46,6 +46,9 @@ def _tiny_params(params: dict) -> dict:
     p["evaluate"]["sampling"].update(steps=2, batch_size=8)
     p["flows"].update(retries=0, retry_delay_seconds=0)
     p["evaluate"]["threads"] = 1  # toy models: threads only add overhead
+    # the toy project's own benchmark: every test scan, two sampling steps
+    p["register"]["benchmark"].update(max_scans=8, grid_rows=2, bootstrap={"n_boot": 200, "seed": 0})
+    p["register"]["benchmark"]["sampling"].update(steps=2, batch_size=8)
     return p
 
 
@@ -59,7 +62,8 @@ def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e") / "project"
     files = _run(["git", "ls-files"], REPO).stdout.split()
     for rel in files:
-        if rel == "dvc.lock" or rel.startswith("tests/fixtures/"):
+        # the repo's benchmark manifests describe the repo's scans: the toy freezes its own
+        if rel == "dvc.lock" or rel.startswith(("tests/fixtures/", "benchmark/")):
             continue
         dst = root / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -139,13 +143,28 @@ def test_pipeline_register_noop_and_retrain_on_landed_scans(project, harness):
     size, std = proc.stdout.strip().rsplit(" ", 1)
     assert size == "(64, 64)" and float(std) > 0
 
-    # 3. nothing changed: DVC runs nothing, the registry gains nothing
+    # 3. the toy project freezes its own benchmark from its test split (the repo's manifests were
+    #    not copied: they name scans this project does not have)
+    assert not (project / "benchmark").exists()
+    _run([sys.executable, "-m", "pipelines.benchmark", "freeze", "--repo", str(project)], project)
+    manifest_file = project / "benchmark/v1.json"
+    frozen = manifest_file.read_bytes()
+    manifest = json.loads(frozen)
+    test_split = json.loads((project / "data/prepared/meta/splits.json").read_text())["test"]
+    assert len(manifest["scan_ids"]) >= 2 and set(manifest["scan_ids"]) <= set(test_split)
+    shown = json.loads(_run([sys.executable, "-m", "pipelines.benchmark", "show", "--json", "--repo",
+                             str(project)], project).stdout)
+    assert shown["version"] == 1 and shown["verified"] is True
+    _run(["git", "add", "benchmark"], project)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "benchmark v1"], project)
+
+    # 4. nothing changed: DVC runs nothing, the registry gains nothing
     second = pipeline(str(project))
     assert {s["status"] for s in second["stages"]} == {"unchanged"}
     for c in BASE_CONDITIONS + NEW_CONDITIONS:
         assert len(_versions(client, c)) == 1
 
-    # 4. new scans land: three good, one corrupt (truncated photo), one still incomplete
+    # 5. new scans land: three good, one corrupt (truncated photo), one still incomplete
     incoming = project / "data/incoming"
     _run([sys.executable, "-m", "ctrlora.cli", "render", "--out", str(incoming), "--n", "5", "--seed", "7",
           "--workers", "1", "--no-progress"], project)
@@ -168,10 +187,29 @@ def test_pipeline_register_noop_and_retrain_on_landed_scans(project, harness):
     versions = _versions(client, "lighting")
     assert [str(v.version) for v in versions] == ["1", "2"]
     assert versions[0].tags["dataset_hash"] == old_hash and versions[1].tags["dataset_hash"] == new_hash
+    # the benchmark did not move: same manifest, none of the landed scans in it
+    assert manifest_file.read_bytes() == frozen and not set(landed) & set(manifest["scan_ids"])
+
+    # 6. every v2 was scored against champion v1 in one run on benchmark v1; the retrain changed
+    #    the models only within noise, so no interval clears min_delta and every champion stays
+    min_delta = float(yaml.safe_load((project / "params.yaml").read_text())["register"]["gate"]["min_delta"])
+    for c in BASE_CONDITIONS + NEW_CONDITIONS:
+        v2 = client.get_model_version(f"ctrlora-{c}", "2")
+        t = v2.tags
+        assert t["benchmark_version"] == "1" and t["gate_champion_version"] == "1", (c, t)
+        low, delta, high = (float(t[k]) for k in ("gate_low", "gate_delta", "gate_high"))
+        assert low <= delta <= high and int(t["gate_n_scans"]) == len(manifest["scan_ids"]), (c, t)
+        assert low <= min_delta and t["gate"] == "challenger", (c, t)
+        assert "champion kept" in t["gate_reason"] and "benchmark v1" in t["gate_reason"], (c, t)
+        assert list(v2.aliases) == ["challenger"], (c, v2.aliases)
+        assert str(client.get_model_version_by_alias(f"ctrlora-{c}", "champion").version) == "1", c
+        # the registering run holds the side-by-side grid and the per-scan scores
+        logged = {Path(a.path).name for a in client.list_artifacts(v2.run_id, "gate")}
+        assert {Path(t["gate_grid"]).name, f"{c}_per_scan.csv"} <= logged, (c, logged)
     # what a person reading `pytest -s` sees: the versions and tags the retrain produced
     for c in BASE_CONDITIONS + NEW_CONDITIONS:
         for v in _versions(client, c):
             v = client.get_model_version(f"ctrlora-{c}", str(v.version))  # search results omit aliases
-            tags = {k: v.tags.get(k) for k in ("dataset_hash", "adapter_hash", "base_hash", "metric.fidelity",
-                                               "gate_reason")}
+            tags = {k: v.tags.get(k) for k in ("dataset_hash", "benchmark_version", "gate_delta", "gate_low",
+                                               "gate_high", "gate")}
             print(f"ctrlora-{c} v{v.version} aliases={list(v.aliases)} {tags}")
