@@ -58,11 +58,9 @@ def _pretrain(p: dict, photos, captions, conds, ckpt: Path):
 
     cfg = TinyBackboneConfig.from_params(p["tiny"])
     bb = build_tiny_backbone(cfg, CAPTION_VOCABULARY)
-    vae_res = pretrain_vae(bb.vae, photos, conds, VAEPretrainConfig(
+    vae_res = pretrain_vae(bb.vae, photos, torch.cat(list(conds.values())), VAEPretrainConfig(
         TrainConfig.from_dict(p["vae"]["train"]), kl_weight=float(p["vae"]["kl_weight"]),
-        photo_fraction=float(p["vae"]["photo_fraction"]),
-        condition_weights={str(c): float(w) for c, w in (p["vae"].get("condition_weights") or {}).items()}),
-        checkpoint_dir=ckpt / "vae")
+        photo_fraction=float(p["vae"]["photo_fraction"])), checkpoint_dir=ckpt / "vae")
     mean, logvar = encode_posterior(bb.vae, photos)
     factor = set_latent_scaling(bb.vae, mean, logvar, seed=int(p["seed"]))
     print(f"[backbone] latent scaling factor {factor:.4f}")

@@ -11,10 +11,7 @@ Two phases, both through :class:`ctrlora.training.loop.Trainer`:
    from the pooled images gave photos ~11 % of the batches (1 photo per 8 condition maps), and
    the photos' reconstructions — the ceiling of every generated image — stayed ~3 dB worse at
    the same cost. Afterwards the latent scaling factor is set to 1 / std of the photo latents
-   (SD 1.5's 0.18215 was chosen the same way). ``condition_weights`` makes one condition's
-   images more likely than another's among the non-photo part of a batch: a sparse map (canny's
-   thin edges on black) is otherwise reconstructed as almost black — its latent, which is what
-   the ControlNet sees, then carries little of the edges.
+   (SD 1.5's 0.18215 was chosen the same way).
 2. **Text-conditioned UNet** — trained under the scheduler's prediction type (v-prediction for
    the tiny preset) with Min-SNR-gamma weighting (:mod:`ctrlora.training.diffusion`), on the
    scaled photo latents, captions from the scan metadata, caption dropped to "" with a small
@@ -24,8 +21,7 @@ Two phases, both through :class:`ctrlora.training.loop.Trainer`:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,15 +37,10 @@ class VAEPretrainConfig:
     train: TrainConfig
     kl_weight: float = 1e-6
     photo_fraction: float = 0.5  # share of every batch drawn from the photographs
-    # relative draw weight of each image of a condition (unnamed conditions: 1.0)
-    condition_weights: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.photo_fraction <= 1.0:
             raise ValueError(f"photo_fraction must be in (0, 1], got {self.photo_fraction}")
-        bad = {c: w for c, w in self.condition_weights.items() if not float(w) > 0.0}
-        if bad:
-            raise ValueError(f"condition_weights must be > 0, got {bad}")
 
 
 @dataclass
@@ -85,33 +76,10 @@ class _Denoiser(torch.nn.Module):
         return self.unet(noisy, t, encoder_hidden_states=ctx).sample
 
 
-def _condition_pool(conditions: torch.Tensor | Mapping[str, torch.Tensor] | None,
-                    weights: Mapping[str, float]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The condition images as one tensor, and each image's draw weight (``None``: uniform)."""
-    if conditions is None or isinstance(conditions, torch.Tensor):
-        if weights:
-            raise ValueError("condition_weights need the condition images by name (a mapping)")
-        return conditions, None
-    unknown = sorted(set(weights) - set(conditions))
-    if unknown:
-        raise ValueError(f"condition_weights name conditions without images: {unknown}")
-    names = [c for c in conditions if len(conditions[c])]
-    if not names:
-        return None, None
-    pool = torch.cat([conditions[c] for c in names])
-    if all(float(weights.get(c, 1.0)) == 1.0 for c in names):
-        return pool, None
-    draw = torch.cat([torch.full((len(conditions[c]),), float(weights.get(c, 1.0))) for c in names])
-    return pool, draw
-
-
-def pretrain_vae(vae: torch.nn.Module, photos: torch.Tensor,
-                 conditions: torch.Tensor | Mapping[str, torch.Tensor] | None,
+def pretrain_vae(vae: torch.nn.Module, photos: torch.Tensor, conditions: torch.Tensor | None,
                  cfg: VAEPretrainConfig, checkpoint_dir: str | Path | None = None) -> TrainResult:
     """Train ``vae`` to reconstruct ``photos`` and ``conditions`` ([N, 3, H, W] each, already in
-    their feed ranges; conditions as one tensor, or by name so ``cfg.condition_weights`` apply);
-    ``round(batch * photo_fraction)`` of every batch are photos."""
-    conditions, draw = _condition_pool(conditions, cfg.condition_weights)
+    their feed ranges); ``round(batch * photo_fraction)`` of every batch are photos."""
     for name, t in (("photos", photos), ("conditions", conditions)):
         if t is not None and (t.ndim != 4 or t.shape[1] != 3):
             raise ValueError(f"{name} must be [N, 3, H, W], got {tuple(t.shape)}")
@@ -126,10 +94,7 @@ def pretrain_vae(vae: torch.nn.Module, photos: torch.Tensor,
         nonlocal latent_shape
         x = photos[torch.randint(0, len(photos), (n_photo,), generator=gen)]
         if n_photo < b:
-            k = b - n_photo
-            pick = (torch.randint(0, len(conditions), (k,), generator=gen) if draw is None
-                    else torch.multinomial(draw, k, replacement=True, generator=gen))
-            x = torch.cat([x, conditions[pick]])
+            x = torch.cat([x, conditions[torch.randint(0, len(conditions), (b - n_photo,), generator=gen)]])
         x = x.to(trainer.accelerator.device)
         if latent_shape is None:
             with torch.no_grad():
