@@ -1,15 +1,21 @@
 """End to end over the real project graph, at toy scale.
 
-A copy of this repository (its tracked files) becomes a fresh git + DVC repo in a temp dir with
-tiny parameters (a dozen scans, a few training steps). Then, with the real Prefect test harness
-and a real sqlite MLflow store:
+A copy of this repository (its tracked files, without dvc.lock and the repo's benchmark
+manifests) becomes a fresh git + DVC repo in a temp dir with tiny parameters (a dozen scans, a
+few training steps). Then, with the real Prefect test harness and a real sqlite MLflow store:
 
 1. the ``pipeline`` flow runs every stage of the real ``dvc.yaml`` and registers one version per
    adapter, tagged with the dataset hash DVC records for that condition's data;
 2. the lighting champion loads and generates in a fresh process;
-3. a second run is a no-op, in DVC and in the registry;
-4. new scans land (one of them corrupt): the retrain flow quarantines the bad one, ingests the
-   good ones, retrains, and registers a new version whose dataset hash differs.
+3. the toy project freezes its own benchmark v1 from its test split (``pipelines.benchmark``);
+4. a second run is a no-op, in DVC and in the registry;
+5. a broken canny model is registered: the gate scores it against v1 on the benchmark and
+   refuses it; it is then forced in as champion;
+6. new scans land (one of them corrupt): the retrain flow quarantines the bad one, ingests the
+   good ones, retrains, and registers new versions whose dataset hash differs;
+7. each new version was scored against its champion on benchmark v1 (tags: benchmark version,
+   interval, decision): within noise of a working champion it stays challenger; against the
+   broken canny champion it is clearly better and takes the alias.
 """
 from __future__ import annotations
 
@@ -99,6 +105,35 @@ def _versions(client, condition: str) -> list:
     return sorted(client.search_model_versions(f"name='ctrlora-{condition}'"), key=lambda v: int(v.version))
 
 
+def _register_broken(project: Path, condition: str, gate: dict):
+    """Register a broken copy of the project's ``condition`` model, gated on the project's
+    benchmark: LoRA B zeroed, the backbone's VAE decoder output layer zeroed (flat images)."""
+    from mlflow import MlflowClient
+    from safetensors.torch import load_file, save_file
+
+    from pipelines.benchmark import gate_for
+    from pipelines.dvclock import dataset_hash_from_lock
+    from pipelines.registration import register_adapter
+
+    work = project.parent / f"broken-{condition}"
+    adapter, backbone = work / "adapter", work / "backbone"
+    shutil.copytree(project / "models/base/adapters" / condition, adapter)
+    shutil.copytree(project / "models/backbone", backbone)
+    for f, broken in ((adapter / "adapter_model.safetensors", "lora_B"),
+                      (backbone / "vae/diffusion_pytorch_model.safetensors", "decoder.conv_out.")):
+        weights = load_file(f)
+        hit = [k for k in weights if broken in k]
+        assert hit, f"{f}: no {broken} weights"
+        save_file({k: v.zero_() if k in hit else v for k, v in weights.items()}, f)
+    base_hash = json.loads((adapter / "adapter_config.json").read_text())["base_hash"]
+    with gate_for(project, gate) as judge:
+        res = register_adapter(condition, adapter, dataset_hash=dataset_hash_from_lock(project, condition),
+                               base_hash=base_hash, backbone_dir=backbone, base_dir=project / "models/base",
+                               metrics=None, git_commit="broken", gate=gate, judge=judge,
+                               dataset_path=project / "data/prepared/conditions" / condition)
+    return MlflowClient().get_model_version(res.model_name, res.version)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # ~3 min alone; the whole graph twice plus a retrain, on 2 cores
 def test_pipeline_register_noop_and_retrain_on_landed_scans(project, harness):
@@ -106,6 +141,7 @@ def test_pipeline_register_noop_and_retrain_on_landed_scans(project, harness):
 
     from pipelines.flows import pipeline, retrain_on_new_scans
     from pipelines.dvclock import dataset_hash_from_lock
+    from pipelines.registry import promote
 
     # 1. the whole real graph, each stage a task run, then registration
     first = pipeline(str(project))
@@ -164,7 +200,20 @@ def test_pipeline_register_noop_and_retrain_on_landed_scans(project, harness):
     for c in BASE_CONDITIONS + NEW_CONDITIONS:
         assert len(_versions(client, c)) == 1
 
-    # 5. new scans land: three good, one corrupt (truncated photo), one still incomplete
+    # 5. a broken canny model becomes champion: its adapter's LoRA B zeroed (at toy scale that alone
+    #    leaves the benchmark scores as they were: a two-step adapter barely moves the images) and a backbone whose VAE decoder draws flat images (no edges:
+    #    edge F1 0). The gate scores it against v1 on the benchmark and refuses it (clearly worse);
+    #    a person then forces it in, as a bad manual promotion would
+    gate = yaml.safe_load((project / "params.yaml").read_text())["register"]["gate"]
+    min_delta = float(gate["min_delta"])
+    broken_champion = _register_broken(project, "canny", gate)
+    t = broken_champion.tags
+    assert str(broken_champion.version) == "2" and t["gate"] == "challenger" and t["benchmark_version"] == "1"
+    assert float(t["gate_high"]) < 0, t  # clearly worse: the whole interval below zero
+    assert promote("canny", 2, force=True).promoted
+    assert str(client.get_model_version_by_alias("ctrlora-canny", "champion").version) == "2"
+
+    # 6. new scans land: three good, one corrupt (truncated photo), one still incomplete
     incoming = project / "data/incoming"
     _run([sys.executable, "-m", "ctrlora.cli", "render", "--out", str(incoming), "--n", "5", "--seed", "7",
           "--workers", "1", "--no-progress"], project)
@@ -190,21 +239,30 @@ def test_pipeline_register_noop_and_retrain_on_landed_scans(project, harness):
     # the benchmark did not move: same manifest, none of the landed scans in it
     assert manifest_file.read_bytes() == frozen and not set(landed) & set(manifest["scan_ids"])
 
-    # 6. every v2 was scored against champion v1 in one run on benchmark v1; the retrain changed
-    #    the models only within noise, so no interval clears min_delta and every champion stays
-    min_delta = float(yaml.safe_load((project / "params.yaml").read_text())["register"]["gate"]["min_delta"])
+    # 7. every new version was scored against the champion in one run on benchmark v1. The retrain
+    #    changed the working models only within noise: no interval clears min_delta, every champion
+    #    v1 stays. Against the broken canny champion the retrained canny is clearly better: it moves
+    #    the alias
     for c in BASE_CONDITIONS + NEW_CONDITIONS:
-        v2 = client.get_model_version(f"ctrlora-{c}", "2")
-        t = v2.tags
-        assert t["benchmark_version"] == "1" and t["gate_champion_version"] == "1", (c, t)
+        versions = _versions(client, c)
+        new, champ = (("3", "2") if c == "canny" else ("2", "1"))
+        assert [str(v.version) for v in versions][-1] == new, c
+        mv = client.get_model_version(f"ctrlora-{c}", new)
+        t = mv.tags
+        assert t["benchmark_version"] == "1" and t["gate_champion_version"] == champ, (c, t)
         low, delta, high = (float(t[k]) for k in ("gate_low", "gate_delta", "gate_high"))
         assert low <= delta <= high and int(t["gate_n_scans"]) == len(manifest["scan_ids"]), (c, t)
-        assert low <= min_delta and t["gate"] == "challenger", (c, t)
-        assert "champion kept" in t["gate_reason"] and "benchmark v1" in t["gate_reason"], (c, t)
-        assert list(v2.aliases) == ["challenger"], (c, v2.aliases)
-        assert str(client.get_model_version_by_alias(f"ctrlora-{c}", "champion").version) == "1", c
+        assert "benchmark v1" in t["gate_reason"], (c, t)
+        winner = client.get_model_version_by_alias(f"ctrlora-{c}", "champion")
+        if c == "canny":
+            assert low > min_delta and t["gate"] == "champion" and "promoted" in t["gate_reason"], t
+            assert str(winner.version) == "3"
+        else:
+            assert low <= min_delta and t["gate"] == "challenger", (c, t)
+            assert "champion kept" in t["gate_reason"], (c, t)
+            assert list(mv.aliases) == ["challenger"] and str(winner.version) == "1", (c, mv.aliases)
         # the registering run holds the side-by-side grid and the per-scan scores
-        logged = {Path(a.path).name for a in client.list_artifacts(v2.run_id, "gate")}
+        logged = {Path(a.path).name for a in client.list_artifacts(mv.run_id, "gate")}
         assert {Path(t["gate_grid"]).name, f"{c}_per_scan.csv"} <= logged, (c, logged)
     # what a person reading `pytest -s` sees: the versions and tags the retrain produced
     for c in BASE_CONDITIONS + NEW_CONDITIONS:
