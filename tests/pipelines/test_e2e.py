@@ -135,7 +135,7 @@ def _register_broken(project: Path, condition: str, gate: dict):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # ~3 min alone; the whole graph twice plus a retrain, on 2 cores
+@pytest.mark.timeout(1800)  # ~4.5 min alone; the whole graph twice, a retrain and 7 gate comparisons
 def test_pipeline_register_noop_and_retrain_on_landed_scans(project, harness):
     from mlflow import MlflowClient
 
