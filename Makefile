@@ -20,7 +20,7 @@ repro: setup
 
 test: setup
 	@scripts/browser.sh
-	python -m pytest -q
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python -m pytest -q -n 2 --dist loadfile
 
 test-sd15: setup
 	python -m pytest -q -m sd15
