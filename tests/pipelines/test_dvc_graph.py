@@ -49,3 +49,47 @@ def test_sync_adds_a_missing_module_and_drops_a_stale_one(tmp_path):
     assert "ctrlora/training/loop.py" in text and "ingest.py" not in text
     assert "data/prepared/photos     # data deps stay" in text and "models/backbone" in text
     assert dvc_deps.sync(root / "dvc.yaml", root=root) == []  # idempotent
+
+
+def test_editing_a_transitively_imported_module_reruns_the_stage(tmp_path):
+    """End to end through a real DVC repo: deps written by ``dvc_deps``, a module two imports away
+    from the stage's entry edited, ``dvc status`` names the stage and ``dvc repro`` reruns it."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "repo"
+    (root / "pipelines").mkdir(parents=True)
+    (root / "ctrlora").mkdir()
+    for pkg in ("pipelines", "ctrlora"):
+        (root / pkg / "__init__.py").write_text("")
+    (root / "ctrlora" / "shade.py").write_text("LEVEL = 1\n")
+    (root / "ctrlora" / "render.py").write_text("def value():\n    from ctrlora.shade import LEVEL\n    return LEVEL\n")
+    (root / "pipelines" / "make_out.py").write_text(
+        "from pathlib import Path\nfrom ctrlora.render import value\nPath('out.txt').write_text(str(value()))\n")
+    (root / "dvc.yaml").write_text(
+        "stages:\n"
+        "  make_out:\n"
+        f"    cmd: {sys.executable} -m pipelines.make_out\n"
+        "    deps:\n"
+        "      - pipelines/make_out.py\n"
+        "    outs:\n"
+        "      - out.txt\n")
+    changes = dvc_deps.sync(root / "dvc.yaml", root=root)
+    assert sorted(c.split("+ ")[-1] for c in changes) == ["ctrlora/render.py", "ctrlora/shade.py"]
+    dvc = str(Path(sys.executable).parent / "dvc")
+
+    def run(*args: str) -> str:
+        done = subprocess.run([dvc, *args], cwd=root, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    run("init", "--no-scm", "-q")
+    run("config", "core.analytics", "false")
+    run("repro", "-q")
+    assert (root / "out.txt").read_text() == "1"
+    assert "up to date" in run("status").lower()
+    (root / "ctrlora" / "shade.py").write_text("LEVEL = 2\n")
+    status = run("status")
+    assert "make_out" in status and "ctrlora/shade.py" in status
+    run("repro", "-q")
+    assert (root / "out.txt").read_text() == "2"
