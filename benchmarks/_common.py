@@ -58,6 +58,27 @@ def summary(times: list[float]) -> dict:
     }
 
 
+def alternating(names: list[str], rounds: int, run_one) -> dict[str, list]:
+    """``{name: [run_one(name) per round]}`` in ABBA order (the order flips every round), so a
+    drift of the machine's speed during a benchmark does not favour one variant."""
+    runs: dict[str, list] = {n: [] for n in names}
+    for r in range(rounds):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            runs[n].append(run_one(n))
+    return runs
+
+
+def save_json(result: dict, out: str | Path | None) -> str:
+    """``result`` as indented JSON text, also written to ``out`` (folders made) when given."""
+    import json
+
+    text = json.dumps(result, indent=1)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
+    return text
+
+
 def ratio(a: float, b: float) -> float | None:
     return round(a / b, 4) if b else None
 

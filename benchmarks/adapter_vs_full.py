@@ -39,8 +39,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (StepClock, check_device, environment, mixed_precision, ratio, set_threads,  # noqa: E402
-                     summary, use_device)
+from _common import (StepClock, alternating, check_device, environment, mixed_precision, ratio, set_threads,  # noqa: E402
+                     save_json, summary, use_device)
 
 VARIANTS = ("adapter", "full")
 CONDITION = "bench"
@@ -345,16 +345,8 @@ def main(argv=None) -> dict:
         print(json.dumps(res))
         return res
     mixed_precision(args.device, args.dtype)  # refuse a bad combination before starting children
-    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
-    for r in range(args.rounds):
-        for v in (VARIANTS if r % 2 == 0 else VARIANTS[::-1]):
-            runs[v].append(_child(v, args))
-    result = compare(runs)
-    text = json.dumps(result, indent=1)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    result = compare(alternating(list(VARIANTS), args.rounds, lambda v: _child(v, args)))
+    print(save_json(result, args.out))
     return result
 
 

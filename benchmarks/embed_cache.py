@@ -24,7 +24,6 @@ Data: ``--prepared`` + ``--backbone`` (real prepared pairs and a diffusers-layou
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -33,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (StepClock, check_device, environment, mixed_precision, ratio, set_threads,  # noqa: E402
-                     summary, use_device)
+                     save_json, summary, use_device)
 
 SYNTHETIC_WORDS = ("upper lower jaw molar premolar incisor canine teeth present shade a1 a2 a3 b1 b2 c1 "
                    "light from left right top front view intraoral photo").split()
@@ -323,11 +322,7 @@ def main(argv=None) -> dict:
     result = benchmark(s, args.batch, args.steps, args.warmup, args.rounds, mp, args.seed)
     result["threads"] = threads
     result["environment"] = environment(args.device)
-    text = json.dumps(result, indent=1)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    print(save_json(result, args.out))
     return result
 
 

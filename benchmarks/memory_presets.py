@@ -36,7 +36,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import StepClock, check_device, environment, ratio, set_threads, summary, use_device  # noqa: E402
+from _common import (StepClock, alternating, check_device, environment, ratio, save_json, set_threads,  # noqa: E402
+                     summary, use_device)
 
 CONDITION = "bench"
 VARIANTS: dict[str, dict] = {
@@ -220,17 +221,8 @@ def main(argv=None) -> dict:
                           args.seed, args.preset)
         print(json.dumps(res))
         return res
-    names = args.variants.split(",")
-    runs: dict[str, list[dict]] = {n: [] for n in names}
-    for r in range(args.rounds):
-        for n in (names if r % 2 == 0 else names[::-1]):
-            runs[n].append(_child(n, args))
-    result = compare(runs)
-    text = json.dumps(result, indent=1)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    result = compare(alternating(args.variants.split(","), args.rounds, lambda n: _child(n, args)))
+    print(save_json(result, args.out))
     return result
 
 

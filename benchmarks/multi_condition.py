@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, check_device, environment, set_threads  # noqa: E402
+from _common import ROOT, check_device, environment, save_json, set_threads  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "cpu_multi_condition_tiny.json"
 CONDITIONS = ("segmentation", "depth", "canny", "palette", "lighting", "normal")
@@ -160,10 +160,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     report = run(args)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"-> {out}")
+    save_json(report, args.out)
+    print(f"-> {args.out}")
     if not report["all_equal"]:
         raise SystemExit("batched and sequential outputs differ beyond the tolerance")
     return report

@@ -22,13 +22,12 @@ the device. Ratios: sequential / batched seconds per N.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import check_device, environment, ratio, set_threads, use_device  # noqa: E402
+from _common import check_device, environment, ratio, save_json, set_threads, use_device  # noqa: E402
 
 VOCABULARY = ["upper", "lower", "jaw", "molar", "photo"]
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -159,11 +158,7 @@ def main(argv=None) -> dict:
     check_device(args.device)
     set_threads(args.device, args.threads)
     result = run(args)
-    text = json.dumps(result, indent=1)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    print(save_json(result, args.out))
     return result
 
 
