@@ -78,3 +78,27 @@ def perturb(module, seed: int, scale: float = 0.05) -> None:
     with torch.no_grad():
         for p in module.parameters():
             p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+def save_tiny_models(root: Path, size: int, adapters_spec) -> None:
+    """Under ``root``: a tiny backbone (``models/backbone``), a base ControlNet with non-zero zero
+    convs (``models/base``, so the control changes the image) and one randomised adapter per
+    ``(condition, k, seed)`` of ``adapters_spec`` in ``models/adapters/<condition>-<k>``, its
+    config naming the condition."""
+    from ctrlora.models import adapters
+    from ctrlora.models.controlnet import CtrLoRAControlNet
+
+    torch.manual_seed(0)
+    bb = tiny_eval_backbone(size)
+    bb.save(root / "models/backbone")
+    cn = CtrLoRAControlNet.from_unet(bb.unet, vae_scale_factor=bb.vae_scale_factor)
+    perturb(cn, 1)
+    cn.save_pretrained(root / "models/base")
+    want = adapters.base_hash(cn)
+    for cond, k, seed in adapters_spec:
+        name = f"{cond}{k}"
+        adapters.add_adapter(cn, name, rank=2, own_modules=True)
+        randomize_adapter(cn, name, seed=seed, scale=0.5)
+        d = adapters.save_adapter(cn, name, root / "models/adapters" / f"{cond}-{k}", want)
+        cfg = json.loads((d / adapters.ADAPTER_CONFIG).read_text())
+        (d / adapters.ADAPTER_CONFIG).write_text(json.dumps({**cfg, "condition": cond}))

@@ -14,7 +14,7 @@ import yaml
 
 pytest.importorskip("mlflow")
 
-from _models_helpers import perturb, randomize_adapter, tiny_eval_backbone  # noqa: E402
+from _models_helpers import save_tiny_models  # noqa: E402
 
 SIZE = 32
 REPO = Path(__file__).resolve().parents[2]
@@ -45,14 +45,10 @@ def _prepare(data: Path, sources) -> None:
 def project(tmp_path_factory):
     """data/rendered, data/prepared, models/evaluate/detectors/lighting, models/{backbone, base}
     and three lighting adapters (``models/adapters/lighting-<k>``) on one base."""
-    import torch
-
     from ctrlora.data.render import DatasetConfig, render_dataset
     from ctrlora.evaluation.detectors import save_detector, train_detector
     from ctrlora.evaluation.fidelity import default_detector_config
     from ctrlora.evaluation.loading import detector_targets, load_split
-    from ctrlora.models import adapters
-    from ctrlora.models.controlnet import CtrLoRAControlNet
 
     root = tmp_path_factory.mktemp("gate") / "project"
     data = root / "data"
@@ -63,20 +59,7 @@ def project(tmp_path_factory):
     det = train_detector(default_detector_config("lighting", width=4, epochs=1), train.photos,
                          detector_targets("lighting", train), progress=False)
     save_detector(det, root / "models/evaluate/detectors/lighting")
-    torch.manual_seed(0)
-    bb = tiny_eval_backbone(SIZE)
-    bb.save(root / "models/backbone")
-    cn = CtrLoRAControlNet.from_unet(bb.unet, vae_scale_factor=bb.vae_scale_factor)
-    perturb(cn, 1)  # non-zero zero-convs: the control changes the image
-    cn.save_pretrained(root / "models/base")
-    want = adapters.base_hash(cn)
-    for k in (1, 2, 3):
-        name = f"lighting{k}"
-        adapters.add_adapter(cn, name, rank=2, own_modules=True)
-        randomize_adapter(cn, name, seed=k, scale=0.5)
-        d = adapters.save_adapter(cn, name, root / "models/adapters" / f"lighting-{k}", want)
-        cfg = json.loads((d / adapters.ADAPTER_CONFIG).read_text())
-        (d / adapters.ADAPTER_CONFIG).write_text(json.dumps({**cfg, "condition": "lighting"}))
+    save_tiny_models(root, SIZE, [("lighting", k, k) for k in (1, 2, 3)])
     _params(root)
     return root
 

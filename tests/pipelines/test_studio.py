@@ -25,7 +25,7 @@ import yaml
 
 pytest.importorskip("mlflow")
 
-from _models_helpers import perturb, randomize_adapter, tiny_eval_backbone  # noqa: E402
+from _models_helpers import save_tiny_models  # noqa: E402
 
 SIZE = 32
 REPO = Path(__file__).resolve().parents[2]
@@ -70,13 +70,9 @@ def test_upload_rules():
 def project(tmp_path_factory):
     """data/rendered + data/prepared (lighting, canny; 32 px), models/{backbone, base} and the
     adapters lighting-1, lighting-2, canny-1 on that base; params.yaml with a metric gate."""
-    import torch
-
     from ctrlora.data.contract import ContractConfig
     from ctrlora.data.prepare import PrepareConfig, prepare
     from ctrlora.data.render import DatasetConfig, render_dataset
-    from ctrlora.models import adapters
-    from ctrlora.models.controlnet import CtrLoRAControlNet
 
     root = tmp_path_factory.mktemp("studio") / "project"
     data = root / "data"
@@ -84,20 +80,8 @@ def project(tmp_path_factory):
     prepare(PrepareConfig(sources=(data / "rendered",), out=data / "prepared", data_root=data,
                           test_fraction=0.5, validation_fraction=0.1, conditions=("lighting", "canny"),
                           contract=ContractConfig(resolution=SIZE), workers=1, progress=False))
-    torch.manual_seed(0)
-    bb = tiny_eval_backbone(SIZE)
-    bb.save(root / "models/backbone")
-    cn = CtrLoRAControlNet.from_unet(bb.unet, vae_scale_factor=bb.vae_scale_factor)
-    perturb(cn, 1)  # non-zero zero-convs: the control changes the image
-    cn.save_pretrained(root / "models/base")
-    want = adapters.base_hash(cn)
-    for cond, k in (("lighting", 1), ("lighting", 2), ("canny", 1)):
-        name = f"{cond}{k}"
-        adapters.add_adapter(cn, name, rank=2, own_modules=True)
-        randomize_adapter(cn, name, seed=k + 10 * len(cond), scale=0.5)
-        d = adapters.save_adapter(cn, name, root / "models/adapters" / f"{cond}-{k}", want)
-        cfg = json.loads((d / adapters.ADAPTER_CONFIG).read_text())
-        (d / adapters.ADAPTER_CONFIG).write_text(json.dumps({**cfg, "condition": cond}))
+    save_tiny_models(root, SIZE, [(cond, k, k + 10 * len(cond))
+                                  for cond, k in (("lighting", 1), ("lighting", 2), ("canny", 1))])
     (root / "params.yaml").write_text(yaml.safe_dump(
         {"register": {"gate": {"metric": "fidelity", "mode": "max", "min_delta": 0}}}))
     return root
