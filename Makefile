@@ -3,6 +3,7 @@
 #   make test    set up .venv if needed, then run the test suite
 #   make studio  the local web page over the registry (docs/studio.md); STUDIO_ARGS="--port 8000"
 #   make test-sd15  the SD 1.5 path on random weights at 64 px (minutes, ~8 GB; not in make test)
+#   make test-multiprocess  training under accelerate with 2 CPU processes (not in make test: a known checkpoint race)
 #   make servers-e2e  real Prefect + MLflow servers: landed scans -> triggered retrain -> registry (docs/mlops.md)
 # and the research graph (baselines and ablations, after the production graph; docs/research.md):
 #   make research  dvc repro research/dvc.yaml, then the README's tables
@@ -11,7 +12,7 @@ SHELL := /bin/bash
 VENV := .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup repro test test-sd15 servers-e2e research report
+.PHONY: setup repro test test-sd15 test-multiprocess servers-e2e research report
 setup:
 	@scripts/bootstrap.sh
 
@@ -24,6 +25,9 @@ test: setup
 
 test-sd15: setup
 	python -m pytest -q -m sd15
+
+test-multiprocess: setup
+	OMP_NUM_THREADS=1 python -m pytest -q -m multiprocess
 
 servers-e2e: setup
 	python -m pytest -q -s -p no:cacheprovider tests/pipelines/test_servers.py

@@ -29,7 +29,6 @@ import socket
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import pytest
@@ -46,7 +45,7 @@ STEPS = 8
 BATCH = 4
 WORDS = ["upper", "lower", "molar", "incisor", "photo", "teeth", "dental"]
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.multiprocess]
 
 
 def _write_params(root: Path) -> None:
@@ -121,16 +120,8 @@ def _env() -> dict[str, str]:
 
 
 def _run(root: Path, module_args: list[str], processes: int) -> str:
-    """Run a stage entry point; a several-process launch gets one more try on a new port when its
-    start-up fails: the port is picked free and released before the launcher binds it, so another
-    process on the machine (a parallel test's server) can take it in between."""
-    for attempt in (1, 2):
-        res = subprocess.run(_command(module_args, processes), cwd=root, env=_env(), capture_output=True, text=True,
-                             timeout=300)
-        if res.returncode == 0 or processes == 1 or attempt == 2:
-            break
-        warnings.warn(f"{processes}-process launch of {module_args} failed once, retried on a new port:\n"
-                      + res.stderr[-6000:])
+    res = subprocess.run(_command(module_args, processes), cwd=root, env=_env(), capture_output=True, text=True,
+                         timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-12000:]
     return res.stdout
 
