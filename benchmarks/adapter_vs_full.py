@@ -115,12 +115,30 @@ def prepare_variant(variant: str, controlnet, rank: int, seed: int = 0) -> None:
         raise SystemExit(f"variant must be one of {VARIANTS}, got {variant!r}")
 
 
-def train_config(batch: int, steps: int, mp: str, seed: int = 0):
+def train_config(batch: int, steps: int, mp: str, seed: int = 0, memory_preset: str | None = None):
+    """The trainer's settings; ``memory_preset`` (``TrainConfig``'s presets) replaces ``mp``."""
     from ctrlora.training.controlnet import ControlNetTrainConfig
     from ctrlora.training.loop import TrainConfig
 
-    return ControlNetTrainConfig(TrainConfig(max_steps=steps, batch_size=batch, learning_rate=1e-5,
-                                             mixed_precision=mp, log_every=1, seed=seed), prompt_dropout=0.3)
+    opts = {"memory_preset": memory_preset} if memory_preset else {"mixed_precision": mp}
+    return ControlNetTrainConfig(TrainConfig.from_dict({"max_steps": steps, "batch_size": batch, "learning_rate": 1e-5,
+                                                        "log_every": 1, "seed": seed, **opts}), prompt_dropout=0.3)
+
+
+def precast(variant: str, cfg, controlnet, unet) -> None:
+    """With ``cast_frozen``, store the frozen weights in half precision before the memory baseline
+    is taken, as a user loading the models in bf16 would (the trainer's own cast is then a no-op):
+    otherwise the peak is the fp32 weights before the cast, not the training step."""
+    from ctrlora.models.adapters import set_trainable
+    from ctrlora.training.controlnet import cast_frozen_weights
+
+    if not cfg.train.cast_frozen:
+        return
+    if variant == "adapter":
+        set_trainable(controlnet, "adapter", CONDITION)
+    else:
+        controlnet.requires_grad_(True)
+    cast_frozen_weights(controlnet, unet, cfg.train.half_dtype)
 
 
 # ---------------------------------------------------------------------- memory
@@ -202,7 +220,7 @@ def measure_memory(device: str, run) -> dict:
 
 def run_variant(variant: str, preset: str = "tiny", device: str = "cpu", dtype: str = "fp32",
                 batch: int | None = None, steps: int = 3, warmup: int = 2, rank: int | None = None,
-                seed: int = 0) -> dict:
+                seed: int = 0, memory_preset: str | None = None) -> dict:
     """Build, train ``warmup + steps`` steps, measure. Meant to run in a fresh process."""
     import torch
 
@@ -221,9 +239,10 @@ def run_variant(variant: str, preset: str = "tiny", device: str = "cpu", dtype: 
     controlnet_params = sum(p.numel() for p in cn.parameters())
     prepare_variant(variant, cn, rank, seed)
     cache = synthetic_cache(latent, text, rows=max(batch, 8), seed=seed)
+    cfg = train_config(batch, warmup + steps, mp, seed, memory_preset)
+    precast(variant, cfg, cn, unet)
     hash_before = base_hash(cn)
     build_s = time.perf_counter() - t0
-    cfg = train_config(batch, warmup + steps, mp, seed)
     clock = StepClock(cuda=device == "cuda")
 
     mem = measure_memory(device, lambda: train_condition(cn, unet, scheduler, cache, CONDITION, cfg, mode=variant,
@@ -236,6 +255,7 @@ def run_variant(variant: str, preset: str = "tiny", device: str = "cpu", dtype: 
         "preset": preset,
         "device": device,
         "dtype": dtype,
+        "memory_preset": memory_preset,
         "batch": batch,
         "resolution": preset_defaults["resolution"],
         "latent_shape": list(latent),
@@ -259,9 +279,9 @@ def _child(variant: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", variant, "--preset", args.preset,
            "--device", args.device, "--dtype", args.dtype, "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--seed", str(args.seed)]
-    for flag in ("batch", "rank", "threads"):
+    for flag in ("batch", "rank", "threads", "memory_preset"):
         if getattr(args, flag) is not None:
-            cmd += [f"--{flag}", str(getattr(args, flag))]
+            cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     env = dict(os.environ, TQDM_DISABLE="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -294,6 +314,7 @@ def compare(runs: dict[str, list[dict]]) -> dict:
         "preset": first["preset"],
         "device": first["device"],
         "dtype": first["dtype"],
+        "memory_preset": first.get("memory_preset"),
         "batch": first["batch"],
         "resolution": first["resolution"],
         "latent_shape": first["latent_shape"],
@@ -319,6 +340,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="fp32, or accelerate mixed precision (autocast; weights stay fp32)")
+    p.add_argument("--memory-preset", choices=("16gb", "16gb_no_bnb"), default=None,
+                   help="train both variants under this TrainConfig memory preset (replaces --dtype's "
+                        "mixed precision): bf16, checkpointing, frozen weights in bf16 (+ 8-bit AdamW)")
     p.add_argument("--batch", type=int, default=None, help="batch size (default: sd15 4, tiny 8)")
     p.add_argument("--rank", type=int, default=None, help="adapter LoRA rank (default: sd15 128, tiny 16)")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
@@ -341,7 +365,7 @@ def main(argv=None) -> dict:
         check_device(args.device)
         set_threads(args.device, args.threads)
         res = run_variant(args.child, args.preset, args.device, args.dtype, args.batch, args.steps, args.warmup,
-                          args.rank, args.seed)
+                          args.rank, args.seed, args.memory_preset)
         print(json.dumps(res))
         return res
     mixed_precision(args.device, args.dtype)  # refuse a bad combination before starting children

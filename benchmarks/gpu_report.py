@@ -12,6 +12,7 @@ from pathlib import Path
 
 FILES = {  # key in the merged JSON: file written by run_gpu.sh
     "adapter_vs_full": "adapter_vs_full.json",
+    "adapter_vs_full_16gb": "adapter_vs_full_16gb.json",
     "memory_presets_b1": "memory_presets_b1.json",
     "memory_presets_b4": "memory_presets_b4.json",
     "sampling": "sampling_speed.json",
@@ -26,12 +27,21 @@ def _fmt(x, digits=3) -> str:
     return "–" if x is None else (f"{x:.{digits}f}" if isinstance(x, float) else str(x))
 
 
+def _one_step(row: dict) -> str:
+    if "one_step_rel_diff" not in row:
+        return ""
+    return f" of ≤ {row['latent_abs_max']:.2f}; after 1 step ≤ {row['one_step_rel_diff']:.1e} relative"
+
+
 def table(merged: dict) -> str:
     card, rows = merged["card"], []
-    avf = merged.get("adapter_vs_full")
-    if avf:
+    for key in ("adapter_vs_full", "adapter_vs_full_16gb"):
+        avf = merged.get(key)
+        if not avf:
+            continue
         a, f, r = avf["adapter"], avf["full"], avf["ratios"]
-        rows.append(f"| adapter vs full ControlNet step, {avf['preset']} {avf['resolution']}² {avf['dtype']} batch "
+        how = f"preset `{avf['memory_preset']}`" if avf.get("memory_preset") else avf["dtype"]
+        rows.append(f"| adapter vs full ControlNet step, {avf['preset']} {avf['resolution']}² {how} batch "
                     f"{avf['batch']} rank {avf['rank']} | step {_fmt(a['step_s'])} s vs {_fmt(f['step_s'])} s = "
                     f"**{_fmt(r['step_time_adapter_over_full'])}×**; peak {_fmt(a['peak_mem_mb'], 0)} vs "
                     f"{_fmt(f['peak_mem_mb'], 0)} MB = **{_fmt(r['peak_mem_adapter_over_full'])}×** | "
@@ -55,7 +65,7 @@ def table(merged: dict) -> str:
             rows.append(f"| {n} condition(s), {sp['steps_multi_condition']} steps CFG {sp['guidance_scale']}, "
                         f"{sp['resolution']}² {sp['dtype']}: sequential / batched | {_fmt(row['sequential_s'])} s / "
                         f"{_fmt(row['batched_s'])} s = **{_fmt(row['sequential_over_batched'])}×** (latents differ "
-                        f"by ≤ {row['max_abs_latent_diff']:.1e}) | ≥ 1.5× at N = 3 |")
+                        f"by ≤ {row['max_abs_latent_diff']:.1e}{_one_step(row)}) | ≥ 1.5× at N = 3 |")
         ips = sp["images_per_s"]
         rows.append(f"| sampling, {ips['images']} images, {ips['steps']} DDIM steps, CFG, 1 condition, "
                     f"{sp['resolution']}² {sp['dtype']} | **{_fmt(ips['images_per_s'], 2)} images/s** | – |")
@@ -65,16 +75,18 @@ def table(merged: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("out_dir", type=Path)
+    p.add_argument("out_dir", type=Path, help="where <card>.json and table.md go")
+    p.add_argument("--raw", type=Path, default=None, help="the benchmarks' JSON files and gpu.txt (default: out_dir)")
     p.add_argument("--card", required=True, help="the device's name (nvidia-smi), or e.g. 'cpu smoke'")
     p.add_argument("--results", type=Path, default=None, help="also write <results>/<card slug>.json here")
     args = p.parse_args(argv)
+    raw = args.raw or args.out_dir
     merged = {"card": args.card, "missing": []}
-    versions = args.out_dir / "gpu.txt"
+    versions = raw / "gpu.txt"
     if versions.is_file():
         merged["versions"] = versions.read_text().strip().splitlines()[-1]
     for key, name in FILES.items():
-        f = args.out_dir / name
+        f = raw / name
         if f.is_file():
             merged[key] = json.loads(f.read_text())
         else:

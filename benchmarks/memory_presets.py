@@ -96,16 +96,19 @@ def attention_processors(unet) -> list[str]:
     return sorted({type(p).__name__ for p in unet.attn_processors.values()})
 
 
-def implied_bytes(trainable: int, unet_params: int, cn_params: int, options: dict) -> dict:
-    """Bytes of weights, gradients and AdamW state the options imply (no activations)."""
+def implied_bytes(trainable: int, unet_params: int, frozen_cn_params: int, options: dict) -> dict:
+    """Bytes of weights, gradients and AdamW state the options imply (no activations): the
+    ControlNet's frozen base and the UNet in half precision under ``cast_frozen``, the trained
+    parameters in fp32 with their gradients and two moments (8-bit with ``adamw8bit``)."""
     from ctrlora.training.loop import TrainConfig
 
     cfg = TrainConfig.from_dict(options)
     state = 2 if cfg.optimizer == "adamw8bit" else 8  # two moments, 8-bit or fp32
-    unet_bytes = unet_params * (2 if cfg.cast_frozen else 4)
-    return {"unet_weights": unet_bytes, "controlnet_weights": cn_params * 4, "gradients": trainable * 4,
+    frozen = 2 if cfg.cast_frozen else 4
+    unet_bytes, cn_bytes = unet_params * frozen, frozen_cn_params * frozen + trainable * 4
+    return {"unet_weights": unet_bytes, "controlnet_weights": cn_bytes, "gradients": trainable * 4,
             "optimizer_state": trainable * state,
-            "total_mb": round((unet_bytes + cn_params * 4 + trainable * (4 + state)) / 2**20, 1)}
+            "total_mb": round((unet_bytes + cn_bytes + trainable * (4 + state)) / 2**20, 1)}
 
 
 def run_variant(name: str, device: str, resolution: int, batch: int, steps: int, warmup: int, rank: int,
@@ -127,14 +130,17 @@ def run_variant(name: str, device: str, resolution: int, batch: int, steps: int,
         return {"variant": name, "options": options, "skipped": str(exc)}
     t0 = time.perf_counter()
     unet, cn, scheduler, latent, text = build(resolution, device, rank, seed, preset)
+    from adapter_vs_full import precast
+
+    precast("adapter", cfg, cn, unet)  # the peak of training, not of the fp32 weights before the cast
     unet_params = sum(p.numel() for p in unet.parameters())
-    cn_params = sum(p.numel() for n, p in cn.named_parameters() if ".lora_" not in n)
     cache = synthetic_cache(latent, text, rows=max(batch, 4), seed=seed)
     build_s = time.perf_counter() - t0
     clock = StepClock(cuda=device == "cuda")
     mem = measure_memory(device, lambda: train_condition(cn, unet, scheduler, cache, CONDITION, cfg, mode="adapter",
                                                          on_log=clock))
     trainable = sum(p.numel() for p in cn.parameters() if p.requires_grad)
+    frozen_cn = sum(p.numel() for p in cn.parameters() if not p.requires_grad)
     times = clock.step_times(warmup)
     return {
         "variant": name, "options": options, "preset": preset, "device": device,
@@ -142,7 +148,8 @@ def run_variant(name: str, device: str, resolution: int, batch: int, steps: int,
         "rank": rank, "trainable_params": trainable, "unet_params": unet_params,
         "attention_processors": attention_processors(unet),
         "unet_dtype_after": str(next(unet.parameters()).dtype),
-        "implied_bytes": implied_bytes(trainable, unet_params, cn_params, options),
+        "implied_bytes": implied_bytes(trainable, unet_params, frozen_cn, options),
+        "controlnet_dtypes": sorted({str(p.dtype) for p in cn.parameters()}),
         "step_s": summary(times)["median_s"], "step_stats": summary(times), "memory": mem,
         "losses": [round(x, 6) for x in clock.losses], "build_s": round(build_s, 2),
         "environment": environment(device),

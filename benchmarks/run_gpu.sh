@@ -2,7 +2,8 @@
 # The GPU figures of the SD 1.5 path in one run (under 5 minutes on one GPU; every benchmark is
 # bounded by `timeout`), or the same chain at tiny sizes on a CPU (`--smoke`, the test of this
 # script):
-#   1. adapter vs full ControlNet training step: time and peak memory, SD 1.5 512² bf16, batch 4
+#   1. adapter vs full ControlNet training step: time and peak memory, SD 1.5 512² batch 4, under
+#      bf16 autocast and under the 16gb_no_bnb memory preset (frozen weights in bf16, checkpointing)
 #   2. the reference recipe (512², batch 1, rank 128) under every training memory option / preset
 #   3. the memory presets at batch 4
 #   4. batched vs sequential multi-condition sampling at N = 1, 2, 3; images/s at 20 steps
@@ -15,6 +16,8 @@
 #       --platform manylinux_2_28_x86_64 -d .whl diffusers==0.42.1 peft==0.21.2
 # Then through the device tool:  run(command="bash benchmarks/run_gpu.sh", carry=[".whl"], timeout_s=420)
 # Without bitsandbytes on the machine the `16gb` preset (8-bit AdamW) is recorded as skipped.
+# ONLY=name,name runs a subset (names as in the log: adapter_vs_full, adapter_vs_full_16gb,
+# memory_presets_b1, memory_presets_b4, sampling_speed); MP1_VARIANTS overrides the b1 variants.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SMOKE=0
@@ -47,6 +50,7 @@ if [ "$SMOKE" = 1 ]; then
   CARD="cpu smoke"
   DEV=(--device cpu)
   AVF=(--preset tiny --dtype fp32 --batch 2 --rank 8 --steps 1 --warmup 1)
+  AVF16=(--preset tiny --memory-preset 16gb_no_bnb --batch 2 --rank 8 --steps 1 --warmup 1)
   MP1=(--preset tiny --rank 8 --batch 1 --steps 1 --warmup 1 --variants fp32,ckpt,preset_16gb_no_bnb,preset_16gb)
   MP4=(--preset tiny --rank 8 --batch 4 --steps 1 --warmup 1 --variants preset_16gb_no_bnb,preset_16gb)
   SAMPLING=(--preset tiny --dtype fp32 --steps 1 --sampling-steps 2 --images 2)
@@ -56,10 +60,11 @@ else
   CARD="${CARD:-unknown GPU}"
   DEV=(--device cuda)
   AVF=(--preset sd15 --dtype bf16 --batch 4 --rank 128 --steps 5 --warmup 2)
+  AVF16=(--preset sd15 --memory-preset 16gb_no_bnb --batch 4 --rank 128 --steps 5 --warmup 2)
   MP1=(--preset sd15 --resolution 512 --rank 128 --batch 1 --steps 5 --warmup 2)
   MP4=(--preset sd15 --resolution 512 --rank 128 --batch 4 --steps 3 --warmup 2 --variants bf16_ckpt,preset_16gb_no_bnb,preset_16gb)
   SAMPLING=(--preset sd15 --resolution 512 --dtype bf16 --steps 10 --sampling-steps 20 --images 4)
-  LIMIT=80   # per benchmark (memory_presets_b1: 1.5x); expected total ~3 min on an H100
+  LIMIT="${GPU_BENCH_LIMIT:-100}"   # per benchmark (memory_presets_b1: 1.5x); expected total ~3 min on an H100
 fi
 
 {
@@ -70,8 +75,10 @@ cat "$OUT/gpu.txt"
 
 FAILED="$OUT/.failed"
 rm -f "$FAILED"
+if [ -n "${MP1_VARIANTS:-}" ]; then MP1+=(--variants "$MP1_VARIANTS"); fi
 bench() {  # name, seconds, then the command; the limit keeps one hang from eating the lease
   local name=$1 limit=$2; shift 2
+  if [ -n "${ONLY:-}" ] && [[ ",$ONLY," != *",$name,"* ]]; then return; fi
   echo "=== $name: $*"
   local t0=$SECONDS
   timeout "$limit" "$@" --out "$OUT/$name.json" > /dev/null || { echo "!!! $name failed"; echo "$name" >> "$FAILED"; }
@@ -79,6 +86,7 @@ bench() {  # name, seconds, then the command; the limit keeps one hang from eati
 }
 {
   bench adapter_vs_full "$LIMIT" "$PY" benchmarks/adapter_vs_full.py "${DEV[@]}" "${AVF[@]}"
+  bench adapter_vs_full_16gb "$LIMIT" "$PY" benchmarks/adapter_vs_full.py "${DEV[@]}" "${AVF16[@]}"
   bench memory_presets_b1 $((LIMIT * 3 / 2)) "$PY" benchmarks/memory_presets.py "${DEV[@]}" "${MP1[@]}"
   bench memory_presets_b4 "$LIMIT" "$PY" benchmarks/memory_presets.py "${DEV[@]}" "${MP4[@]}"
   bench sampling_speed "$LIMIT" "$PY" benchmarks/sampling_speed.py "${DEV[@]}" "${SAMPLING[@]}"
@@ -88,5 +96,9 @@ RESULTS=(--results benchmarks/results)
 [ "$SMOKE" = 1 ] && RESULTS=()
 "$PY" benchmarks/gpu_report.py "$OUT" --card "$CARD" "${RESULTS[@]}"
 report=$?
+if [ "$SMOKE" = 0 ]; then  # at most 8 files come back from the device tool: the versions go into the log
+  cat "$OUT/gpu.txt" >> "$OUT/log.txt" && rm -f "$OUT/gpu.txt"
+fi
+[ -n "${ONLY:-}" ] && report=0  # a subset is missing the others by design
 echo "results: $OUT"
 [ ! -e "$FAILED" ] && [ "$report" = 0 ]

@@ -67,7 +67,8 @@ def _train(options: dict):
 
 def test_checkpointing_same_losses_and_cast_frozen(monkeypatch):
     """Checkpointing recomputes, it does not change the maths: same losses as without (fp32).
-    ``cast_frozen`` stores the UNet in bf16 and still trains the adapter (bf16 autocast)."""
+    ``cast_frozen`` stores the UNet and the ControlNet's frozen base in bf16 and still trains the
+    adapter, in fp32 (bf16 autocast)."""
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
     plain, unet0, _ = _train({})
     ckpt, unet1, _ = _train({"gradient_checkpointing": True})
@@ -77,6 +78,8 @@ def test_checkpointing_same_losses_and_cast_frozen(monkeypatch):
     assert {p.dtype for p in unet2.parameters()} == {torch.bfloat16}
     trained = [p for n, p in cn2.named_parameters() if p.requires_grad]
     assert trained and all(p.dtype == torch.float32 for p in trained)
+    frozen = [p for p in cn2.parameters() if not p.requires_grad]  # the ControlNet's base
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in half.history)
     assert [r["loss"] for r in half.history] == pytest.approx([r["loss"] for r in plain.history], rel=0.05)
 
