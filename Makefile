@@ -3,7 +3,7 @@
 #   make test    set up .venv if needed, then run the test suite
 #   make studio  the local web page over the registry (docs/studio.md); STUDIO_ARGS="--port 8000"
 #   make test-sd15  the SD 1.5 path on random weights at 64 px (minutes, ~8 GB; not in make test)
-#   make test-multiprocess  training under accelerate with 2 CPU processes (not in make test: a known checkpoint race)
+#   make test-multiprocess  just the training under accelerate with 2 CPU processes (~2 min; also in make test)
 #   make servers-e2e  real Prefect + MLflow servers: landed scans -> triggered retrain -> registry (docs/mlops.md)
 # and the research graph (baselines and ablations, after the production graph; docs/research.md):
 #   make research  dvc repro research/dvc.yaml, then the README's tables
@@ -27,7 +27,7 @@ test-sd15: setup
 	python -m pytest -q -m sd15
 
 test-multiprocess: setup
-	OMP_NUM_THREADS=1 python -m pytest -q -m multiprocess
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python -m pytest -q -m multiprocess
 
 servers-e2e: setup
 	python -m pytest -q -s -p no:cacheprovider tests/pipelines/test_servers.py

@@ -14,8 +14,9 @@ Design choices, in the order they matter:
   trains on its share (:meth:`Trainer.share`); DDP averages the gradients of the equal shares,
   which is the gradient of the whole batch. So P processes train what one process trains with
   the same ``batch_size`` (up to float summation order), and a checkpoint resumes under any
-  process count that divides the batch. Logged losses are averaged over the processes; only the
-  main process writes checkpoint files. Without ``global_batch`` each process draws its own
+  process count that divides the batch. Logged losses are averaged over the processes; the
+  main process writes the checkpoint (each process adds its own RNG-state file, see
+  :meth:`Trainer.save_checkpoint`). Without ``global_batch`` each process draws its own
   ``batch_size`` samples (stream ``process_index``), the global batch growing with P.
 * The caller supplies ``loss_fn(model, step, generator) -> (loss, logs)``; the loop owns the
   optimiser step, clipping, the learning-rate schedule (linear warm-up, then constant or cosine
@@ -254,27 +255,45 @@ class Trainer:
         return sorted(done, key=lambda p: int(p.name.split("_")[1]))
 
     def save_checkpoint(self, step: int, history: list[dict]) -> None:
+        """Write the checkpoint of ``step`` as ``step_<n>``: complete or absent, never half-written.
+
+        accelerate's ``save_state`` has no barrier of its own on this path: every rank calls
+        ``os.makedirs(output_dir, exist_ok=True)``, the main process writes the model, optimiser and
+        scaler state, and every rank writes its own ``random_states_<rank>.pkl``. So the folder must
+        be ready before any rank enters ``save_state`` and must not move until all have left it:
+
+        1. the main process removes temporary folders a killed run left and creates an empty
+           ``.tmp_step_<n>``; barrier (no rank writes into a folder that is about to be removed);
+        2. every rank runs ``save_state`` into it; barrier (every rank's part is in);
+        3. the main process adds the EMA and ``trainer_state.json``, renames the folder to
+           ``step_<n>`` (atomic: :meth:`_checkpoints` only lists folders with a trainer state) and
+           prunes old checkpoints; barrier (no rank runs ahead into the next save or exits while
+           the checkpoint is still being finished).
+        """
         if not self.checkpoint_dir:
             return
+        acc = self.accelerator
         target = self.checkpoint_dir / f"step_{step:07d}"
         tmp = self.checkpoint_dir / f".tmp_step_{step:07d}"
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process and tmp.exists():
-            shutil.rmtree(tmp)
-        self.accelerator.save_state(str(tmp), safe_serialization=True)
-        # every process has written its part (its RNG state) before the folder is renamed
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
+        if acc.is_main_process:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            for stale in self.checkpoint_dir.glob(".tmp_step_*"):
+                shutil.rmtree(stale)
+            tmp.mkdir()
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp), safe_serialization=True)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
             if self.ema is not None:
                 save_file({f"p{i}": t.contiguous() for i, t in enumerate(self.ema)}, str(tmp / "ema.safetensors"))
             (tmp / "trainer_state.json").write_text(json.dumps(
                 {"step": step, "history": history, "config": asdict(self.cfg)}))
             if target.exists():
                 shutil.rmtree(target)
-            tmp.rename(target)  # a checkpoint is either complete or absent
+            tmp.rename(target)
             for old in self._checkpoints()[: -self.cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
+        acc.wait_for_everyone()
 
     def try_resume(self) -> tuple[int, list[dict]]:
         ckpts = self._checkpoints()
@@ -291,6 +310,9 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------
     def fit(self, loss_fn: LossFn, desc: str = "train", on_log: Callable[[dict], None] | None = None) -> TrainResult:
+        """Train to ``max_steps``, resuming from the latest checkpoint. ``on_log(row)`` is called
+        every ``log_every`` steps (and at the last) on the main process only: callers write files
+        from it (snapshots), and the row's values are already averaged over the processes."""
         cfg, acc = self.cfg, self.accelerator
         start, history = self.try_resume()
         result = TrainResult(history=history, resumed_from=start or None)
@@ -326,7 +348,7 @@ class Trainer:
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 bar.set_postfix({k: f"{v:.4f}" for k, v in running.items() if k == "loss"})
-                if on_log:
+                if on_log and acc.is_main_process:
                     on_log(row)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step != cfg.max_steps:
                 self.save_checkpoint(step, history)

@@ -15,6 +15,11 @@ an embed cache of random pairs is the project. One sequence of runs checks:
   moved weights by up to ~8e-3: lr 1e-3 x 8 Adam steps), losses to 1e-4 relative;
 * the outputs (model, adapters, loss curves, the stage timing) are written once, by rank 0.
 
+A second, smaller test saves a checkpoint at every step of a two-process run of the bare
+:class:`Trainer` over folders a killed run left behind: every checkpoint must hold each rank's
+RNG-state file (a rank writing into a temporary folder that the main process was still clearing
+or renaming lost that file or failed the save).
+
 On a CPU-only machine ``accelerate launch --cpu`` runs one process unless MPI is installed;
 ``--multi_gpu`` with ``ACCELERATE_USE_CPU=true`` starts the processes through torchrun and
 accelerate joins them over gloo.
@@ -106,12 +111,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _command(module_args: list[str], processes: int) -> list[str]:
+def _command(module_args: list[str], processes: int, module: bool = True) -> list[str]:
+    """The command that runs ``module_args`` (``-m`` module and its arguments, or with
+    ``module=False`` a script and its arguments) in ``processes`` processes."""
+    m = ["-m"] if module else []
     if processes == 1:
-        return [sys.executable, "-m", *module_args]
+        return [sys.executable, *m, *module_args]
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(_free_port()), "-m", *module_args]
+            "--main_process_port", str(_free_port()), *m, *module_args]
 
 
 def _env() -> dict[str, str]:
@@ -183,6 +191,11 @@ def test_two_processes_resume_and_train_what_one_trains(template):
     assert kept and not (run / "models/base").exists(), "the one-process run finished before it was killed"
     resumed = int(kept[-1].split("_")[1])
     assert 0 < resumed < STEPS
+    # what a kill during the next save leaves (the poll can be late on a busy machine): a
+    # half-written temporary folder, which the two-process run must clear before writing into it
+    half = next((run / "checkpoints" / "train_base").glob("*/step_*")).parent / f".tmp_step_{resumed + 2:07d}"
+    half.mkdir(exist_ok=True)
+    (half / "model.safetensors").write_bytes(b"half")
     out_base = _run(run, ["pipelines.train_base"], 2)
     out_adapter = _run(run, ["pipelines.train_adapter", NEW_CONDITION], 2)
     assert out_base.count(f"(step {resumed})") == 1  # accelerator.print: rank 0 only
@@ -206,3 +219,53 @@ def test_two_processes_resume_and_train_what_one_trains(template):
     assert [t["stage"] for t in timings] == ["train_base", f"train_adapter@{NEW_CONDITION}"]
     assert not any((run / "checkpoints").rglob("step_*"))
     assert "adapter" in out_adapter
+
+
+SAVE_EVERY_STEP = """
+import sys
+from pathlib import Path
+import torch
+from ctrlora.training.loop import TrainConfig, Trainer, make_accelerator
+
+out, steps = Path(sys.argv[1]), int(sys.argv[2])
+cfg = TrainConfig(max_steps=steps, batch_size=2, checkpoint_every=1, keep_checkpoints=steps, log_every=1)
+acc = make_accelerator(cfg)
+model = torch.nn.Linear(4, 4)
+trainer = Trainer(cfg, model, model.parameters(), out / "ckpt", accelerator=acc, global_batch=True)
+
+def loss_fn(m, step, g):
+    x = torch.randn(2, 4, generator=g)[trainer.share()]
+    return m(x).pow(2).mean(), {}
+
+def on_log(row):
+    with open(out / f"on_log_{acc.process_index}.txt", "a") as fh:
+        fh.write(f"{row['step']}\\n")
+
+trainer.fit(loss_fn, on_log=on_log)
+"""
+
+
+def test_every_rank_writes_its_part_of_every_checkpoint(tmp_path):
+    steps = 6
+    script = tmp_path / "save_every_step.py"
+    script.write_text(SAVE_EVERY_STEP)
+    ckpt = tmp_path / "ckpt"
+    for s in range(2, steps + 1, 2):  # left by a run killed during its saves
+        half = ckpt / f".tmp_step_{s:07d}"
+        half.mkdir(parents=True)
+        for i in range(50):
+            (half / f"part_{i}").write_bytes(b"x" * 64)
+    cmd = _command([str(script), str(tmp_path), str(steps)], 2, module=False)
+    res = subprocess.run(cmd, cwd=tmp_path, env=dict(_env(), PYTHONPATH=str(REPO)), capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-12000:]
+
+    saved = sorted(p.name for p in ckpt.iterdir())
+    assert saved == [f"step_{s:07d}" for s in range(1, steps + 1)]  # no temporary folder left
+    for name in saved:
+        files = {p.name for p in (ckpt / name).iterdir()}
+        assert files == {"model.safetensors", "optimizer.bin", "trainer_state.json",
+                         "random_states_0.pkl", "random_states_1.pkl"}, name
+    # the log callback (where callers write files) runs on the main process only
+    assert (tmp_path / "on_log_0.txt").read_text().split() == [str(s) for s in range(1, steps + 1)]
+    assert not (tmp_path / "on_log_1.txt").exists()
