@@ -29,6 +29,7 @@ def eval_config(p: dict[str, Any], base_conditions: list[str], new_conditions: l
     try:
         return evaluation.EvalConfig(
             base_conditions, new_conditions, combined={str(k): float(v) for k, v in (p.get("combined") or {}).items()},
+            condition_weights={str(k): float(v) for k, v in (p.get("condition_weights") or {}).items()},
             sampling=evaluation.SamplingConfig(**sampling), guidance=list(p.get("guidance", [1.0])),
             gate_guidance=float(p.get("gate_guidance", 1.0)),
             other_guidance_max_scans=p.get("other_guidance_max_scans"),

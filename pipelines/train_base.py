@@ -35,7 +35,8 @@ def main() -> int:
             add_adapter(controlnet, c, rank=int(p["rank"]), own_modules=False)
         ckpt = checkpoint_dir("train_base", p)
         cfg = ControlNetTrainConfig(TrainConfig.from_dict(p["train"]), prompt_dropout=float(p["prompt_dropout"]))
-        result = train_base(controlnet, bb.unet, bb.scheduler, cache, conditions, cfg, checkpoint_dir=ckpt)
+        result = train_base(controlnet, bb.unet, bb.scheduler, cache, conditions, cfg, checkpoint_dir=ckpt,
+                            shares=p.get("condition_shares"))
         if not main_process():
             return 0
         if out.exists():

@@ -47,11 +47,14 @@ class EvalConfig:
     """``guidance``: CFG scales evaluated; ``gate_guidance`` (one of them) is the one the quality
     bar and the registry read. Passes at any other scale use the first
     ``other_guidance_max_scans`` scans (``None``: all). ``n_boot`` / ``bootstrap_seed``: the paired
-    bootstrap (the level is the bar's, 95 %). ``sampling.guidance_scale`` is ignored."""
+    bootstrap (the level is the bar's, 95 %). ``sampling.guidance_scale`` is ignored.
+    ``condition_weights``: the residual weight (ControlNet conditioning scale) of each condition's
+    own pass (missing: 1.0); the combination uses ``combined``'s weights."""
 
     base_conditions: list[str]
     new_conditions: list[str]
     combined: dict[str, float] = field(default_factory=lambda: {"segmentation": 1.0, "lighting": 1.0})
+    condition_weights: dict[str, float] = field(default_factory=dict)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     guidance: list[float] = field(default_factory=lambda: [1.0, 7.5])
     gate_guidance: float = 1.0
@@ -70,6 +73,15 @@ class EvalConfig:
         unknown = sorted(set(self.combined) - set(self.conditions))
         if unknown:
             raise ValueError(f"combined names conditions without an adapter: {unknown}")
+        unknown = sorted(set(self.condition_weights) - set(self.conditions))
+        if unknown:
+            raise ValueError(f"condition_weights names conditions without an adapter: {unknown}")
+        if any(float(w) <= 0 for w in self.condition_weights.values()):
+            raise ValueError(f"condition_weights must be > 0, got {self.condition_weights}")
+
+    def weight(self, condition: str) -> float:
+        """The residual weight of ``condition``'s own pass."""
+        return float(self.condition_weights.get(condition, 1.0))
 
     @property
     def conditions(self) -> list[str]:
@@ -90,12 +102,13 @@ def guidance_key(g: float) -> str:
 def generate_pass(pipe, data: EvalData, cfg: EvalConfig, guidance: float,
                   progress: bool = True) -> dict[str, np.ndarray]:
     """Every image one guidance scale needs: ``uncontrolled``, each condition through its own
-    adapter (weight 1), and ``combined`` (the combination's adapters and weights)."""
+    adapter (at ``cfg.weight(c)``), and ``combined`` (the combination's adapters and weights)."""
     s = replace(cfg.sampling, guidance_scale=float(guidance))
     tag = f"@{guidance:g}"
     images = {UNCONTROLLED: generate(pipe, data, {}, s, desc=f"generate uncontrolled{tag}", progress=progress)}
     for c in cfg.conditions:
-        images[c] = generate(pipe, data, {c: (c, 1.0, c)}, s, desc=f"generate {c}{tag}", progress=progress)
+        images[c] = generate(pipe, data, {c: (c, cfg.weight(c), c)}, s, desc=f"generate {c}{tag}",
+                             progress=progress)
     if cfg.combined:
         images[COMBINED] = generate(pipe, data, {c: (c, w, c) for c, w in cfg.combined.items()}, s,
                                     desc=f"generate combined{tag}", progress=progress)
@@ -150,6 +163,7 @@ def summarize_pass(scores: PassScores, cfg: EvalConfig, models: EvalModels, guid
         ctrl, unc = scores.primary(c, c), scores.primary(UNCONTROLLED, c)
         gains[c] = bootstrap_diff(ctrl, unc, **boot)
         entry = {"fidelity": _mean(ctrl), "metric": PRIMARY_METRIC[c], "uncontrolled": _mean(unc),
+                 "weight": cfg.weight(c),
                  "gain": _iv(gains[c]), **means(scores.fidelity[c][c]), **means(scores.image[c]),
                  "n_scans": n, "guidance": float(guidance)}
         if c in models.adapter_params:
@@ -262,6 +276,7 @@ def _assemble(passes: Mapping[str, dict], cfg: EvalConfig, models: EvalModels, t
             "scan_ids_sha256": hashlib.sha256("\n".join(test.scan_ids).encode()).hexdigest()[:16],
             "conditions": cfg.conditions, "new_conditions": list(cfg.new_conditions),
             "guidance": list(cfg.guidance), "gate_guidance": cfg.gate_guidance,
+            "condition_weights": {c: cfg.weight(c) for c in cfg.conditions},
             "scans_per_guidance": {k: p["n_scans"] for k, p in passes.items()},
             "sampling": {"steps": cfg.sampling.steps, "scheduler": cfg.sampling.scheduler,
                          "seed": cfg.sampling.seed, "seed_rule": "scan i gets seed + i"},

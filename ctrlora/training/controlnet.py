@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from accelerate import DistributedDataParallelKwargs
@@ -132,12 +132,28 @@ def controlnet_loss(model, cache: EmbedCache, scheduler, condition: str, rows: t
     return denoising_loss(scheduler, pred, z, noise, t)
 
 
+def base_schedule(conditions: Sequence[str], shares: Mapping[str, int] | None = None) -> list[str]:
+    """The list whose fresh random order makes each round of base training: every condition once,
+    then ``shares[c] - 1`` more copies of ``c`` (``{"canny": 2}``: canny in 2 of every 5 steps of
+    four conditions). A condition with a larger share is trained more, the others as often per round."""
+    shares = dict(shares or {})
+    unknown = sorted(set(shares) - set(conditions))
+    if unknown:
+        raise ValueError(f"condition_shares names conditions that are not base conditions: {unknown}")
+    bad = {c: n for c, n in shares.items() if not isinstance(n, int) or isinstance(n, bool) or n < 1}
+    if bad:
+        raise ValueError(f"condition_shares must be whole numbers >= 1, got {bad}")
+    return list(conditions) + [c for c in conditions for _ in range(shares.get(c, 1) - 1)]
+
+
 def train_base(controlnet, unet, scheduler, cache: EmbedCache, conditions: Sequence[str], cfg: ControlNetTrainConfig,
-               checkpoint_dir: str | Path | None = None, on_log: Callable[[dict], None] | None = None) -> TrainResult:
+               checkpoint_dir: str | Path | None = None, on_log: Callable[[dict], None] | None = None,
+               shares: Mapping[str, int] | None = None) -> TrainResult:
     """Base training over ``conditions``; each must already have a LoRA-only adapter of that name
-    (``add_adapter(controlnet, c, rank, own_modules=False)``)."""
+    (``add_adapter(controlnet, c, rank, own_modules=False)``). ``shares``: see :func:`base_schedule`."""
     if not conditions:
         raise ValueError("base training needs at least one base condition")
+    schedule = base_schedule(conditions, shares)
     params: dict[int, torch.nn.Parameter] = {}
     for c in conditions:
         for p in set_trainable(controlnet, "base", c):
@@ -151,7 +167,7 @@ def train_base(controlnet, unet, scheduler, cache: EmbedCache, conditions: Seque
     device = trainer.accelerator.device
 
     def loss_fn(m, step, gen):
-        cond = condition_schedule(list(conditions), cfg.train.seed, step)
+        cond = condition_schedule(schedule, cfg.train.seed, step)
         set_adapter(controlnet, cond)
         loss = controlnet_loss(m, cache, scheduler, cond, rows[cond], cfg, gen, device, share=trainer.share())
         return loss, {f"loss/{cond}": loss.item()}

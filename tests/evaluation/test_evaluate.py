@@ -146,6 +146,12 @@ def test_eval_config_guidance_passes_and_validation():
         evaluation.EvalConfig(["segmentation"], ["normal"])  # default combination needs lighting
     with pytest.raises(ValueError, match="distinct"):
         evaluation.EvalConfig(["segmentation"], ["lighting"], guidance=[1.0, 1.0])
+    with pytest.raises(ValueError, match="condition_weights names"):
+        evaluation.EvalConfig(["segmentation"], ["lighting"], condition_weights={"canny": 2.0})
+    with pytest.raises(ValueError, match="must be > 0"):
+        evaluation.EvalConfig(["segmentation"], ["lighting"], condition_weights={"segmentation": 0.0})
+    cfg = evaluation.EvalConfig(["segmentation"], ["lighting"], condition_weights={"segmentation": 2.0})
+    assert (cfg.weight("segmentation"), cfg.weight("lighting")) == (2.0, 1.0)
 
 
 # ---------------------------------------------------------------------------- tiny models
@@ -208,13 +214,15 @@ def tiny_run(tmp_path_factory):
                  "lighting": train_detector(DetectorConfig(task="regression", channels=1, width=4, epochs=1),
                                             train.photos, detector_targets("lighting", train), progress=False)}
     cfg = evaluation.EvalConfig(["segmentation", "canny"], ["lighting"], combined={"segmentation": 1.0, "lighting": 0.5},
+                       condition_weights={"canny": 2.0},
                        sampling=evaluation.SamplingConfig(steps=1, batch_size=4, seed=5), guidance=[1.0, 2.0],
                        gate_guidance=1.0, other_guidance_max_scans=3, n_boot=200, grid_rows=3)
     calls = []
     real_generate = evaluation.generate
 
     def counting_generate(pipe, data, conditions, s, **kw):
-        calls.append((s.guidance_scale, tuple(sorted(conditions)), len(data)))
+        calls.append((s.guidance_scale, tuple(sorted(conditions)), len(data),
+                      tuple(conditions[c][1] for c in sorted(conditions))))
         return real_generate(pipe, data, conditions, s, **kw)
 
     evaluation.generate = counting_generate
@@ -278,6 +286,18 @@ def test_tiny_evaluation_generates_each_image_once(tiny_run):
     assert sorted(c[1] for c in calls if c[0] == 1.0) == per_pass
     assert sorted(c[1] for c in calls if c[0] == 2.0) == per_pass
     assert {c[2] for c in calls if c[0] == 1.0} == {4} and {c[2] for c in calls if c[0] == 2.0} == {3}
+    # each condition's own pass at its condition_weights entry (1.0 where missing), the
+    # combination at its own weights
+    weights = {c[1]: c[3] for c in calls if c[0] == 1.0}
+    assert weights[("canny",)] == (2.0,) and weights[("segmentation",)] == (1.0,)
+    assert weights[("lighting", "segmentation")] == (0.5, 1.0)
+    assert m_weights(tiny_run) == {"segmentation": 1.0, "canny": 2.0, "lighting": 1.0}
+
+
+def m_weights(run) -> dict:
+    m = run[0]
+    assert m["canny"]["weight"] == 2.0 and m["segmentation"]["weight"] == 1.0
+    return m["protocol"]["condition_weights"]
 
 
 def test_tiny_evaluation_reports_and_per_scan_scores(tiny_run):

@@ -153,3 +153,23 @@ def test_trainers_with_different_precisions_run_in_one_process():
         trainer = Trainer(TrainConfig(max_steps=2, batch_size=4, mixed_precision=precision), model, model.parameters())
         trainer.fit(lambda m, step, gen: (m(torch.randn(4, 4, generator=gen)).pow(2).mean(), {}))
         assert trainer.accelerator.mixed_precision == precision
+
+
+def test_base_schedule_gives_a_condition_its_share_of_steps():
+    from collections import Counter
+
+    from ctrlora.training.controlnet import base_schedule, condition_schedule
+
+    conds = ["segmentation", "depth", "canny", "palette"]
+    assert base_schedule(conds) == conds
+    sched = base_schedule(conds, {"canny": 2})
+    assert sched == conds + ["canny"]
+    # every round of five steps is a fresh order of the list: canny in 2 of every 5
+    drawn = [condition_schedule(sched, 0, s) for s in range(1, 1001)]
+    counts = Counter(drawn)
+    assert counts["canny"] == 400 and counts["segmentation"] == counts["depth"] == counts["palette"] == 200
+    assert all(Counter(drawn[i:i + 5])["canny"] == 2 for i in range(0, 1000, 5))
+    with pytest.raises(ValueError, match="not base conditions"):
+        base_schedule(conds, {"lighting": 2})
+    with pytest.raises(ValueError, match="whole numbers >= 1"):
+        base_schedule(conds, {"canny": 0})
