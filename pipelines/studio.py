@@ -46,7 +46,7 @@ from pipelines.settings import ADAPTER_ROOTS, BACKBONE_DIR, BASE_DIR, PATHS, REP
 
 # Request limits (the page offers the same ranges).
 LIMITS: dict[str, tuple[float, float]] = {
-    "weight": (0.0, 2.0), "steps": (1, 200), "guidance": (0.0, 20.0), "num_images": (1, 8),
+    "weight": (0.0, 3.0), "steps": (1, 200), "guidance": (0.0, 20.0), "num_images": (1, 8),
     "seed": (0, 2**31 - 1), "strength": (0.0, 2.0),
 }
 MAX_UPLOAD_BYTES = 8 * 2**20
@@ -551,7 +551,17 @@ class Studio:
                 "derived": list(DERIVED), "samplers": list(SAMPLERS), "limits": LIMITS,
                 "scans": [{"id": s, "caption": self.scans.captions[s],
                            "conditions": sorted(self.scans.conditions[s])} for s in self.scans.ids()],
-                "vocabulary": self.scans.vocabulary(), "gate": self.gate_config()}
+                "vocabulary": self.scans.vocabulary(), "gate": self.gate_config(),
+                "default_weights": self.default_weights()}
+
+    def default_weights(self) -> dict[str, float]:
+        """Each condition's residual weight as the evaluation uses it (``evaluate.condition_weights``,
+        chosen on the validation split); conditions missing there start at 1."""
+        section = load_params(self.repo).get("evaluate") or {}
+        weights = section.get("condition_weights") if isinstance(section, dict) else None
+        if not isinstance(weights, dict):
+            return {}
+        return {str(c): float(w) for c, w in weights.items() if isinstance(w, (int, float))}
 
     def gate_config(self) -> dict:
         section = load_params(self.repo).get("register") or {}
@@ -584,7 +594,7 @@ class Studio:
             ref = item.get("version") or by_cond[c][0]
             if ref not in offered or offered[ref].condition != c:
                 raise StudioError(f"{c}: version {ref!r} is not an adapter of this condition")
-            w = _number(item, "weight", 1.0)
+            w = _number(item, "weight", self.default_weights().get(c, 1.0))
             source = item.get("source", "upload")
             if source == "scan":
                 if scan is None:

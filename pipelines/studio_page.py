@@ -209,7 +209,7 @@ function renderCards() {
     const l2 = el("label", {}, "map "); l2.appendChild(src); card.appendChild(l2);
     const f = el("input", { type: "file", id: `file-${c}`, accept: "image/png,image/jpeg" });
     f.onchange = () => uploadFile(c, f); card.appendChild(f);
-    const w = el("input", { type: "number", id: `weight-${c}`, value: "1", step: "0.1", min: "0", max: "2", style: "width:60px" });
+    const w = el("input", { type: "number", id: `weight-${c}`, value: String((STATE.default_weights || {})[c] ?? 1), step: "0.1", min: "0", max: String(STATE.limits.weight[1]), style: "width:60px" });
     const l3 = el("label", {}, "weight "); l3.appendChild(w); card.appendChild(l3);
     card.appendChild(el("img", { id: `preview-${c}`, alt: `${c} map` }));
     cards.appendChild(card);

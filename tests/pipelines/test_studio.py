@@ -83,7 +83,8 @@ def project(tmp_path_factory):
     save_tiny_models(root, SIZE, [(cond, k, k + 10 * len(cond))
                                   for cond, k in (("lighting", 1), ("lighting", 2), ("canny", 1))])
     (root / "params.yaml").write_text(yaml.safe_dump(
-        {"register": {"gate": {"metric": "fidelity", "mode": "max", "min_delta": 0}}}))
+        {"register": {"gate": {"metric": "fidelity", "mode": "max", "min_delta": 0}},
+         "evaluate": {"condition_weights": {"lighting": 2.0}}}))
     return root
 
 
@@ -148,10 +149,14 @@ def test_api_refuses_bad_requests_and_derives_maps(server, project):
     status, out = _post(url + "api/generate", {"conditions": [{"condition": "depth", "source": "upload"}]})
     assert status == 400 and "condition 'depth', which has no adapter" in out["error"]
     status, out = _post(url + "api/generate", {"conditions": [{"condition": "lighting", "source": "scan",
-                                                               "weight": 3}], "scan": None})
-    assert status == 400 and out["error"] == "weight 3.0 is out of range [0, 2]"
+                                                               "weight": 4}], "scan": None})
+    assert status == 400 and out["error"] == "weight 4.0 is out of range [0, 3]"
     status, out = _post(url + "api/promote", {"condition": "lighting", "version": "2"})
     assert status == 400 and "confirmation" in out["error"]
+    # each condition's weight starts where the evaluation measured it (params evaluate.condition_weights)
+    with urllib.request.urlopen(url + "api/state", timeout=60) as r:
+        state = json.loads(r.read())
+    assert state["default_weights"] == {"lighting": 2.0} and state["limits"]["weight"] == [0.0, 3.0]
     photo = next((project / "data/prepared/photos").glob("*.png"))
     status, up = _post(url + "api/upload", {"filename": photo.name, "data": _data_url(photo.read_bytes())})
     assert status == 200 and up["width"] == SIZE
