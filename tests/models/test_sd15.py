@@ -43,7 +43,7 @@ def _params(sd15_dir: Path) -> dict:
     p["backbone"].update(preset="sd15", sd15_path=str(sd15_dir))
     p["embed"]["batch_size"] = 4
     steps = {"max_steps": 2, "batch_size": 1, "checkpoint_every": 0, "log_every": 1, "warmup_steps": 0}
-    p["train_base"].update(conditions=BASE_CONDITIONS, rank=8)
+    p["train_base"].update(conditions=BASE_CONDITIONS, condition_shares={}, rank=8)
     p["train_base"]["train"] = {**p["train_base"]["train"], **steps, "memory_preset": "16gb_no_bnb"}
     p["train_adapter"].update(conditions=[NEW], rank=RANK, max_pairs=None)
     p["train_adapter"]["train"] = {**p["train_adapter"]["train"], **steps}

@@ -57,7 +57,7 @@ def _write_params(root: Path) -> None:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     train = {"max_steps": STEPS, "batch_size": BATCH, "learning_rate": 1.0e-3, "checkpoint_every": 2,
              "log_every": 1, "seed": 0}
-    params["train_base"].update(conditions=BASE_CONDITIONS, rank=2, train=dict(train))
+    params["train_base"].update(conditions=BASE_CONDITIONS, condition_shares={}, rank=2, train=dict(train))
     params["train_adapter"].update(conditions=[NEW_CONDITION], rank=2, max_pairs=None, train=dict(train))
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
