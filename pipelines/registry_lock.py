@@ -36,7 +36,10 @@ class RegistryLockTimeout(RuntimeError):
 
 
 def _exists_error(exc: MlflowException) -> bool:
-    return exc.error_code == "RESOURCE_ALREADY_EXISTS"
+    """The create lost to another holder. MLflow's SQL store answers a name clash by looking the
+    existing model up to word its error; when that holder releases the lock in between, the lookup
+    says RESOURCE_DOES_NOT_EXIST instead — the same contention, so it is retried too."""
+    return exc.error_code in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST")
 
 
 def _holder(client: MlflowClient, lock: str) -> tuple[str, float] | None:
