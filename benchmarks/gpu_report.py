@@ -75,18 +75,16 @@ def table(merged: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("out_dir", type=Path, help="where <card>.json and table.md go")
-    p.add_argument("--raw", type=Path, default=None, help="the benchmarks' JSON files and gpu.txt (default: out_dir)")
+    p.add_argument("out_dir", type=Path, help="the benchmarks' JSON files and gpu.txt; <card>.json and table.md go here")
     p.add_argument("--card", required=True, help="the device's name (nvidia-smi), or e.g. 'cpu smoke'")
     p.add_argument("--results", type=Path, default=None, help="also write <results>/<card slug>.json here")
     args = p.parse_args(argv)
-    raw = args.raw or args.out_dir
     merged = {"card": args.card, "missing": []}
-    versions = raw / "gpu.txt"
+    versions = args.out_dir / "gpu.txt"
     if versions.is_file():
         merged["versions"] = versions.read_text().strip().splitlines()[-1]
     for key, name in FILES.items():
-        f = raw / name
+        f = args.out_dir / name
         if f.is_file():
             merged[key] = json.loads(f.read_text())
         else:

@@ -114,7 +114,7 @@ def implied_bytes(trainable: int, unet_params: int, frozen_cn_params: int, optio
 def run_variant(name: str, device: str, resolution: int, batch: int, steps: int, warmup: int, rank: int,
                 seed: int = 0, preset: str = "sd15") -> dict:
     """Build, train ``warmup + steps`` steps with ``VARIANTS[name]``, measure (fresh process)."""
-    from adapter_vs_full import measure_memory, synthetic_cache
+    from adapter_vs_full import measure_memory, precast, synthetic_cache
 
     from ctrlora.training.controlnet import ControlNetTrainConfig, train_condition
     from ctrlora.training.loop import TrainConfig
@@ -130,8 +130,6 @@ def run_variant(name: str, device: str, resolution: int, batch: int, steps: int,
         return {"variant": name, "options": options, "skipped": str(exc)}
     t0 = time.perf_counter()
     unet, cn, scheduler, latent, text = build(resolution, device, rank, seed, preset)
-    from adapter_vs_full import precast
-
     precast("adapter", cfg, cn, unet)  # the peak of training, not of the fp32 weights before the cast
     unet_params = sum(p.numel() for p in unet.parameters())
     cache = synthetic_cache(latent, text, rows=max(batch, 4), seed=seed)

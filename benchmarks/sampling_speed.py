@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import check_device, environment, ratio, save_json, set_threads, use_device  # noqa: E402
+from _common import alternating, check_device, environment, ratio, save_json, set_threads, use_device  # noqa: E402
 
 VOCABULARY = ["upper", "lower", "jaw", "molar", "photo"]
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -113,11 +113,8 @@ def run(args) -> dict:
                         **{**common, "num_inference_steps": steps}).images
 
         latents = {m: call(m == "batched") for m in ("batched", "sequential")}  # warm-up, and the outputs
-        times = {"batched": [], "sequential": []}
-        order = [m for r in range(args.repeats) for m in (("batched", "sequential"), ("sequential", "batched"))[r % 2]]
-        for mode in order:  # ABBA...: drift of the machine hits both modes alike
-            t, _ = timed(args.device, lambda: call(mode == "batched"))
-            times[mode].append(t)
+        times = alternating(["batched", "sequential"], args.repeats,
+                            lambda m: timed(args.device, lambda: call(m == "batched"))[0])
         row = {f"{m}_s": statistics.median(ts) for m, ts in times.items()}
         row["repeats"] = args.repeats
         row["sequential_over_batched"] = ratio(row["sequential_s"], row["batched_s"])

@@ -554,19 +554,20 @@ class Studio:
                 "vocabulary": self.scans.vocabulary(), "gate": self.gate_config(),
                 "default_weights": self.default_weights()}
 
+    def _params_table(self, section: str, key: str) -> dict:
+        """``params.yaml``'s ``section.key`` mapping ({} where either is missing or not a mapping)."""
+        block = load_params(self.repo).get(section) or {}
+        table = block.get(key) if isinstance(block, dict) else None
+        return dict(table) if isinstance(table, dict) else {}
+
     def default_weights(self) -> dict[str, float]:
         """Each condition's residual weight as the evaluation uses it (``evaluate.condition_weights``,
         chosen on the validation split); conditions missing there start at 1."""
-        section = load_params(self.repo).get("evaluate") or {}
-        weights = section.get("condition_weights") if isinstance(section, dict) else None
-        if not isinstance(weights, dict):
-            return {}
+        weights = self._params_table("evaluate", "condition_weights")
         return {str(c): float(w) for c, w in weights.items() if isinstance(w, (int, float))}
 
     def gate_config(self) -> dict:
-        section = load_params(self.repo).get("register") or {}
-        gate = section.get("gate") if isinstance(section, dict) else None
-        return dict(gate) if isinstance(gate, dict) else {}
+        return self._params_table("register", "gate")
 
     # -- requests
     def parse(self, body: dict) -> Request:
@@ -582,7 +583,7 @@ class Studio:
         scan = body.get("scan") or None
         if scan is not None:
             scan = self.scans.require(scan)
-        conds, seen = [], set()
+        conds, seen, weights = [], set(), self.default_weights()
         for item in items:
             c = item.get("condition") if isinstance(item, dict) else None
             if c not in by_cond:
@@ -594,7 +595,7 @@ class Studio:
             ref = item.get("version") or by_cond[c][0]
             if ref not in offered or offered[ref].condition != c:
                 raise StudioError(f"{c}: version {ref!r} is not an adapter of this condition")
-            w = _number(item, "weight", self.default_weights().get(c, 1.0))
+            w = _number(item, "weight", weights.get(c, 1.0))
             source = item.get("source", "upload")
             if source == "scan":
                 if scan is None:
