@@ -147,3 +147,55 @@ def use_device(device: str) -> None:
         os.environ["ACCELERATE_USE_CPU"] = "true"
     else:
         os.environ.pop("ACCELERATE_USE_CPU", None)
+
+
+# ---------------------------------------------------------------------------- the trained default
+# Benchmarks that measure the default run's models (``make repro``'s ``models/`` and ``data/``)
+# find them through ``params.yaml`` ``paths``, as the stages do.
+def params_yaml() -> dict:
+    import yaml
+
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def repo_path(value: str) -> Path:
+    return (ROOT / value).resolve()
+
+
+def trained_backbone(params: dict) -> Path:
+    """The backbone folder the default run uses (for ``preset: sd15``, the local directory the
+    backbone stage recorded)."""
+    import json
+
+    backbone = repo_path(params["paths"]["backbone"])
+    if (backbone / "backbone.json").is_file():
+        backbone = Path(json.loads((backbone / "backbone.json").read_text())["path"])
+    return backbone
+
+
+def adapter_dirs(params: dict, conditions: list[str]) -> dict[str, Path]:
+    """Each condition's trained adapter: the base's for a base condition, else train_adapter's."""
+    paths = params["paths"]
+    base_conditions = set(params["train_base"]["conditions"])
+    out = {}
+    for c in conditions:
+        d = repo_path(paths["base"]) / "adapters" / c if c in base_conditions else repo_path(paths["adapters"]) / c
+        if not (d / "adapter_config.json").is_file():
+            raise SystemExit(f"{d}: no trained adapter for {c!r} (run the default pipeline first)")
+        out[c] = d
+    return out
+
+
+def trained_detectors(params: dict, conditions: list[str]) -> dict:
+    """The ``detectors`` stage's re-detectors (read only; never trained here)."""
+    from ctrlora.evaluation.detectors import load_detector
+    from ctrlora.evaluation.fidelity import DETECTED_CONDITIONS
+
+    root = repo_path(params["paths"]["detectors"])
+    out = {}
+    for c in conditions:
+        if c in DETECTED_CONDITIONS:
+            if not (root / c).is_dir():
+                raise SystemExit(f"{root / c}: no re-detector for {c!r} (run the `detectors` stage first)")
+            out[c] = load_detector(root / c)
+    return out

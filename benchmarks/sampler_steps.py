@@ -22,53 +22,16 @@ Options: ``--conditions lighting segmentation --scans 64 --guidance 1.0 --seed 1
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, check_device, environment, save_json, set_threads  # noqa: E402
+from _common import (ROOT, adapter_dirs, check_device, environment, params_yaml, repo_path,  # noqa: E402
+                     save_json, set_threads, trained_backbone, trained_detectors)
 
 DEFAULT_STEPS = (4, 8, 12, 20, 50)
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "cpu_sampler_steps.json"
-
-
-def _params() -> dict:
-    import yaml
-
-    return yaml.safe_load((ROOT / "params.yaml").read_text())
-
-
-def _path(value: str) -> Path:
-    return (ROOT / value).resolve()
-
-
-def _adapter_dirs(params: dict, conditions: list[str]) -> dict[str, Path]:
-    paths = params["paths"]
-    base_conditions = set(params["train_base"]["conditions"])
-    out = {}
-    for c in conditions:
-        d = _path(paths["base"]) / "adapters" / c if c in base_conditions else _path(paths["adapters"]) / c
-        if not (d / "adapter_config.json").is_file():
-            raise SystemExit(f"{d}: no trained adapter for {c!r} (run the default pipeline first)")
-        out[c] = d
-    return out
-
-
-def _detectors(params: dict, conditions: list[str]) -> dict:
-    """The evaluate stage's trained re-detectors (read only; never trained here)."""
-    from ctrlora.evaluation.detectors import load_detector
-    from ctrlora.evaluation.fidelity import DETECTED_CONDITIONS
-
-    root = _path(params["paths"]["detectors"])
-    out = {}
-    for c in conditions:
-        if c in DETECTED_CONDITIONS:
-            if not (root / c).is_dir():
-                raise SystemExit(f"{root / c}: no re-detector for {c!r} (run the `detectors` stage first)")
-            out[c] = load_detector(root / c)
-    return out
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -85,15 +48,12 @@ def run(args: argparse.Namespace) -> dict:
     unknown = sorted(set(args.schedulers) - set(SCHEDULERS))
     if unknown:
         raise SystemExit(f"unknown sampler(s) {unknown}; known: {list(SCHEDULERS)}")
-    params = _params()
+    params = params_yaml()
     paths = params["paths"]
-    backbone = _path(paths["backbone"])
-    if (backbone / "backbone.json").is_file():  # sd15: the local directory the backbone stage recorded
-        backbone = Path(json.loads((backbone / "backbone.json").read_text())["path"])
-    models = load_models(backbone, _path(paths["base"]), _adapter_dirs(params, args.conditions))
-    sources = [_path(paths["rendered"]), _path(paths["scans"])]
-    data = load_split(_path(paths["prepared"]), "validation", args.conditions, sources, args.scans, progress=False)
-    detectors = _detectors(params, args.conditions)
+    models = load_models(trained_backbone(params), repo_path(paths["base"]), adapter_dirs(params, args.conditions))
+    sources = [repo_path(paths["rendered"]), repo_path(paths["scans"])]
+    data = load_split(repo_path(paths["prepared"]), "validation", args.conditions, sources, args.scans, progress=False)
+    detectors = trained_detectors(params, args.conditions)
     pipe = CtrLoRAPipeline.from_components(models.backbone, models.controlnet).to(args.device)
     pipe.set_progress_bar_config(disable=True)
     steps = sorted(set(args.steps))
@@ -135,7 +95,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ev = _params()["evaluate"]
+    ev = params_yaml()["evaluate"]
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--conditions", nargs="+", default=["lighting", "segmentation"])
     p.add_argument("--schedulers", nargs="+", default=["ddim", "dpm", "dpm_karras", "unipc"])

@@ -8,10 +8,19 @@ to every array of a comparison, which keeps the pairing and lets per-scan diffic
 Inputs are per-scan scores:
 
 * 1-D ``[scans]``: one value per scan;
-* 2-D ``[seeds, scans]``: one row per training (or sampling) seed on the same scans. Rows are
-  **averaged over seeds first**, then scans are resampled. The interval is then about the
-  scan population given these seeds; seed-to-seed spread is not added on top (with 2–3 seeds
-  it cannot be estimated reliably), so report the seeds next to the interval.
+* 2-D ``[seeds, scans]``: one row per training (or sampling) seed on the same scans. By default
+  rows are **averaged over seeds first**, then scans are resampled: the interval is about the
+  scan population given these seeds, and seed-to-seed spread is not in it.
+
+  With ``resample_seeds=True`` the bootstrap is two-level: every resample draws, for each side
+  independently, as many seed rows as it has (with replacement), and one set of scan indices
+  shared by all sides (the pairing over scans stays). Training-seed spread then widens the
+  interval. With two seeds per side this is a demanding rule: about one resample in sixteen
+  pits a side's worse seed, twice, against the other's better seed, twice, so a difference
+  whose lower end clears 0 has to hold between the seed extremes. Claims about a *method*
+  (one training recipe against another) use it; claims about one trained model (the
+  production evaluation: one model, test scans) have no seed to resample. One row per side
+  gives the scan-only bootstrap (the same scan indices).
 
 All arrays of one comparison must have the same number of scans; a mismatch raises
 ``ValueError`` (it would silently break the pairing). Results are deterministic given ``seed``
@@ -23,7 +32,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["Interval", "per_scan", "bootstrap_mean", "bootstrap_diff", "bootstrap_gain_ratio", "resample_indices"]
+__all__ = ["Interval", "per_scan", "seed_rows", "bootstrap_mean", "bootstrap_diff", "bootstrap_gain_ratio",
+           "resample_indices"]
 
 
 @dataclass
@@ -71,11 +81,50 @@ def per_scan(x, name: str = "x") -> np.ndarray:
     return a
 
 
-def _aligned(**arrays) -> list[np.ndarray]:
-    out = [per_scan(v, k) for k, v in arrays.items()]
-    sizes = {k: len(v) for k, v in zip(arrays, out)}
+def seed_rows(x, name: str = "x") -> np.ndarray:
+    """``[scans]`` or ``[seeds, scans]`` scores → float64 ``[seeds, scans]`` (one row per seed)."""
+    a = np.asarray(x, dtype=np.float64)
+    if a.ndim == 1:
+        a = a[None, :]
+    if a.ndim != 2:
+        raise ValueError(f"{name}: per-scan scores must be [scans] or [seeds, scans], got shape {a.shape}")
+    if a.shape[0] == 0 or a.shape[1] == 0:
+        raise ValueError(f"{name}: no seeds or no scans (shape {a.shape})")
+    if np.isnan(a).any():
+        raise ValueError(f"{name}: NaN per-scan scores ({int(np.isnan(a).sum())} of {a.size})")
+    return a
+
+
+def _check_scans(sizes: dict[str, int]) -> None:
     if len(set(sizes.values())) != 1:
         raise ValueError(f"paired bootstrap needs the same scans on every side, got scan counts {sizes}")
+
+
+def _aligned(**arrays) -> list[np.ndarray]:
+    out = [per_scan(v, k) for k, v in arrays.items()]
+    _check_scans({k: len(v) for k, v in zip(arrays, out)})
+    return out
+
+
+def _aligned_rows(**arrays) -> list[np.ndarray]:
+    out = [seed_rows(v, k) for k, v in arrays.items()]
+    _check_scans({k: v.shape[1] for k, v in zip(arrays, out)})
+    return out
+
+
+def _two_level_means(rows: list[np.ndarray], n_boot: int, seed: int) -> list[np.ndarray]:
+    """Per side, ``[n_boot]`` means of resampled (seed rows, scans): one scan resample shared by
+    every side, seed rows drawn per side from their own stream (a side with one row keeps it)."""
+    idx = resample_indices(rows[0].shape[1], n_boot, seed)
+    rng = np.random.default_rng([seed, 1])
+    out = []
+    for r in rows:
+        per_row = r[:, idx].mean(axis=-1).T  # [n_boot, seeds]: each seed row's mean over the resampled scans
+        if r.shape[0] == 1:
+            out.append(per_row[:, 0])
+            continue
+        pick = rng.integers(0, r.shape[0], size=(n_boot, r.shape[0]))
+        out.append(np.take_along_axis(per_row, pick, axis=1).mean(axis=1))
     return out
 
 
@@ -97,24 +146,38 @@ def _interval(value: float, boots: np.ndarray, n: int, level: float) -> Interval
     return Interval(float(value), float(lo), float(hi), n, level)
 
 
-def bootstrap_mean(x, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> Interval:
-    """Mean of per-scan scores with its bootstrap interval over scans."""
+def bootstrap_mean(x, n_boot: int = 2000, seed: int = 0, level: float = 0.95,
+                   resample_seeds: bool = False) -> Interval:
+    """Mean of per-scan scores with its bootstrap interval over scans (and over seed rows with
+    ``resample_seeds``)."""
+    if resample_seeds:
+        (r,) = _aligned_rows(x=x)
+        (m,) = _two_level_means([r], n_boot, seed)
+        return _interval(r.mean(), m, r.shape[1], level)
     (a,) = _aligned(x=x)
     idx = resample_indices(len(a), n_boot, seed)
     return _interval(a.mean(), a[idx].mean(axis=1), len(a), level)
 
 
-def bootstrap_diff(x, y, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> Interval:
-    """mean(x − y) for per-scan scores aligned by scan (e.g. controlled − uncontrolled)."""
+def bootstrap_diff(x, y, n_boot: int = 2000, seed: int = 0, level: float = 0.95,
+                   resample_seeds: bool = False) -> Interval:
+    """mean(x − y) for per-scan scores aligned by scan (e.g. controlled − uncontrolled); with
+    ``resample_seeds`` each side's seed rows are resampled too (module docstring)."""
+    if resample_seeds:
+        ra, rb = _aligned_rows(x=x, y=y)
+        ma, mb = _two_level_means([ra, rb], n_boot, seed)
+        return _interval(ra.mean() - rb.mean(), ma - mb, ra.shape[1], level)
     a, b = _aligned(x=x, y=y)
     d = a - b
     idx = resample_indices(len(d), n_boot, seed)
     return _interval(d.mean(), d[idx].mean(axis=1), len(d), level)
 
 
-def bootstrap_gain_ratio(num, den, base, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> Interval:
+def bootstrap_gain_ratio(num, den, base, n_boot: int = 2000, seed: int = 0, level: float = 0.95,
+                         resample_seeds: bool = False) -> Interval:
     """(mean(num) − mean(base)) / (mean(den) − mean(base)), the three aligned by scan and
-    resampled jointly (same indices for all), e.g. combined gain ÷ single gain over uncontrolled.
+    resampled jointly (same indices for all), e.g. combined gain ÷ single gain over uncontrolled;
+    with ``resample_seeds`` each side's seed rows are resampled too (module docstring).
 
     A ratio of gains only means something when the denominator gain is positive. A resample whose
     denominator gain is ≤ 0 counts as ``-inf`` (nothing was kept of no gain), so a denominator
@@ -123,17 +186,24 @@ def bootstrap_gain_ratio(num, den, base, n_boot: int = 2000, seed: int = 0, leve
     are taken without interpolation (lower rank for ``low``, higher rank for ``high``) so that
     infinite resamples stay well defined.
     """
-    a, b, c = _aligned(num=num, den=den, base=base)
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be in (0, 1), got {level}")
-    den_gain = b.mean() - c.mean()
-    value = (a.mean() - c.mean()) / den_gain if den_gain > 0 else float("nan")
-    idx = resample_indices(len(a), n_boot, seed)
-    bc = c[idx].mean(axis=1)
-    ng, dg = a[idx].mean(axis=1) - bc, b[idx].mean(axis=1) - bc
+    if resample_seeds:
+        ra, rb, rc = _aligned_rows(num=num, den=den, base=base)
+        ma, mb, mc = _two_level_means([ra, rb, rc], n_boot, seed)
+        full = (ra.mean(), rb.mean(), rc.mean())
+        ng, dg, n = ma - mc, mb - mc, ra.shape[1]
+    else:
+        a, b, c = _aligned(num=num, den=den, base=base)
+        full = (a.mean(), b.mean(), c.mean())
+        idx = resample_indices(len(a), n_boot, seed)
+        bc = c[idx].mean(axis=1)
+        ng, dg, n = a[idx].mean(axis=1) - bc, b[idx].mean(axis=1) - bc, len(a)
+    den_gain = full[1] - full[2]
+    value = (full[0] - full[2]) / den_gain if den_gain > 0 else float("nan")
     with np.errstate(divide="ignore", invalid="ignore"):
         boots = np.where(dg > 0, ng / np.where(dg > 0, dg, 1.0), -np.inf)
     q = (1.0 - level) / 2.0
     lo = float(np.quantile(boots, q, method="lower"))
     hi = float(np.quantile(boots, 1.0 - q, method="higher"))
-    return Interval(float(value), lo, hi, len(a), level)
+    return Interval(float(value), lo, hi, n, level)

@@ -115,3 +115,52 @@ def test_interval_clears_uses_lower_end():
     assert Interval(0.3, 0.21, 0.4, 10).clears(0.2)
     assert not Interval(0.3, 0.19, 0.4, 10).clears(0.2)
     assert Interval(0.3, 0.2, 0.4, 10).to_dict() == {"value": 0.3, "low": 0.2, "high": 0.4, "n": 10, "level": 0.95}
+
+
+# ---------------------------------------------------------------------------- seeds resampled too
+def test_resampled_seeds_widen_a_difference_that_holds_only_on_average():
+    """A beats B by +0.005 on every scan once seeds are averaged, but A's two seeds are +0.03 and
+    +0.00 over the scan baseline and B's are +0.01 twice. Over scans alone the interval is the
+    single point +0.005; with seeds resampled, the resamples are exactly -0.01 (A's worse seed
+    twice: 1/4), +0.005 (1/2) and +0.02 (1/4), so the 2.5th percentile is -0.01."""
+    base = np.random.default_rng(0).random(40)
+    a = np.stack([base + 0.03, base + 0.00])
+    b = np.stack([base + 0.01, base + 0.01])
+    scans_only = bootstrap_diff(a, b)
+    assert scans_only.value == pytest.approx(0.005) and scans_only.low == pytest.approx(0.005)
+    two = bootstrap_diff(a, b, n_boot=4000, resample_seeds=True)
+    assert two.value == pytest.approx(0.005)
+    assert two.low == pytest.approx(-0.01) and two.high == pytest.approx(0.02)
+    assert not two.clears(0.0) and scans_only.clears(0.0)
+    # A whose worse seed still beats B's better one keeps its claim
+    a2 = np.stack([base + 0.03, base + 0.02])
+    assert bootstrap_diff(a2, b, resample_seeds=True).low == pytest.approx(0.01)
+
+
+def test_resampled_seeds_with_one_seed_per_side_is_the_scan_bootstrap():
+    rng = np.random.default_rng(3)
+    x, y, z = rng.random(50), rng.random(50), rng.random(50) - 0.4
+    for got, want in ((bootstrap_diff(x, y, seed=5, resample_seeds=True), bootstrap_diff(x, y, seed=5)),
+                      (bootstrap_mean(x[None], seed=5, resample_seeds=True), bootstrap_mean(x, seed=5)),
+                      (bootstrap_gain_ratio(x, y, z, seed=5, resample_seeds=True), bootstrap_gain_ratio(x, y, z, seed=5))):
+        assert got.value == pytest.approx(want.value) and got.n == want.n
+        assert got.low == pytest.approx(want.low) and got.high == pytest.approx(want.high)
+
+
+def test_resampled_seeds_gain_ratio_known_case():
+    """Combined keeps 0.95 and 0.80 of the single gain (+0.2 over the uncontrolled scan baseline)
+    in its two seeds: on average 0.875, and with seeds resampled the worse seed twice gives 0.80."""
+    base = np.random.default_rng(1).random(30)
+    single = base + 0.2
+    comb = np.stack([base + 0.19, base + 0.16])
+    r = bootstrap_gain_ratio(comb, single, base, n_boot=4000, resample_seeds=True)
+    assert r.value == pytest.approx(0.875)
+    assert r.low == pytest.approx(0.80) and r.high == pytest.approx(0.95)
+    assert bootstrap_gain_ratio(comb, single, base).low == pytest.approx(0.875)
+
+
+def test_resampled_seeds_still_need_the_same_scans():
+    with pytest.raises(ValueError, match="same scans"):
+        bootstrap_diff(np.zeros((2, 5)), np.zeros((2, 6)), resample_seeds=True)
+    with pytest.raises(ValueError, match="NaN"):
+        bootstrap_diff(np.array([[0.1, np.nan]]), np.zeros((1, 2)), resample_seeds=True)

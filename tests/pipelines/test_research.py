@@ -294,6 +294,32 @@ def test_report_on_known_numbers():
     assert steps_to_fraction([(0, 0.5), (10, 0.4)]) is None
 
 
+
+def test_report_checks_hold_across_seeds_not_only_on_average():
+    """The adapter beats the random control by +0.005 on average over its two seeds, but its worse
+    seed (+0.00) loses to the control's seeds (+0.01): the check resamples seeds and fails, while
+    the scans-only interval (seeds averaged) would have passed and is kept beside it."""
+    from ctrlora.evaluation.research import research_report
+
+    n = 200
+    unc = np.random.default_rng(4).uniform(0.2, 0.3, n)
+    on = lambda *gains: np.stack([unc + 0.3 + g for g in gains])  # noqa: E731
+    methods = {"adapter": {"scores": on(0.03, 0.0), "trainable_params": 10, "total_params": 110},
+               "full_finetune": {"scores": on(0.0, 0.0), "trainable_params": 100, "total_params": 100},
+               "adapter_unet_copy": {"scores": on(-0.02, -0.02), "trainable_params": 10, "total_params": 110},
+               "adapter_random": {"scores": on(0.01, 0.01), "trainable_params": 10, "total_params": 110}}
+    rep = research_report(unc, methods, n_boot=1000, seed=0)
+    c = rep["quality_bar"]["checks"]
+    rnd = c["adapter_vs_adapter_random"]
+    assert rnd["value"] == pytest.approx(0.005) and rnd["low"] == pytest.approx(-0.01) and not rnd["pass"]
+    assert rnd["scans_only"]["low"] == pytest.approx(0.005)
+    # the UNet copy loses on both seeds: the adapter's worse seed still beats it
+    assert c["adapter_vs_adapter_unet_copy"]["low"] == pytest.approx(0.02) and c["adapter_vs_adapter_unet_copy"]["pass"]
+    assert rep["methods"]["adapter"]["fidelity_per_seed"] == pytest.approx([unc.mean() + 0.33, unc.mean() + 0.3],
+                                                                           abs=1e-6)
+    assert rep["methods"]["adapter"]["gain"]["low"] == pytest.approx(0.3, abs=1e-6)
+
+
 # ---------------------------------------------------------------------------- the two DVC graphs
 def test_research_graph_parses_and_production_graph_is_lean():
     out = subprocess.run([DVC, "stage", "list", "research/dvc.yaml"], cwd=REPO, capture_output=True, text=True,
