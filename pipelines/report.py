@@ -166,13 +166,21 @@ def research_table(rs: dict, sweep: dict | None) -> list[str]:
         scans_only = f"[{_f(so.get('low'))}, {_f(so.get('high'))}]" if so else "–"
         op = "≤" if name.endswith("param_fraction") else ("> " if c.get("threshold") == 0 else "≥ ")
         lines.append(f"| {name} | {shown} | {scans_only} | {op.strip()} {c.get('threshold')} | {_ok(c)} |")
-    ab = rs.get("embedding_ablation")
-    if ab:
-        lines += ["", f"Embedding ablation ({ab['n_scans']} scans, snapshots at {', '.join(map(str, ab['steps']))} steps): "
+    for key, title in (("embedding_ablation", "Embedding ablation"),
+                       ("base_convergence", "Trained base vs UNet copy, the adapter against steps")):
+        ab = rs.get(key)
+        if not ab:
+            continue
+        pair = [m for m in ab if isinstance(ab[m], dict) and "steps_to_90pct_per_seed" in ab[m]]
+        lines += ["", f"{title} ({ab['n_scans']} scans, snapshots at {', '.join(map(str, ab['steps']))} steps): "
                   "steps to 90 % of the final gain per seed — "
-                  + "; ".join(f"{m}: {ab[m]['steps_to_90pct_per_seed']}" for m in ab if isinstance(ab[m], dict)
-                              and "steps_to_90pct_per_seed" in ab[m])
-                  + f"; converges earlier: **{ab['converges_earlier']}**."]
+                  + "; ".join(f"{m}: {ab[m]['steps_to_90pct_per_seed']}" for m in pair)
+                  + f"; converges earlier: **{ab['converges_earlier']}**.", "",
+                  "| step | " + " | ".join(pair) + f" | {pair[0]} − {pair[1]} [95 %, seeds and scans] |",
+                  "|---|" + "---|" * (len(pair) + 1)]
+        for st in ab["steps"]:
+            lines.append(f"| {st} | " + " | ".join(_f(ab[m]["fidelity"][str(st)]["value"]) for m in pair)
+                         + f" | {_iv(ab['difference'][str(st)])} |")
     lines.append("")
     return lines
 

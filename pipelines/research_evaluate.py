@@ -2,7 +2,8 @@
 ``evaluate.sampling``): every method, every seed, at its selected rate, on the **test** scans of
 the production evaluation (same scans, per-scan sampling seeds and re-detectors), plus the
 uncontrolled backbone -> ``<paths.research>/test_scores.json`` (per-scan fidelity ``[seeds, scans]`` per
-method; for ``cnn`` / ``vae_scratch`` also per snapshot step on the first
+method; for the snapshot methods (``adapter``, ``adapter_unet_copy``, ``cnn``, ``vae_scratch``) also per
+snapshot step on the first
 ``research.ablation_scans`` scans) and ``<paths.reports.research>/samples.png`` (condition, uncontrolled, each
 method's seed-0 image, photograph). ``report`` turns the scores into intervals.
 """
@@ -22,7 +23,6 @@ def test_job(job: tuple) -> dict[str, Any]:
     """``("uncontrolled",)`` or ``(method, rate, seed)``: per-scan test fidelity (+ snapshots)."""
     from ctrlora.evaluation.generation import SamplingConfig
     from ctrlora.evaluation.research import run_scores
-    from ctrlora.models.adapters import BASE_NAME
     from ctrlora.models.controlnet import CtrLoRAControlNet
     from ctrlora.training.baselines import RunSpec, load_run, read_run, run_snapshots
 
@@ -38,8 +38,8 @@ def test_job(job: tuple) -> dict[str, Any]:
     images, scores = run_scores(bb, controlnet, adapter, c, data, det, sampling)
     out = {"job": job, "info": read_run(run), "scores": scores.tolist(), "images": images[:GRID_ROWS], "snapshots": {}}
     sub = data.subset(int(p["ablation_scans"]))
-    for step, d in sorted(run_snapshots(run).items()):
-        _, s = run_scores(bb, CtrLoRAControlNet.from_pretrained(d).eval(), BASE_NAME, c, sub, det, sampling)
+    for step in sorted(run_snapshots(run)):
+        _, s = run_scores(bb, *load_run(run, C.path(p, "base"), step=step), c, sub, det, sampling)
         out["snapshots"][step] = s.tolist()
     C.log(f"[research evaluate] {job[0]} seed {job[2]} (lr {job[1]:g}): {scores.mean():.4f}")
     return out
@@ -79,7 +79,7 @@ def save_samples(p: dict[str, Any], rows: list[dict[str, Any]]) -> None:
 
 
 def main() -> int:
-    from ctrlora.evaluation.research import ABLATION
+    from ctrlora.training.baselines import method
     from pipelines import research_evaluate as me  # picklable by module name in the workers
     from pipelines.research_train import selected_rates
 
@@ -88,7 +88,7 @@ def main() -> int:
         rates = selected_rates(p)
         runs = [(m, rates[m], k) for m in p["methods"] for k in range(int(p["seeds"]))]
         # the snapshot methods generate ~3x more images: start them first so the pool ends level
-        jobs = sorted(runs, key=lambda j: j[0] not in ABLATION) + [(UNCONTROLLED,)]
+        jobs = sorted(runs, key=lambda j: not method(j[0]).snapshots) + [(UNCONTROLLED,)]
         C.log(f"[research evaluate] {len(jobs)} models on up to {p['test_scans']} test scans, {p['workers']} workers")
         rows = C.pool_map(me.test_job, jobs, ("backbone", "test", "detectors"), p["workers"], p["threads"])
         C.write_json(C.path(p, "research") / "test_scores.json", collect(p, rows, rates))

@@ -1,8 +1,9 @@
 """DVC stage ``report`` of the research graph (params: ``research``): the paired bootstrap
 intervals of every comparison from ``<paths.research>/test_scores.json`` -> ``paths.metrics.research``
-(``metrics/research.json``) and the embedding ablation's fidelity-vs-steps curve
-(``<paths.reports.research>/ablation/fidelity_vs_steps.csv`` / ``.png``; the folder stays empty when the
-methods leave the ablation out). Library: :mod:`ctrlora.evaluation.research`."""
+(``metrics/research.json``) and the fidelity-vs-steps curves of the two convergence comparisons in
+``<paths.reports.research>/ablation/``: the embedding ablation (``fidelity_vs_steps.csv`` / ``.png``)
+and the trained base against the UNet copy (``base_vs_unet_copy.csv`` / ``.png``); a comparison
+whose methods are left out writes nothing. Library: :mod:`ctrlora.evaluation.research`."""
 from __future__ import annotations
 
 import sys
@@ -12,25 +13,29 @@ from pipelines import research_common as C
 from pipelines.stage import timed_stage
 
 
-def write_curves(abl: dict[str, Any], unc0: float, reports) -> None:
-    """Seed-averaged fidelity per snapshot step (step 0 = uncontrolled) as CSV + PNG."""
-    from ctrlora.evaluation.grids import plot_curves
-    from ctrlora.evaluation.research import ABLATION
+# report key -> (file stem in the ablation folder, plot title)
+CURVES = {"embedding_ablation": ("fidelity_vs_steps", "embedding ablation"),
+          "base_convergence": ("base_vs_unet_copy", "trained base vs UNet copy")}
 
-    curves = {m: [(0, unc0)] + [(int(s), abl[m]["fidelity"][str(s)]["value"]) for s in abl["steps"]] for m in ABLATION}
-    lines = ["step," + ",".join(ABLATION)]
-    for i, (step, _) in enumerate(curves[ABLATION[0]]):
-        lines.append(f"{step}," + ",".join(f"{curves[m][i][1]:.6f}" for m in ABLATION))
+
+def write_curves(conv: dict[str, Any], pair: tuple[str, str], unc0: float, reports, stem: str, what: str) -> None:
+    """Seed-averaged fidelity per snapshot step (step 0 = uncontrolled) as ``<stem>.csv`` + ``.png``."""
+    from ctrlora.evaluation.grids import plot_curves
+
+    curves = {m: [(0, unc0)] + [(int(s), conv[m]["fidelity"][str(s)]["value"]) for s in conv["steps"]] for m in pair}
+    lines = ["step," + ",".join(pair)]
+    for i, (step, _) in enumerate(curves[pair[0]]):
+        lines.append(f"{step}," + ",".join(f"{curves[m][i][1]:.6f}" for m in pair))
     reports.mkdir(parents=True, exist_ok=True)
-    (reports / "fidelity_vs_steps.csv").write_text("\n".join(lines) + "\n")
-    plot_curves(curves, reports / "fidelity_vs_steps.png", ylabel="fidelity",
-                title=f"embedding ablation: fidelity vs steps on {abl['n_scans']} test scans (step 0 = no control)")
+    (reports / f"{stem}.csv").write_text("\n".join(lines) + "\n")
+    plot_curves(curves, reports / f"{stem}.png", ylabel="fidelity",
+                title=f"{what}: fidelity vs steps on {conv['n_scans']} test scans (step 0 = no control)")
 
 
 def main() -> int:
     import numpy as np
 
-    from ctrlora.evaluation.research import research_report
+    from ctrlora.evaluation.research import CONVERGENCE, research_report
 
     p = C.params()
     with timed_stage("research_report"):
@@ -43,11 +48,13 @@ def main() -> int:
                                               for m in p["methods"]},
                   **report}
         C.write_json(C.path(p, "metrics", "research"), report)
-        abl = report.get("embedding_ablation")
-        (C.path(p, "reports", "research") / "ablation").mkdir(parents=True, exist_ok=True)
-        if abl:
-            unc0 = float(np.mean(scores["uncontrolled"][: abl["n_scans"]]))
-            write_curves(abl, unc0, C.path(p, "reports", "research") / "ablation")
+        folder = C.path(p, "reports", "research") / "ablation"
+        folder.mkdir(parents=True, exist_ok=True)
+        for key, (stem, what) in CURVES.items():
+            conv = report.get(key)
+            if conv:
+                unc0 = float(np.mean(scores["uncontrolled"][: conv["n_scans"]]))
+                write_curves(conv, CONVERGENCE[key], unc0, folder, stem, what)
         bar = report["quality_bar"]
         for name, chk in bar["checks"].items():
             C.log(f"[research report] {name}: {chk['value']} [{chk['low']}, {chk['high']}] vs {chk['threshold']}"

@@ -17,9 +17,10 @@ scans-only interval (seeds averaged first) beside it, and each method its per-se
   ``adapter_vs_full_finetune`` (adapter gain / full fine-tune gain >= 0.9),
   ``adapter_param_fraction`` (exact, <= 0.15), ``adapter_vs_adapter_unet_copy`` and
   ``adapter_vs_adapter_random`` (difference > 0);
-* the embedding ablation (:func:`ablation_report`): fidelity per snapshot step, steps to 90 % of
-  the final gain per method and seed, and the interval of the ``cnn`` − ``vae_scratch``
-  difference at every step.
+* two convergence comparisons (:func:`convergence_report`): the embedding ablation (``cnn`` vs
+  ``vae_scratch``) and whether the trained base speeds learning (``adapter`` vs
+  ``adapter_unet_copy``): fidelity per snapshot step, steps to 90 % of the final gain per method
+  and seed, and the interval of the difference at every step.
 """
 from __future__ import annotations
 
@@ -30,9 +31,13 @@ import numpy as np
 from .quality_bar import FULL_FINETUNE_RATIO, interval_check, missing_check, param_check
 from .stats import bootstrap_diff, bootstrap_gain_ratio, bootstrap_mean
 
-__all__ = ["run_scores", "steps_to_fraction", "research_report", "ablation_report", "ABLATION"]
+__all__ = ["run_scores", "steps_to_fraction", "research_report", "convergence_report", "ABLATION", "BASE_PAIR",
+           "CONVERGENCE"]
 
 ABLATION = ("cnn", "vae_scratch")
+BASE_PAIR = ("adapter", "adapter_unet_copy")
+# report key -> the two methods whose snapshots it compares
+CONVERGENCE = {"embedding_ablation": ABLATION, "base_convergence": BASE_PAIR}
 
 
 def run_scores(backbone, controlnet, adapter: str | None, condition: str, data, detectors: Mapping[str, Any],
@@ -94,8 +99,9 @@ def research_report(uncontrolled: Sequence[float], methods: Mapping[str, Mapping
             "gain": _iv(bootstrap_diff(s, unc, n_boot, seed, resample_seeds=True)),
             "fidelity_per_seed": [round(float(r.mean()), 6) for r in s]}
     out["quality_bar"] = _checks(unc, scores, methods, n_boot, seed)
-    if all(m in methods and methods[m].get("snapshots") for m in ABLATION):
-        out["embedding_ablation"] = ablation_report(unc, {m: methods[m]["snapshots"] for m in ABLATION}, n_boot, seed)
+    for key, pair in CONVERGENCE.items():
+        if all(m in methods and methods[m].get("snapshots") for m in pair):
+            out[key] = convergence_report(unc, {m: methods[m]["snapshots"] for m in pair}, pair, n_boot, seed)
     return out
 
 
@@ -136,21 +142,21 @@ def _checks(unc, scores, methods, n_boot, seed) -> dict[str, Any]:
     return {"checks": checks, "passed": passed, "total": len(checks), "pass": passed == len(checks)}
 
 
-def ablation_report(uncontrolled: Sequence[float], snapshots: Mapping[str, Mapping[int, Any]],
-                    n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
-    """Fidelity against training steps of the two embedding methods (``snapshots[m][step]``:
+def convergence_report(uncontrolled: Sequence[float], snapshots: Mapping[str, Mapping[int, Any]],
+                       pair: tuple[str, str] = ABLATION, n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Fidelity against training steps of the two methods of ``pair`` (``snapshots[m][step]``:
     ``[seeds, scans]`` on the first ``scans`` scans of ``uncontrolled``'s, step 0 = no control)."""
-    a_name, b_name = ABLATION
+    a_name, b_name = pair
     snaps = {m: {int(s): np.atleast_2d(np.asarray(v, dtype=np.float64)) for s, v in snapshots[m].items()}
-             for m in ABLATION}
+             for m in pair}
     steps = sorted(set(snaps[a_name]) & set(snaps[b_name]))
     if not steps:
-        raise ValueError("embedding ablation: the two methods share no snapshot step")
+        raise ValueError(f"{a_name} vs {b_name}: the two methods share no snapshot step")
     n = next(iter(snaps[a_name].values())).shape[-1]
     unc = np.asarray(uncontrolled, dtype=np.float64)[:n]
     out: dict[str, Any] = {"n_scans": int(n), "steps": steps, "step_0": "uncontrolled (no control)"}
     to90 = {}
-    for m in ABLATION:
+    for m in pair:
         n_seeds = snaps[m][steps[0]].shape[0]
         per_seed = [steps_to_fraction([(0, float(unc.mean()))] + [(s, float(snaps[m][s][k].mean())) for s in steps])
                     for k in range(n_seeds)]
@@ -161,14 +167,14 @@ def ablation_report(uncontrolled: Sequence[float], snapshots: Mapping[str, Mappi
     out["difference"] = {str(s): _iv(bootstrap_diff(snaps[a_name][s], snaps[b_name][s], n_boot, seed,
                                                     resample_seeds=True)) for s in steps}
     out["difference_what"] = f"fidelity({a_name}) - fidelity({b_name}) at each step, seeds and scans resampled"
-    out["converges_earlier"] = _earlier(to90)
+    out["converges_earlier"] = _earlier(to90, pair)
     return out
 
 
-def _earlier(to90: Mapping[str, list[float | None]]) -> str:
+def _earlier(to90: Mapping[str, list[float | None]], pair: tuple[str, str]) -> str:
     """The method whose every seed reaches 90 % of its gain before every seed of the other, else
     ``"undecided"`` (a seed that never gains counts as never reaching it)."""
-    a, b = ABLATION
+    a, b = pair
     big = float("inf")
     sa = [big if x is None else x for x in to90[a]]
     sb = [big if x is None else x for x in to90[b]]

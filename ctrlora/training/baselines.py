@@ -19,8 +19,9 @@ method               starting ControlNet                            trains
 
 ``adapter`` vs ``adapter_unet_copy`` asks whether base training matters (the informative
 control: same weights a user could start from for free); ``adapter_random`` is the weak control.
-``cnn`` vs ``vae_scratch`` is the condition-embedding ablation; both save snapshots during
-training so fidelity can be plotted against steps.
+``cnn`` vs ``vae_scratch`` is the condition-embedding ablation. Both pairs save snapshots during
+training (the whole ControlNet, or the adapter), so fidelity can be plotted against steps: how
+early each method learns, not only where it ends.
 
 Seeds: run seed ``k`` trains with ``recipe.train.seed + k`` (batches, noise, timesteps, prompt
 dropout, and the ``max_pairs`` subset the trainer draws) and initialises the random parts (LoRA
@@ -33,7 +34,8 @@ ControlNet is the averaged one (the trainer copies it in at the end), the last s
 A run directory holds ``run.json`` (method, condition, rate, seed, parameter counts), then
 ``controlnet/`` (``save_pretrained``: the fine-tuned ControlNet, or the untouched starting
 ControlNet of an adapter run, omitted when that is the trained base), ``adapter/`` for adapter
-methods and ``snapshots/step_<k>/`` for snapshot methods.
+methods and ``snapshots/step_<k>/`` (a ControlNet, or an adapter for adapter methods) for
+snapshot methods.
 """
 from __future__ import annotations
 
@@ -62,12 +64,12 @@ class Method:
     init: str              # "base" (trained Base ControlNet) | "unet_copy" | "random"
     mode: str              # "adapter" (only the condition's adapter trains) | "full" (every weight)
     embedding: str = "vae"  # "vae" (condition latent) | "cnn" (hint CNN on the condition image)
-    snapshots: bool = False  # save the ControlNet every ``snapshot_every`` steps
+    snapshots: bool = False  # save the trained weights every ``snapshot_every`` steps (ControlNet or adapter)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("adapter", init="base", mode="adapter"),
-    Method("adapter_unet_copy", init="unet_copy", mode="adapter"),
+    Method("adapter", init="base", mode="adapter", snapshots=True),
+    Method("adapter_unet_copy", init="unet_copy", mode="adapter", snapshots=True),
     Method("adapter_random", init="random", mode="adapter"),
     Method("full_finetune", init="base", mode="full"),
     Method("cnn", init="unet_copy", mode="full", embedding="cnn", snapshots=True),
@@ -191,7 +193,8 @@ def train_run(spec: RunSpec, backbone, cache, condition: str, recipe: Recipe, ou
 
     def on_log(row: dict) -> None:
         if int(row["step"]) in snaps:
-            controlnet.save_pretrained(out / "snapshots" / f"step_{int(row['step']):05d}")
+            _save_weights(controlnet, m, condition, bh, out / "snapshots" / f"step_{int(row['step']):05d}",
+                          {"step": int(row["step"])})
 
     result = train_condition(controlnet, backbone.unet, backbone.scheduler, cache, condition,
                              ControlNetTrainConfig(train, prompt_dropout=recipe.prompt_dropout), mode=m.mode,
@@ -204,23 +207,37 @@ def train_run(spec: RunSpec, backbone, cache, condition: str, recipe: Recipe, ou
             "init": m.init, "embedding": m.embedding, "rank": recipe.rank if m.mode == "adapter" else None,
             "trainable_params": int(sum(p.numel() for p in controlnet.parameters() if p.requires_grad)),
             "total_params": int(sum(p.numel() for p in controlnet.parameters())),
-            "snapshot_steps": [s for s in snaps if (out / "snapshots" / f"step_{s:05d}" / "config.json").is_file()]}
+            "snapshot_steps": [s for s in snaps if _weights_written(out / "snapshots" / f"step_{s:05d}", m)]}
     if info["snapshot_steps"] != snaps:
         raise RuntimeError(f"{spec.key}: snapshots {sorted(set(snaps) - set(info['snapshot_steps']))} not written")
     _save_run(controlnet, m, condition, bh, out, info)
     return {**info, "history": result.history}
 
 
-def _save_run(controlnet, m: Method, condition: str, bh: str | None, out: Path, info: dict) -> None:
+def _save_weights(controlnet, m: Method, condition: str, bh: str | None, folder: Path, extra: dict) -> None:
+    """What a run trains, into ``folder``: the condition's adapter (adapter methods) or the whole
+    ControlNet."""
     from ctrlora.models.adapters import save_adapter
 
     if m.mode == "adapter":
+        save_adapter(controlnet, condition, folder, base_hash=bh, extra={"stage": "research", "method": m.name, **extra})
+    else:
+        controlnet.save_pretrained(folder)
+
+
+def _weights_written(folder: Path, m: Method) -> bool:
+    from ctrlora.models.adapters import ADAPTER_CONFIG
+
+    return (folder / (ADAPTER_CONFIG if m.mode == "adapter" else "config.json")).is_file()
+
+
+def _save_run(controlnet, m: Method, condition: str, bh: str | None, out: Path, info: dict) -> None:
+    if m.mode == "adapter":
         if m.init != "base":  # the trained base is loaded from its own directory
             controlnet.save_pretrained(out / "controlnet")
-        save_adapter(controlnet, condition, out / "adapter", base_hash=bh,
-                     extra={"stage": "research", "method": m.name, "steps": info["steps"]})
+        _save_weights(controlnet, m, condition, bh, out / "adapter", {"steps": info["steps"]})
     else:
-        controlnet.save_pretrained(out / "controlnet")
+        _save_weights(controlnet, m, condition, bh, out / "controlnet", {})
     (out / RUN_INFO).write_text(json.dumps(info, indent=1) + "\n")
 
 
@@ -231,27 +248,32 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def load_run(run_dir: str | Path, base_dir: str | Path | None = None):
+def load_run(run_dir: str | Path, base_dir: str | Path | None = None, step: int | None = None):
     """``(controlnet, adapter)`` of a run, in eval mode: ``adapter`` is the name to generate with
     (the condition for adapter methods, ``"__base__"`` = the ControlNet itself otherwise). Adapter
-    runs on the trained base need ``base_dir``; the adapter's recorded base hash is checked."""
+    runs on the trained base need ``base_dir``; the adapter's recorded base hash is checked.
+    ``step``: the run's snapshot at that step instead of its final weights."""
     from ctrlora.models.adapters import BASE_NAME, load_adapter
     from ctrlora.models.controlnet import CtrLoRAControlNet
 
     run = Path(run_dir)
     info = read_run(run)
+    if step is not None:
+        snaps = run_snapshots(run)
+        if int(step) not in snaps:
+            raise ValueError(f"{run}: no snapshot at step {step} (snapshots: {sorted(snaps)})")
     own = run / "controlnet"
     if info["mode"] != "adapter":
-        return CtrLoRAControlNet.from_pretrained(own).eval(), BASE_NAME
+        return CtrLoRAControlNet.from_pretrained(own if step is None else snaps[int(step)]).eval(), BASE_NAME
     if not (own / "config.json").is_file() and base_dir is None:
         raise ValueError(f"{run}: adapter on the trained base: pass base_dir")
     controlnet = CtrLoRAControlNet.from_pretrained(own if (own / "config.json").is_file() else base_dir)
-    load_adapter(controlnet, run / "adapter", name=info["condition"])
+    load_adapter(controlnet, run / "adapter" if step is None else snaps[int(step)], name=info["condition"])
     return controlnet.eval(), info["condition"]
 
 
 def run_snapshots(run_dir: str | Path) -> dict[int, Path]:
-    """``{step: snapshot directory}`` of a snapshot run (load with ``CtrLoRAControlNet.from_pretrained``)."""
+    """``{step: snapshot directory}`` of a snapshot run (load with :func:`load_run` ``step=``)."""
     run = Path(run_dir)
     return {int(s): run / "snapshots" / f"step_{int(s):05d}" for s in read_run(run).get("snapshot_steps", [])}
 

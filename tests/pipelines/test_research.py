@@ -198,6 +198,17 @@ def test_each_method_trains_the_right_parameters(graph):
         s2 = CtrLoRAControlNet.from_pretrained(runs[m] / "snapshots" / "step_00002")
         assert s1.config.condition_embedding == kind
         assert not torch.equal(s1.controlnet_mid_block.weight, s2.controlnet_mid_block.weight)
+    # adapter snapshots are adapters: the last one is the run's final adapter, the first differs
+    from ctrlora.models.adapters import adapter_state_dict
+    for m in ("adapter", "adapter_unet_copy"):
+        assert info[m]["snapshot_steps"] == [1, 2] and (runs[m] / "snapshots" / "step_00001" / "adapter_config.json").is_file()
+        final = adapter_state_dict(*load_run(runs[m], root / "base"))
+        last = adapter_state_dict(*load_run(runs[m], root / "base", step=2))
+        first = adapter_state_dict(*load_run(runs[m], root / "base", step=1))
+        assert all(torch.equal(final[k], last[k]) for k in final), m
+        assert any(not torch.equal(final[k], first[k]) for k in final), m
+    with pytest.raises(ValueError, match="no snapshot at step 3"):
+        load_run(runs["adapter"], root / "base", step=3)
 
 
 def test_adapter_methods_leave_the_starting_controlnet_frozen(world, tmp_path):
@@ -232,9 +243,11 @@ def test_evaluate_and_report(graph):
     for m in METHODS:
         e = scores["methods"][m]
         assert e["seeds"] == [0, 1] and np.asarray(e["scores"]).shape == (2, 5), m
-    for m in ("cnn", "vae_scratch"):
+    for m in ("cnn", "vae_scratch", "adapter", "adapter_unet_copy"):
         snaps = scores["methods"][m]["snapshots"]
         assert sorted(int(s) for s in snaps) == [1, 2] and np.asarray(snaps["1"]).shape == (2, 3)
+    for m in ("adapter_random", "full_finetune"):
+        assert "snapshots" not in scores["methods"][m]
     rep = _json(paths["metrics"]["research"])
     bar = rep["quality_bar"]
     assert set(bar["checks"]) == {"adapter_vs_full_finetune", "adapter_param_fraction", "adapter_vs_adapter_unet_copy",
@@ -251,6 +264,12 @@ def test_evaluate_and_report(graph):
     assert set(abl["difference"]) == {"1", "2"}
     csv = (root / "reports" / "ablation" / "fidelity_vs_steps.csv").read_text().splitlines()
     assert csv[0] == "step,cnn,vae_scratch" and [ln.split(",")[0] for ln in csv[1:]] == ["0", "1", "2"]
+    conv = rep["base_convergence"]
+    assert conv["steps"] == [1, 2] and set(conv["difference"]) == {"1", "2"}
+    assert len(conv["adapter"]["steps_to_90pct_per_seed"]) == 2
+    csv = (root / "reports" / "ablation" / "base_vs_unet_copy.csv").read_text().splitlines()
+    assert csv[0] == "step,adapter,adapter_unet_copy" and len(csv) == 4
+    assert (root / "reports" / "ablation" / "base_vs_unet_copy.png").stat().st_size > 0
     assert (root / "reports" / "samples.png").stat().st_size > 0
 
 
