@@ -199,3 +199,23 @@ def trained_detectors(params: dict, conditions: list[str]) -> dict:
                 raise SystemExit(f"{root / c}: no re-detector for {c!r} (run the `detectors` stage first)")
             out[c] = load_detector(root / c)
     return out
+
+
+def add_validation_args(p, evaluate: dict, scans: int) -> None:
+    """The options of a benchmark that generates on the validation split of the trained default:
+    scans, guidance, seed and batch (evaluate's gate pass by default), bootstrap, device, threads."""
+    p.add_argument("--scans", type=int, default=scans, help="first N validation scans (scan-id order)")
+    p.add_argument("--guidance", type=float, default=float(evaluate.get("gate_guidance", 1.0)))
+    p.add_argument("--seed", type=int, default=int(evaluate["sampling"]["seed"]))
+    p.add_argument("--batch", type=int, default=int(evaluate["sampling"]["batch_size"]))
+    p.add_argument("--n-boot", type=int, default=2000)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default 1)")
+
+
+def run_and_save(run, args) -> dict:
+    """A benchmark's ``main``: ``run(args)``, its JSON written to ``args.out``."""
+    report = run(args)
+    save_json(report, args.out)
+    print(f"-> {args.out}")
+    return report

@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (ROOT, adapter_dirs, check_device, environment, params_yaml, repo_path,  # noqa: E402
-                     save_json, set_threads, trained_backbone, trained_detectors)
+from _common import (ROOT, adapter_dirs, add_validation_args, check_device, environment,  # noqa: E402
+                     params_yaml, repo_path, run_and_save, set_threads, trained_backbone, trained_detectors)
 
 DEFAULT_WEIGHTS = (1.0, 2.0, 3.0)
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "cpu_condition_weights.json"
@@ -69,7 +69,7 @@ def sweep(pipe, data, detectors: dict, conditions: list[str], weights: list[floa
     from ctrlora.evaluation.fidelity import PRIMARY_METRIC
     from ctrlora.evaluation.stats import bootstrap_diff, bootstrap_gain_ratio
 
-    def primary(c: str, images) -> "np.ndarray":  # noqa: F821
+    def primary(c: str, images):
         return scan_scores(c, images, data, detectors, canny)[PRIMARY_METRIC[c]]
 
     def image_means(images) -> dict:
@@ -155,13 +155,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weights", type=float, nargs="+", default=list(DEFAULT_WEIGHTS))
     p.add_argument("--combined", nargs="+", default=list(ev.get("combined") or []),
                    help="conditions combined at each weight ('none' to skip)")
-    p.add_argument("--scans", type=int, default=128, help="first N validation scans (scan-id order)")
-    p.add_argument("--guidance", type=float, default=float(ev.get("gate_guidance", 1.0)))
-    p.add_argument("--seed", type=int, default=int(ev["sampling"]["seed"]))
-    p.add_argument("--batch", type=int, default=int(ev["sampling"]["batch_size"]))
-    p.add_argument("--n-boot", type=int, default=2000)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default 1)")
+    add_validation_args(p, ev, scans=128)
     p.add_argument("--out", default=str(DEFAULT_OUT))
     args = p.parse_args(argv)
     if args.combined in (["none"], []):
@@ -173,11 +167,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    report = run(args)
-    save_json(report, args.out)
-    print(f"-> {args.out}")
-    return report
+    return run_and_save(run, parse_args(argv))
 
 
 if __name__ == "__main__":

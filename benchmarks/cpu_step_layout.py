@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, alternating, environment, params_yaml, ratio, save_json  # noqa: E402
+from _common import ROOT, alternating, environment, params_yaml, ratio, run_and_save  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "cpu_step_layout.json"
 STAGE_PRECISION = {"unet": "fp32", "vae": "bf16"}  # what the backbone stage trains each model in
@@ -170,10 +170,7 @@ def main(argv=None) -> dict | None:
         model, precision, batch = args.child
         print(json.dumps(child(model, precision, int(batch), args.steps, args.warmup)))
         return None
-    report = run(args)
-    save_json(report, args.out)
-    print(f"-> {args.out}")
-    return report
+    return run_and_save(run, args)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (ROOT, adapter_dirs, check_device, environment, params_yaml, repo_path,  # noqa: E402
-                     save_json, set_threads, trained_backbone, trained_detectors)
+from _common import (ROOT, adapter_dirs, add_validation_args, check_device, environment,  # noqa: E402
+                     params_yaml, repo_path, run_and_save, set_threads, trained_backbone, trained_detectors)
 
 DEFAULT_STEPS = (4, 8, 12, 20, 50)
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "cpu_sampler_steps.json"
@@ -100,13 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--conditions", nargs="+", default=["lighting", "segmentation"])
     p.add_argument("--schedulers", nargs="+", default=["ddim", "dpm", "dpm_karras", "unipc"])
     p.add_argument("--steps", type=int, nargs="+", default=list(DEFAULT_STEPS))
-    p.add_argument("--scans", type=int, default=64, help="first N validation scans (scan-id order)")
-    p.add_argument("--guidance", type=float, default=float(ev.get("gate_guidance", 1.0)))
-    p.add_argument("--seed", type=int, default=int(ev["sampling"]["seed"]))
-    p.add_argument("--batch", type=int, default=int(ev["sampling"]["batch_size"]))
-    p.add_argument("--n-boot", type=int, default=2000)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default 1)")
+    add_validation_args(p, ev, scans=64)
     p.add_argument("--out", default=str(DEFAULT_OUT))
     args = p.parse_args(argv)
     if min(args.steps) < 1 or args.scans < 1:
@@ -115,11 +109,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    report = run(args)
-    save_json(report, args.out)
-    print(f"-> {args.out}")
-    return report
+    return run_and_save(run, parse_args(argv))
 
 
 if __name__ == "__main__":
