@@ -15,7 +15,7 @@ from pipelines.stage import timed_stage
 
 # report key -> (file stem in the ablation folder, plot title)
 CURVES = {"embedding_ablation": ("fidelity_vs_steps", "embedding ablation"),
-          "base_convergence": ("base_vs_unet_copy", "trained base vs UNet copy")}
+          "base_convergence": ("base_vs_unet_copy", "base vs UNet copy")}
 
 
 def write_curves(conv: dict[str, Any], pair: tuple[str, str], unc0: float, reports, stem: str, what: str) -> None:
@@ -29,7 +29,7 @@ def write_curves(conv: dict[str, Any], pair: tuple[str, str], unc0: float, repor
     reports.mkdir(parents=True, exist_ok=True)
     (reports / f"{stem}.csv").write_text("\n".join(lines) + "\n")
     plot_curves(curves, reports / f"{stem}.png", ylabel="fidelity",
-                title=f"{what}: fidelity vs steps on {conv['n_scans']} test scans (step 0 = no control)")
+                title=f"{what}, {conv['n_scans']} test scans (step 0: no control)")
 
 
 def main() -> int:
