@@ -219,3 +219,19 @@ def run_and_save(run, args) -> dict:
     save_json(report, args.out)
     print(f"-> {args.out}")
     return report
+
+
+def trained_validation_setup(params: dict, conditions: list[str], scans: int, device: str):
+    """``(data, detectors, pipe)`` for a benchmark on the validation split of the trained default:
+    the first ``scans`` validation scans with ``conditions``, their trained re-detectors, and a
+    pipeline over the trained backbone and base with each condition's adapter, on ``device``."""
+    from ctrlora.evaluation.loading import load_models, load_split
+    from ctrlora.pipeline import CtrLoRAPipeline
+
+    paths = params["paths"]
+    models = load_models(trained_backbone(params), repo_path(paths["base"]), adapter_dirs(params, conditions))
+    sources = [repo_path(paths["rendered"]), repo_path(paths["scans"])]
+    data = load_split(repo_path(paths["prepared"]), "validation", conditions, sources, scans, progress=False)
+    pipe = CtrLoRAPipeline.from_components(models.backbone, models.controlnet).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return data, trained_detectors(params, conditions), pipe

@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (ROOT, adapter_dirs, add_validation_args, check_device, environment,  # noqa: E402
-                     params_yaml, repo_path, run_and_save, set_threads, trained_backbone, trained_detectors)
+from _common import (ROOT, add_validation_args, check_device, environment, params_yaml,  # noqa: E402
+                     run_and_save, set_threads, trained_validation_setup)
 
 DEFAULT_WEIGHTS = (1.0, 2.0, 3.0)
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "cpu_condition_weights.json"
@@ -106,23 +106,16 @@ def sweep(pipe, data, detectors: dict, conditions: list[str], weights: list[floa
 
 def run(args: argparse.Namespace) -> dict:
     from ctrlora.evaluation.generation import SamplingConfig
-    from ctrlora.evaluation.loading import load_models, load_split
-    from ctrlora.pipeline import CtrLoRAPipeline
 
     check_device(args.device)
     threads = set_threads(args.device, args.threads)
     params = params_yaml()
-    paths, ev = params["paths"], params["evaluate"]
+    ev = params["evaluate"]
     combined = args.combined
     unknown = sorted(set(combined or []) - set(args.conditions))
     if unknown:
         raise SystemExit(f"--combined names conditions not swept: {unknown} (add them to --conditions)")
-    models = load_models(trained_backbone(params), repo_path(paths["base"]), adapter_dirs(params, args.conditions))
-    sources = [repo_path(paths["rendered"]), repo_path(paths["scans"])]
-    data = load_split(repo_path(paths["prepared"]), "validation", args.conditions, sources, args.scans, progress=False)
-    detectors = trained_detectors(params, args.conditions)
-    pipe = CtrLoRAPipeline.from_components(models.backbone, models.controlnet).to(args.device)
-    pipe.set_progress_bar_config(disable=True)
+    data, detectors, pipe = trained_validation_setup(params, args.conditions, args.scans, args.device)
     sampling = SamplingConfig(steps=int(ev["sampling"]["steps"]), scheduler=ev["sampling"]["scheduler"],
                               guidance_scale=args.guidance, batch_size=args.batch, seed=args.seed)
     print(f"{len(data)} validation scans, conditions {args.conditions}, weights {args.weights}, "

@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (ROOT, adapter_dirs, add_validation_args, check_device, environment,  # noqa: E402
-                     params_yaml, repo_path, run_and_save, set_threads, trained_backbone, trained_detectors)
+from _common import (ROOT, add_validation_args, check_device, environment, params_yaml,  # noqa: E402
+                     run_and_save, set_threads, trained_validation_setup)
 
 DEFAULT_STEPS = (4, 8, 12, 20, 50)
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "cpu_sampler_steps.json"
@@ -38,10 +38,9 @@ def run(args: argparse.Namespace) -> dict:
     import numpy as np
 
     from ctrlora.evaluation.generation import SamplingConfig, generate
-    from ctrlora.evaluation.loading import load_models, load_split
     from ctrlora.evaluation.scoring import per_scan_fidelity
     from ctrlora.evaluation.stats import bootstrap_mean
-    from ctrlora.pipeline import SCHEDULERS, CtrLoRAPipeline
+    from ctrlora.pipeline import SCHEDULERS
 
     check_device(args.device)
     threads = set_threads(args.device, args.threads)
@@ -49,13 +48,7 @@ def run(args: argparse.Namespace) -> dict:
     if unknown:
         raise SystemExit(f"unknown sampler(s) {unknown}; known: {list(SCHEDULERS)}")
     params = params_yaml()
-    paths = params["paths"]
-    models = load_models(trained_backbone(params), repo_path(paths["base"]), adapter_dirs(params, args.conditions))
-    sources = [repo_path(paths["rendered"]), repo_path(paths["scans"])]
-    data = load_split(repo_path(paths["prepared"]), "validation", args.conditions, sources, args.scans, progress=False)
-    detectors = trained_detectors(params, args.conditions)
-    pipe = CtrLoRAPipeline.from_components(models.backbone, models.controlnet).to(args.device)
-    pipe.set_progress_bar_config(disable=True)
+    data, detectors, pipe = trained_validation_setup(params, args.conditions, args.scans, args.device)
     steps = sorted(set(args.steps))
     print(f"{len(data)} validation scans, conditions {args.conditions}, samplers {args.schedulers}, steps {steps}",
           flush=True)
