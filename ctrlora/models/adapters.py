@@ -385,8 +385,10 @@ def save_adapter_tensors(
     _check_keys(tensors, layout, "adapter tensors")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # one metadata key: safetensors writes its metadata map in a per-process random order, so two
+    # keys made the bytes (and DVC's hashes) of identical adapters differ from run to run
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(out / ADAPTER_WEIGHTS),
-              metadata={"format": FORMAT, "condition": condition})
+              metadata={"ctrlora": json.dumps({"condition": condition, "format": FORMAT}, sort_keys=True)})
     config = {
         "format": FORMAT,
         "condition": condition,

@@ -279,6 +279,45 @@ def test_adapter_save_load_round_trip(backbone, inputs, tmp_path):
     assert _max_diff(_run(fresh, inputs), expected) == 0.0
 
 
+_SAVE_IN_A_PROCESS = """
+import sys
+import torch
+sys.path.insert(0, sys.argv[2])
+from _models_helpers import randomize_adapter, tiny_test_config, tiny_vocab
+from ctrlora.models import adapters
+from ctrlora.models.backbone import build_tiny_backbone
+from ctrlora.models.controlnet import CtrLoRAControlNet
+torch.manual_seed(0)
+bb = build_tiny_backbone(tiny_test_config(), tiny_vocab())
+cn = CtrLoRAControlNet.from_unet(bb.unet, vae_scale_factor=bb.vae_scale_factor)
+adapters.add_adapter(cn, "normal", rank=4)
+randomize_adapter(cn, "normal", 3)
+adapters.save_adapter(cn, "normal", sys.argv[1], base_hash=adapters.base_hash(cn))
+"""
+
+
+def test_saved_adapter_bytes_are_the_same_in_every_process(tmp_path):
+    """The same adapter saved by separate processes is the same file, byte for byte, so DVC hashes
+    a retrained identical adapter as unchanged (safetensors writes a metadata map of several keys
+    in a per-process random order)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    helpers = str(Path(__file__).resolve().parent.parent)
+    outs = [tmp_path / f"run{i}" for i in range(3)]
+    for out in outs:
+        subprocess.run([sys.executable, "-c", _SAVE_IN_A_PROCESS, str(out), helpers], check=True,
+                       capture_output=True, text=True, timeout=120)
+    files = [(o / "adapter_model.safetensors").read_bytes() for o in outs]
+    assert files[0] == files[1] == files[2]
+    with safe_open(str(outs[0] / "adapter_model.safetensors"), "pt") as f:
+        meta = json.loads(f.metadata()["ctrlora"])
+    assert meta == {"condition": "normal", "format": adapters.FORMAT}
+
+
 def test_load_refuses_wrong_base_rank_or_keys(backbone, tmp_path):
     cn = _cn(backbone)
     adapters.add_adapter(cn, "edge", rank=RANK)
