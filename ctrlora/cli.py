@@ -12,7 +12,9 @@ value), 1 for anything else; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+from typing import Any
 
 from ctrlora import generate_cli
 from ctrlora.data import render_cli
@@ -34,7 +36,7 @@ INPUT_ERRORS = (generate_cli.GenerateError, FileNotFoundError, NotADirectoryErro
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctrlora", description=__doc__.splitlines()[0])
-    debug = dict(action="store_true", default=argparse.SUPPRESS, help="show the traceback of a failure")
+    debug: dict[str, Any] = dict(action="store_true", default=argparse.SUPPRESS, help="show the traceback of a failure")
     parser.add_argument("--debug", **debug)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_) in COMMANDS.items():
@@ -52,8 +54,19 @@ def error_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+def _configure_logging() -> None:
+    """Show the library's progress messages (``ctrlora.*`` loggers, INFO) on stderr as plain
+    lines, unless the host program already configured logging. Other libraries' loggers stay at
+    WARNING: accelerate, for one, logs every checkpoint save and load at INFO."""
+    if logging.getLogger().handlers:
+        return
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("ctrlora").setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _configure_logging()
     debug = getattr(args, "debug", False)
     try:
         return int(args._run(args) or 0)

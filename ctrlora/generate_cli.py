@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 Pairs = dict[str, tuple[str, float | None]]   # name -> (value, weight or None)
 
@@ -180,7 +180,7 @@ def _generate(args, sources: Mapping[str, str]) -> list[Path]:
         "conditions": {n: {"image": conditions[n][0], "weight": conds[n][1]} for n in conditions},
         "images": names,
     }
-    files = {n: (lambda f, img=img: img.save(f)) for n, img in zip(names, out.images)}
+    files: dict[str, Callable[..., Any]] = {n: (lambda f, img=img: img.save(f)) for n, img in zip(names, out.images)}
     files["generate.json"] = lambda f: f.write_text(json.dumps(record, indent=1) + "\n")
     _write_all(out_dir, files)
     return paths

@@ -46,7 +46,7 @@ def load_params(path: str | Path | None = None) -> dict[str, Any]:
 def params_section(dotted: str, path: str | Path | None = None) -> Any:
     """One section of the params file by dotted name, e.g. ``"backbone.tiny"``."""
     node: Any = load_params(path)
-    where = []
+    where: list[str] = []
     for key in dotted.split("."):
         if not isinstance(node, dict) or key not in node:
             found = sorted(node) if isinstance(node, dict) else type(node).__name__

@@ -332,7 +332,7 @@ def _layout_files(scan_dir: Path, layout: str, dir_usable: bool) -> tuple[list[s
     if layout == LANDED_PHOTO:
         photos = [n for n in entries if is_photo_name(n)]
         photo = photos[0] if photos else "photo.jpg"  # a missing photograph is reported under this name
-        known = (photo, READY)
+        known: tuple[str, ...] = (photo, READY)
         return [photo, READY] + [n for n in entries if n not in known], known
     known = PHOTO_SCAN_FILES if layout == PHOTO else REQUIRED_FILES
     return list(known) + [n for n in entries if n not in known], known

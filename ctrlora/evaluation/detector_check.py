@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
+from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 CONDITIONS = ("segmentation", "lighting", "normal", "depth")
 
@@ -33,7 +37,7 @@ def _render(seed: int, n: int, workers: int) -> dict[str, np.ndarray]:
     return {k: np.stack([s[j] for s in scans]) for j, k in enumerate(keys)}
 
 
-def _render_one(job: tuple[int, int]) -> tuple[np.ndarray, ...]:
+def _render_one(job: tuple[int, int]) -> tuple[Any, ...]:
     # imported here: the evaluation library itself does not depend on the data package
     from ctrlora.data.render import render_scan, scan_seed
 
@@ -62,7 +66,7 @@ def check(n_train: int, n_test: int, epochs: int | None, conditions=CONDITIONS, 
         model = train_detector(cfg, train["photo"], target, progress=progress)
         train_s = time.perf_counter() - t
         extra = {"normal_mask": test["segmentation"] > 0} if cond == "normal" else {}
-        scores = condition_fidelity(cond, test["photo"], test[cond], {cond: model}, **extra)
+        scores: dict[str, Any] = condition_fidelity(cond, test["photo"], test[cond], {cond: model}, **extra)
         if cond == "segmentation":
             base = {"miou": M.miou(np.zeros_like(test[cond], dtype=np.int64), test[cond].astype(np.int64), cfg.channels)}
             pred = predict(model, test["photo"])
@@ -79,7 +83,7 @@ def check(n_train: int, n_test: int, epochs: int | None, conditions=CONDITIONS, 
             "held_out": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in scores.items()},
             "trivial_baseline": {k: round(v, 4) for k, v in base.items()},
         }
-        print(json.dumps({cond: report["conditions"][cond]}), file=sys.stderr, flush=True)
+        log.info(json.dumps({cond: report["conditions"][cond]}))  # progress: one condition's result
     return report
 
 
@@ -92,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2, help="render processes")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
+    # the per-condition progress lines go to stderr, the report alone to stdout (unless the host
+    # program configured logging itself)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+        logging.getLogger("ctrlora").setLevel(logging.INFO)
     print(json.dumps(check(a.n_train, a.n_test, a.epochs, a.conditions, a.workers, not a.no_progress), indent=2))
     return 0
 

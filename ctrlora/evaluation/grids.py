@@ -126,7 +126,7 @@ def make_grid(
             draw.text((2, y + sh // 2 - 5), str(row_labels[i]), fill=TEXT, font=font)
         for j, c in enumerate(r):
             x = label_w + PAD + j * (sw + PAD)
-            canvas.paste(Image.fromarray(c).resize((sw, sh), Image.NEAREST), (x, y))
+            canvas.paste(Image.fromarray(c).resize((sw, sh), Image.Resampling.NEAREST), (x, y))
     return canvas
 
 

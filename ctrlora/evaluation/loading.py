@@ -71,8 +71,9 @@ def load_split(prepared_root: str | Path, split: str, conditions: Sequence[str],
     if not ids:
         raise ValueError(f"{root}: no {split} scans with all of {list(conditions)}")
     first = rows[conditions[0]]
-    photos, conds = [], {c: [] for c in conditions}
-    labels = [] if "segmentation" in conditions else None
+    photos: list[np.ndarray] = []
+    conds: dict[str, list[np.ndarray]] = {c: [] for c in conditions}
+    labels: list[np.ndarray] | None = [] if "segmentation" in conditions else None
     sources = [Path(s) for s in scan_sources]
     for sid in tqdm(ids, desc=f"load {split}", disable=not progress, leave=False):
         photos.append(read_png(root / first[sid]["photo"], "RGB"))

@@ -142,7 +142,7 @@ def _checks(unc, scores, methods, n_boot, seed) -> dict[str, Any]:
     return {"checks": checks, "passed": passed, "total": len(checks), "pass": passed == len(checks)}
 
 
-def convergence_report(uncontrolled: Sequence[float], snapshots: Mapping[str, Mapping[int, Any]],
+def convergence_report(uncontrolled: Sequence[float] | np.ndarray, snapshots: Mapping[str, Mapping[int, Any]],
                        pair: tuple[str, str] = ABLATION, n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
     """Fidelity against training steps of the two methods of ``pair`` (``snapshots[m][step]``:
     ``[seeds, scans]`` on the first ``scans`` scans of ``uncontrolled``'s, step 0 = no control)."""

@@ -156,9 +156,10 @@ def summarize_pass(scores: PassScores, cfg: EvalConfig, models: EvalModels, guid
     """One pass's figures: ``conditions`` (per condition: controlled means, uncontrolled primary,
     gain interval), ``combined`` (per combined condition: gain and gain-ratio intervals),
     ``uncontrolled`` (image metrics) and ``quality_bar`` (``gates``: whether this pass decides)."""
-    boot = {"n_boot": cfg.n_boot, "seed": cfg.bootstrap_seed, "level": LEVEL}
+    boot: dict[str, Any] = {"n_boot": cfg.n_boot, "seed": cfg.bootstrap_seed, "level": LEVEL}
     n = len(next(iter(scores.image.values()))["image_psnr"])
-    gains, conditions = {}, {}
+    gains = {}
+    conditions: dict[str, dict[str, Any]] = {}
     for c in cfg.conditions:
         ctrl, unc = scores.primary(c, c), scores.primary(UNCONTROLLED, c)
         gains[c] = bootstrap_diff(ctrl, unc, **boot)
@@ -169,7 +170,8 @@ def summarize_pass(scores: PassScores, cfg: EvalConfig, models: EvalModels, guid
         if c in models.adapter_params:
             entry["adapter_params"] = int(models.adapter_params[c])
         conditions[c] = entry
-    ratios, combined = {}, {"weights": {c: float(w) for c, w in cfg.combined.items()}}
+    ratios = {}
+    combined: dict[str, Any] = {"weights": {c: float(w) for c, w in cfg.combined.items()}}
     for c in cfg.combined:
         comb, single, unc = scores.primary(COMBINED, c), scores.primary(c, c), scores.primary(UNCONTROLLED, c)
         ratios[c] = bootstrap_gain_ratio(comb, single, unc, **boot)

@@ -100,10 +100,10 @@ def load_backbone(path: str | Path, torch_dtype=None) -> Backbone:
     missing = _missing_parts(path)
     if missing:
         raise FileNotFoundError(f"incomplete backbone directory {path}: missing " + ", ".join(missing))
-    common = dict(local_files_only=True, use_safetensors=True)
+    common: dict[str, Any] = dict(local_files_only=True, use_safetensors=True)
     vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=torch_dtype, **common)
     unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=torch_dtype, **common)
-    te_kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
+    te_kwargs: dict[str, Any] = {"dtype": torch_dtype} if torch_dtype is not None else {}
     text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", **te_kwargs, **common)
     tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
     sched_cfg = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
@@ -186,7 +186,8 @@ class TinyBackboneConfig:
                          and f.name not in values)
         if missing:
             raise ValueError(f"the tiny backbone settings lack {missing} (params.yaml backbone.tiny states them)")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        return cls(**kwargs)
 
     @property
     def vae_scale_factor(self) -> int:

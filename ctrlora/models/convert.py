@@ -374,7 +374,7 @@ def run(args) -> int:
         model.load_state_dict(weights, strict=True)
         model.save_pretrained(tmp / "base")
         bh = base_hash(model)
-        report = {"base": str(out / "base"), "base_hash": bh, "discarded_stale_lora_keys": len(stale), "adapters": {}}
+        report: dict[str, Any] = {"base": str(out / "base"), "base_hash": bh, "discarded_stale_lora_keys": len(stale), "adapters": {}}
         for name, path in named:
             try:
                 tensors, rank = convert_adapter(read_state_dict(path), model)

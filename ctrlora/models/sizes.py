@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 # The UNet config of Stable Diffusion 1.5 (diffusers layout), written out so nothing is fetched.
 SD15_UNET_CONFIG = dict(
@@ -42,7 +43,7 @@ SD15_VAE_CONFIG = dict(
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
     block_out_channels=(128, 256, 512, 512), layers_per_block=2, act_fn="silu", norm_num_groups=32,
 )
-SD15_TEXT_CONFIG = dict(
+SD15_TEXT_CONFIG: dict[str, Any] = dict(
     vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
     max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
 )

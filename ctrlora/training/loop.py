@@ -36,6 +36,7 @@ Design choices, in the order they matter:
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,6 +48,8 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adamw", "adamw8bit")
 # Named groups of memory options (``train: {memory_preset: 16gb}``); explicit options win. "16gb"
@@ -161,7 +164,7 @@ def step_generator(seed: int, step: int, stream: int = 0, device: str | torch.de
 def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     """AdamW over ``params``: torch's, or bitsandbytes' 8-bit one (``optimizer: adamw8bit``;
     its moment estimates take 2 bytes per weight instead of 8)."""
-    kwargs = dict(lr=cfg.learning_rate, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
+    kwargs: dict[str, Any] = dict(lr=cfg.learning_rate, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, **kwargs)
     try:
@@ -305,7 +308,8 @@ class Trainer:
             saved = load_file(str(latest / "ema.safetensors"))
             self.ema = [saved[f"p{i}"] for i in range(len(self.ema))]
         state = json.loads((latest / "trainer_state.json").read_text())
-        self.accelerator.print(f"resuming from {latest} (step {state['step']})")
+        if self.accelerator.is_local_main_process:  # once per machine, as accelerator.print did
+            log.info("resuming from %s (step %s)", latest, state["step"])
         return int(state["step"]), list(state["history"])
 
     # -- the loop ----------------------------------------------------------------------------

@@ -173,3 +173,23 @@ def test_base_schedule_gives_a_condition_its_share_of_steps():
         base_schedule(conds, {"lighting": 2})
     with pytest.raises(ValueError, match="whole numbers >= 1"):
         base_schedule(conds, {"canny": 0})
+
+
+def test_resume_is_logged_not_printed(tmp_path, caplog, capsys):
+    def fresh() -> Trainer:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(2, 1)
+        cfg = TrainConfig(max_steps=2, batch_size=2, learning_rate=1e-2, checkpoint_every=2)
+        return Trainer(cfg, model, model.parameters(), checkpoint_dir=tmp_path / "ckpt")
+
+    def loss_fn(m, step, gen):
+        return m(torch.randn(2, 2, generator=gen)).pow(2).mean(), {}
+
+    fresh().fit(loss_fn)
+    capsys.readouterr()
+    with caplog.at_level("INFO", logger="ctrlora.training.loop"):
+        step, _ = fresh().try_resume()
+    assert step == 2
+    assert any(r.levelname == "INFO" and r.getMessage().startswith("resuming from ") and "(step 2)" in r.getMessage()
+               for r in caplog.records), caplog.text
+    assert "resuming from" not in capsys.readouterr().out
