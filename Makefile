@@ -1,6 +1,7 @@
 # The two commands of the README:
 #   make repro   set up .venv if needed, then run the whole DVC pipeline (embedded default)
 #   make test    set up .venv if needed, then run the test suite
+#   make foundation  rebuild the committed foundation (tiny backbone + re-detectors; ~12 min; docs/foundation.md)
 #   make studio  the local web page over the registry (docs/studio.md); STUDIO_ARGS="--port 8000"
 #   make test-sd15  the SD 1.5 path on random weights at 64 px (minutes, ~8 GB; not in make test)
 #   make test-multiprocess  just the training under accelerate with 2 CPU processes (~2 min; also in make test)
@@ -12,12 +13,17 @@ SHELL := /bin/bash
 VENV := .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup repro test test-sd15 test-multiprocess servers-e2e research report
+.PHONY: setup repro foundation test test-sd15 test-multiprocess servers-e2e research report
 setup:
 	@scripts/bootstrap.sh
 
 repro: setup
 	python -m pipelines.repro
+
+# the foundation graph is a DVC project of its own (foundation/): it reads the rendered scans
+foundation: setup
+	dvc repro render
+	cd foundation && dvc repro
 
 test: setup
 	@scripts/browser.sh

@@ -163,14 +163,11 @@ def repo_path(value: str) -> Path:
 
 
 def trained_backbone(params: dict) -> Path:
-    """The backbone folder the default run uses (for ``preset: sd15``, the local directory the
-    backbone stage recorded)."""
-    import json
+    """The backbone folder the default run uses: the directory the ``backbone`` stage recorded
+    (the foundation's tiny backbone, or a local SD 1.5)."""
+    from pipelines.stage import resolve_backbone
 
-    backbone = repo_path(params["paths"]["backbone"])
-    if (backbone / "backbone.json").is_file():
-        backbone = Path(json.loads((backbone / "backbone.json").read_text())["path"])
-    return backbone
+    return resolve_backbone(repo_path(params["paths"]["backbone"]))
 
 
 def adapter_dirs(params: dict, conditions: list[str]) -> dict[str, Path]:

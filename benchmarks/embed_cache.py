@@ -19,7 +19,7 @@ Data: ``--prepared`` + ``--backbone`` (real prepared pairs and a diffusers-layou
 ``--synthetic`` (a randomly initialised tiny backbone and smooth random images, in-process).
 
     python benchmarks/embed_cache.py --synthetic
-    python benchmarks/embed_cache.py --prepared data/prepared --backbone models/backbone --condition lighting
+    python benchmarks/embed_cache.py --prepared data/prepared --backbone foundation/backbone --condition lighting
 """
 from __future__ import annotations
 
@@ -290,7 +290,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     src = p.add_argument_group("data")
     src.add_argument("--synthetic", action="store_true", help="tiny random backbone + synthetic images (in-process)")
     src.add_argument("--prepared", default=None, help="prepared data root (e.g. data/prepared)")
-    src.add_argument("--backbone", default=None, help="diffusers-layout backbone dir (e.g. models/backbone)")
+    src.add_argument("--backbone", default=None, help="diffusers-layout backbone dir (e.g. foundation/backbone)")
     src.add_argument("--base", default=None, help="optional trained base ControlNet dir (e.g. models/base)")
     src.add_argument("--condition", default="lighting")
     src.add_argument("--pairs", type=int, default=64, help="pairs drawn from (default 64)")

@@ -9,7 +9,7 @@ final latents must agree to float round-off (``max_abs_diff`` in the JSON, check
 both alike; per N the median over rounds and the ratio sequential / batched (> 1: batching wins).
 
     # the trained default (models/ from `dvc repro`): backbone, base and its adapters
-    .venv/bin/python benchmarks/multi_condition.py --backbone models/backbone --base models/base
+    .venv/bin/python benchmarks/multi_condition.py --backbone foundation/backbone --base models/base
     # anywhere: a random backbone at params.yaml backbone.tiny sizes with random adapters
     .venv/bin/python benchmarks/multi_condition.py --random
 Options: ``--counts 1 2 3 --batch 4 --steps 10 --guidance 7.5 --rounds 3 --device cpu|cuda

@@ -1,6 +1,6 @@
 """``ctrlora generate``: condition images + adapter folders + a prompt -> PNG images.
 
-    ctrlora generate --backbone models/backbone --base models/base \
+    ctrlora generate --backbone foundation/backbone --base models/base \
         --adapter lighting=models/adapters/lighting:1.0 \
         --adapter segmentation=models/base/adapters/segmentation:0.5 \
         --condition lighting=light.png --condition segmentation=seg.png \

@@ -1,125 +1,70 @@
-"""DVC stage ``backbone`` (params: ``backbone``).
+"""DVC stage ``backbone`` (params: ``backbone.preset``, ``backbone.sd15_path``): record which
+backbone the production graph reads, in ``<paths.backbone>/backbone.json`` (preset, where it lies,
+content hash). Nothing is trained here: later stages load the recorded directory through
+:func:`pipelines.stage.resolve_backbone`.
 
-* ``preset: tiny`` — build the tiny dental backbone and pretrain it on the training photographs
-  (VAE on photos + condition images, then the text-conditioned UNet), save it in the diffusers
-  SD layout under ``paths.backbone``, measure it on the validation split
-  (``paths.metrics.backbone``: VAE reconstruction, pixel Fréchet distance of samples from noise
-  with the real-vs-real floor beside it) and draw ``<paths.reports.backbone>/samples.png``.
-* ``preset: sd15`` — only check the local SD 1.5 directory named by ``sd15_path`` and record it
-  (path + content hash) in ``<paths.backbone>/backbone.json``; later stages load it from there.
+* ``preset: tiny`` — the embedded default's backbone, pretrained by the foundation graph and
+  committed (``paths.foundation.backbone``; ``make foundation`` rebuilds it).
+* ``preset: sd15`` — a local Stable Diffusion 1.5 directory (``sd15_path``; nothing is downloaded).
 
-The VAE learns the condition images of every condition ``prepare`` writes (``prepare.conditions``).
+The record names the directory relative to itself when it lies inside the repository, and as
+written in params.yaml otherwise (``~`` kept), so the tracked output holds nothing specific to
+one machine; its hash ties every later stage to the backbone's content.
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import pipelines  # noqa: F401  (tool defaults)
-import torch
+from pipelines.settings import REPO_ROOT
+from pipelines.stage import RECORD_NAME, artefact_paths, read_params, timed_stage
 
-from pipelines.stage import artefact_paths, checkpoint_dir, clear_checkpoints, read_params, timed_stage, write_curve
-
-
-def _split_tensors(prepared: Path, conditions: list[str], split: str):
-    """Photos [N, 3, H, W] in [-1, 1], captions, and each condition's images in [0, 1]."""
-    from ctrlora.data.pairs import PairDataset
-
-    first = PairDataset(prepared, conditions[0], split, preload=True)
-    photos = torch.stack([first[i]["photo"] for i in range(len(first))])
-    captions = [first[i]["caption"] for i in range(len(first))]
-    conds = {}
-    for c in conditions:
-        ds = first if c == first.condition else PairDataset(prepared, c, split, preload=True)
-        conds[c] = torch.stack([ds[i]["condition"] for i in range(len(ds))])
-    return photos, captions, conds
+PRESETS = ("tiny", "sd15")
 
 
-def _record_sd15(p: dict, out: Path) -> None:
+def source_of(p: dict, paths: dict) -> tuple[Path, str]:
+    """The backbone directory the preset names, and how the record writes it."""
+    if p["preset"] == "tiny":
+        src = Path(paths["foundation"]["backbone"])
+        return src, ""
+    if p["preset"] == "sd15":
+        written = str(p["sd15_path"])
+        src = Path(written).expanduser()
+        return (src if src.is_absolute() else REPO_ROOT / src), written
+    raise SystemExit(f"params.yaml backbone.preset must be one of {PRESETS}, got {p['preset']!r}")
+
+
+def record(p: dict, paths: dict, out: Path) -> dict:
     from ctrlora.models.backbone import backbone_hash, load_backbone
 
-    src = Path(p["sd15_path"]).expanduser().resolve()
-    load_backbone(src)  # raises, listing what is missing
+    src, written = source_of(p, paths)
+    hint = ("run `make foundation` to rebuild the shipped tiny backbone" if p["preset"] == "tiny"
+            else "params.yaml backbone.sd15_path must name a local diffusers-layout SD 1.5 directory")
+    try:
+        load_backbone(src)  # raises, listing what is missing
+    except (FileNotFoundError, OSError) as e:
+        raise SystemExit(f"backbone ({p['preset']}): {e}\n{hint}") from e
+    src = src.resolve()
+    inside = src.is_relative_to(REPO_ROOT.resolve())
+    where = os.path.relpath(src, out.resolve()) if inside else written
+    rec = {"preset": p["preset"], "path": where.replace(os.sep, "/"), "hash": backbone_hash(src)}
     out.mkdir(parents=True)
-    (out / "backbone.json").write_text(json.dumps({"preset": "sd15", "path": str(src),
-                                                   "hash": backbone_hash(src)}, indent=1))
-
-
-def _pretrain(p: dict, photos, captions, conds, ckpt: Path):
-    from ctrlora.data.captions import CAPTION_VOCABULARY
-    from ctrlora.models.backbone import TinyBackboneConfig, build_tiny_backbone
-    from ctrlora.models.latents import encode_posterior
-    from ctrlora.training.backbone import (UNetPretrainConfig, VAEPretrainConfig, pretrain_unet, pretrain_vae,
-                                           set_latent_scaling)
-    from ctrlora.training.loop import TrainConfig
-
-    cfg = TinyBackboneConfig.from_params(p["tiny"])
-    bb = build_tiny_backbone(cfg, CAPTION_VOCABULARY)
-    vae_res = pretrain_vae(bb.vae, photos, torch.cat(list(conds.values())), VAEPretrainConfig(
-        TrainConfig.from_dict(p["vae"]["train"]), kl_weight=float(p["vae"]["kl_weight"]),
-        photo_fraction=float(p["vae"]["photo_fraction"])), checkpoint_dir=ckpt / "vae")
-    mean, logvar = encode_posterior(bb.vae, photos)
-    factor = set_latent_scaling(bb.vae, mean, logvar, seed=int(p["seed"]))
-    print(f"[backbone] latent scaling factor {factor:.4f}")
-    unet_res = pretrain_unet(bb.unet, bb.text_encoder, bb.tokenizer, bb.scheduler, mean, logvar, factor, captions,
-                             UNetPretrainConfig(TrainConfig.from_dict(p["unet"]["train"]),
-                                                prompt_dropout=float(p["unet"]["prompt_dropout"]),
-                                                min_snr_gamma=float(p["unet"]["min_snr_gamma"])),
-                             checkpoint_dir=ckpt / "unet")
-    return bb, vae_res, unet_res
-
-
-def _measure(p: dict, bb, train_photos, prepared: Path, conditions: list[str], reports: Path) -> dict:
-    """Backbone quality on the validation split, and the sample grid."""
-    from ctrlora.evaluation.backbone import (backbone_samples, pixel_frechet_distance, text_to_image,
-                                             to_uint8, vae_reconstruction)
-
-    q = p["quality"]
-    photos, captions, conds = _split_tensors(prepared, conditions, "validation")
-    n = min(int(q["samples"]), len(photos))
-    t = time.perf_counter()
-    gen = text_to_image(bb, captions[:n], steps=int(q["steps"]), guidance_scale=float(q["guidance_scale"]),
-                        seed=int(p["seed"]))
-    real, floor_set = to_uint8(photos[:n]), to_uint8(train_photos[:n])
-    metrics = {"vae": vae_reconstruction(bb.vae, photos, conds),
-               "samples": {"n": n, "steps": int(q["steps"]), "guidance_scale": float(q["guidance_scale"]),
-                           **{f"pixfd{k}": pixel_frechet_distance(gen, real, k) for k in (8, 16)},
-                           **{f"pixfd{k}_real_floor": pixel_frechet_distance(floor_set, real, k) for k in (8, 16)}},
-               "split": "validation"}
-    backbone_samples(bb, captions[:8], reports / "samples.png", real=photos[:8], generated=gen[:8])
-    print(f"[backbone] validation: {json.dumps(metrics)} ({time.perf_counter() - t:.1f} s)")
-    return metrics
+    (out / RECORD_NAME).write_text(json.dumps(rec, indent=1) + "\n")
+    return rec
 
 
 def main() -> int:
-    allp, paths = read_params("backbone", "prepare"), artefact_paths()
-    p, conditions = allp["backbone"], list(allp["prepare"]["conditions"])
-    out, reports = paths["backbone"], paths["reports"]["backbone"]
+    p, paths = read_params("backbone"), artefact_paths()
+    out = paths["backbone"]
     with timed_stage("backbone"):
         if out.exists():
             shutil.rmtree(out)
-        if p["preset"] == "sd15":
-            _record_sd15(p, out)
-            return 0
-        if p["preset"] != "tiny":
-            raise ValueError(f"params.yaml backbone.preset must be 'tiny' or 'sd15', got {p['preset']!r}")
-        ckpt = checkpoint_dir("backbone", p)
-        torch.manual_seed(int(p["seed"]))
-        photos, captions, conds = _split_tensors(paths["prepared"], conditions, "train")
-        print(f"[backbone] {len(photos)} training photos, {sum(len(c) for c in conds.values())} condition images")
-        bb, vae_res, unet_res = _pretrain(p, photos, captions, conds, ckpt)
-        bb.save(out)
-        clear_checkpoints(ckpt)
-        write_curve(vae_res.history, reports / "vae_loss.csv", ("loss", "l1", "photo_l1", "kl"))
-        write_curve(unet_res.history, reports / "unet_loss.csv")
-        metrics = _measure(p, bb, photos, paths["prepared"], conditions, reports)
-        target = paths["metrics"]["backbone"]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps(metrics, indent=1) + "\n")
-        print(f"[backbone] saved {out}; samples: {reports / 'samples.png'}; metrics: {target}")
+        rec = record(p, paths, out)
+        print(f"[backbone] {rec['preset']}: {rec['path']} (sha256 {rec['hash'][:16]}) -> {out / RECORD_NAME}")
     return 0
 
 

@@ -135,7 +135,7 @@ def _workspace(root: Path) -> dict[str, Path]:
     p = _paths(root)
     return {k: Path(root) / p.get(k, d) for k, d in (
         ("prepared", "data/prepared"), ("rendered", "data/rendered"), ("scans", "data/scans"),
-        ("detectors", "models/evaluate/detectors"))}
+        ("detectors", "foundation/detectors"))}
 
 
 def _conditions(root: Path) -> list[str]:
@@ -210,7 +210,7 @@ def freeze(root: Path, *, bump: bool = False, reason: str = "", log=print) -> di
         d = ws["detectors"] / c
         files = sorted(p for p in d.glob("*") if p.is_file()) if d.is_dir() else []
         if not files:
-            raise BenchmarkError(f"{d}: no re-detector for {c!r} (run the detectors stage first)")
+            raise BenchmarkError(f"{d}: no re-detector for {c!r} (the re-detectors ship with the foundation: `make foundation`)")
         for f in files:
             origin[f"detectors/{c}/{f.name}"] = _rel(f, root)
     hashes = {k: sha256_file(root / v) for k, v in sorted(origin.items())}

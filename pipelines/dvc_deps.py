@@ -1,5 +1,5 @@
 """Keep the code dependencies of every DVC stage complete: ``python -m pipelines.dvc_deps`` rewrites
-the ``.py`` entries of each stage's ``deps`` in ``dvc.yaml`` (and ``research/dvc.yaml``) to exactly
+the ``.py`` entries of each stage's ``deps`` in ``dvc.yaml`` (and ``research/dvc.yaml``, ``foundation/dvc.yaml``) to exactly
 the project modules the stage's entry point imports, directly or through other project modules,
 at any depth (imports inside functions included). ``--check`` only reports and exits 1 on a
 difference (the test suite runs the same check).
@@ -19,7 +19,7 @@ from pathlib import Path
 from pipelines.settings import REPO_ROOT
 
 PACKAGES = ("ctrlora", "pipelines")
-DVC_FILES = ("dvc.yaml", "research/dvc.yaml")
+DVC_FILES = ("dvc.yaml", "research/dvc.yaml", "foundation/dvc.yaml")
 
 
 def module_file(name: str, root: Path = REPO_ROOT) -> Path | None:

@@ -3,8 +3,8 @@
 combination against each single condition, with paired bootstrap intervals, at each guidance
 scale of ``evaluate.guidance`` (the bar is read at ``evaluate.gate_guidance``) ->
 ``paths.metrics.evaluate``; grids and per-scan scores -> ``paths.reports.evaluate``. The
-re-detectors are read from ``paths.detectors`` (the ``detectors`` stage trains them on the train
-split; they change only with the data, never with the models). Library:
+re-detectors are read from ``paths.detectors``: the foundation graph trains them once on the
+rendered training split and ships them, so a retrain never changes the yardstick. Library:
 :mod:`ctrlora.evaluation.run`."""
 from __future__ import annotations
 
@@ -68,14 +68,14 @@ def main() -> int:
         sources = [paths["rendered"], paths["scans"]]  # the scans prepare read: their raw label maps
         test = evaluation.load_split(paths["prepared"], "test", cfg.conditions, sources, p.get("max_scans"),
                                      progress)
-        train = evaluation.load_split(paths["prepared"], "train", cfg.conditions, sources,
-                                      p.get("detector_max_scans"), progress)
         t_load = time.perf_counter() - t
-        print(f"[evaluate] {len(test)} test scans, {len(train)} training scans for the detectors ({t_load:.1f} s)",
-              flush=True)
+        print(f"[evaluate] {len(test)} test scans ({t_load:.1f} s)", flush=True)
         t = time.perf_counter()
-        detectors = evaluation.get_detectors(cfg.conditions, train, paths["detectors"], p.get("detector"),
-                                             progress, train_missing=False)
+        try:
+            detectors = evaluation.load_detectors(cfg.conditions, paths["detectors"])
+        except FileNotFoundError as e:
+            raise SystemExit(f"[evaluate] {e}: the re-detectors ship with the foundation; add the condition to "
+                             "params.yaml detectors.conditions and run `make foundation`") from e
         t_det = time.perf_counter() - t
         print(f"[evaluate] detectors ready ({t_det:.1f} s)", flush=True)
         metrics = evaluation.run_evaluation(models, test, detectors, cfg, paths["reports"]["evaluate"],

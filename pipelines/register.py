@@ -27,6 +27,7 @@ from typing import Any
 from ctrlora.models.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from pipelines.dvclock import LOCK_FILE, dataset_hash_from_lock, lock_hash
 from pipelines.gate import gate_config
+from pipelines.stage import backbone_part
 from pipelines.settings import (ADAPTER_ROOTS, BACKBONE_DIR, BASE_DIR, METRICS_FILE,
                                 PREPARED_CONDITIONS, REPO_ROOT, load_params)
 
@@ -92,7 +93,7 @@ def _register_one(root: Path, cand: Candidate, metrics_all: dict, commit: str,
         return None
     return register_adapter(
         c, cand.adapter_dir, dataset_hash=dataset_hash, base_hash=base_hash,
-        backbone_dir=root / BACKBONE_DIR, base_dir=root / BASE_DIR, metrics=metrics,
+        backbone_dir=backbone_part(root / BACKBONE_DIR, root), base_dir=root / BASE_DIR, metrics=metrics,
         git_commit=commit, gate=gate, dataset_path=root / PREPARED_CONDITIONS / c, judge=judge)
 
 

@@ -1,7 +1,7 @@
 """The README's result tables, written from the committed metrics files (never typed by hand).
 
 ``python -m pipelines.report`` (``make report``; ``make repro`` runs it last) renders
-``metrics/backbone.json``, ``metrics/evaluate.json``, ``metrics/research.json`` (when the research
+``foundation/metrics/backbone.json``, ``metrics/evaluate.json``, ``metrics/research.json`` (when the research
 graph has run) and ``reports/repro_times.json`` into the block of ``README.md`` between the
 ``<!-- results:begin -->`` and ``<!-- results:end -->`` markers. ``--check`` changes nothing and
 exits 1 when the README's block differs from what the files say (the test suite runs it), so a
@@ -83,7 +83,8 @@ def backbone_table(m: dict) -> list[str]:
     vae, s = m["vae"], m["samples"]
     conds = [k[:-5] for k in vae if k.endswith("_psnr") and k != "photo_psnr"]
     return [
-        f"Backbone alone, on the {m.get('split', 'validation')} split (`metrics/backbone.json`):",
+        f"Backbone alone (the foundation's, `make foundation`), on the {m.get('split', 'validation')} split "
+        f"(`{FILES['backbone']}`):",
         "",
         "| VAE reconstruction | photo PSNR dB / SSIM | condition PSNR dB |",
         "|---|---|---|",

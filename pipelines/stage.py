@@ -20,7 +20,7 @@ from typing import Any, Iterator
 from pipelines.settings import REPO_ROOT, read_params
 
 __all__ = ["read_params", "artefact_paths", "timed_stage", "checkpoint_dir", "clear_checkpoints",
-           "resolve_backbone", "write_curve", "main_process"]
+           "resolve_backbone", "backbone_part", "RECORD_NAME", "write_curve", "main_process"]
 
 TIMINGS_FILE = REPO_ROOT / "logs" / "stage_times.jsonl"
 
@@ -81,13 +81,26 @@ def clear_checkpoints(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+RECORD_NAME = "backbone.json"  # the ``backbone`` stage's record of the directory the graph reads
+
+
 def resolve_backbone(out_dir: Path) -> Path:
-    """The backbone directory the ``backbone`` stage produced: the tiny preset itself, or the
-    local SD 1.5 directory it recorded in ``backbone.json``."""
-    record = Path(out_dir) / "backbone.json"
-    if record.exists():
-        return Path(json.loads(record.read_text())["path"])
-    return Path(out_dir)
+    """The backbone directory the ``backbone`` stage recorded in ``<out_dir>/backbone.json`` (the
+    foundation's tiny backbone, or a local SD 1.5): a relative path is relative to the record's
+    folder, ``~`` expands. A directory without a record is a backbone itself."""
+    rec = Path(out_dir) / RECORD_NAME
+    if not rec.exists():
+        return Path(out_dir)
+    where = Path(json.loads(rec.read_text())["path"]).expanduser()
+    return where if where.is_absolute() else (Path(out_dir) / where).resolve()
+
+
+def backbone_part(out_dir: Path, root: Path = REPO_ROOT) -> Path:
+    """What the registry stores for a version's backbone: the backbone itself when it lies inside
+    the repository (the shipped tiny one: a served model must not depend on a checkout), else the
+    record (a local SD 1.5 of several GB is referenced, not copied). ``root``: that repository."""
+    src = resolve_backbone(out_dir)
+    return src if src.resolve().is_relative_to(Path(root).resolve()) else Path(out_dir)
 
 
 def write_curve(history: list[dict], path: Path, keys: list[str] | tuple[str, ...] = ("loss",)) -> None:

@@ -12,7 +12,7 @@ from .detectors import load_detector, save_detector, train_detector
 from .fidelity import DETECTED_CONDITIONS, default_detector_config
 from .loading import EvalData, detector_targets
 
-__all__ = ["get_detectors"]
+__all__ = ["get_detectors", "load_detectors"]
 
 KEY_NAME = "train_key.json"
 
@@ -37,10 +37,22 @@ def get_detectors(conditions: Sequence[str], train: EvalData, cache_dir: str | P
             continue
         if not train_missing:
             raise FileNotFoundError(f"{d}: no re-detector for {c!r} trained with this configuration and these "
-                                    "training scans (train them first: the `detectors` stage)")
+                                    "training scans (train them first: the foundation graph's `detectors` stage, `make foundation`)")
         model = train_detector(cfg, train.photos, detector_targets(c, train), progress=progress)
         if d is not None:
             save_detector(model, d)
             (d / KEY_NAME).write_text(json.dumps(key, indent=1, sort_keys=True))
         out[c] = model
     return out
+
+
+def load_detectors(conditions: Sequence[str], directory: str | Path) -> dict[str, Any]:
+    """The re-detectors another step trained (``<directory>/<c>``), one per detected condition among
+    ``conditions``, whatever scans they were trained on; a clear error naming the missing ones."""
+    d = Path(directory)
+    wanted = [c for c in conditions if c in DETECTED_CONDITIONS]
+    missing = [c for c in wanted if not (d / c).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{d}: no re-detector for {missing} (have: "
+                                f"{sorted(p.name for p in d.glob('*') if p.is_dir()) if d.is_dir() else 'none'})")
+    return {c: load_detector(d / c) for c in wanted}

@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from .detector_cache import get_detectors
+from .detector_cache import get_detectors, load_detectors
 from .detectors import CannyParams
 from .fidelity import PRIMARY_METRIC
 from .generation import SamplingConfig, generate
@@ -36,7 +36,7 @@ from .scoring import means, per_scan_fidelity, per_scan_image_scores, scan_score
 from .stats import Interval, bootstrap_diff, bootstrap_gain_ratio
 
 __all__ = ["EvalData", "EvalModels", "SamplingConfig", "EvalConfig", "load_split", "load_models",
-           "get_detectors", "generate", "per_scan_fidelity", "generate_pass", "score_pass", "summarize_pass",
+           "get_detectors", "load_detectors", "generate", "per_scan_fidelity", "generate_pass", "score_pass", "summarize_pass",
            "run_evaluation", "guidance_key", "json_ready"]
 
 UNCONTROLLED, COMBINED = "uncontrolled", "combined"

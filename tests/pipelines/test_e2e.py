@@ -40,15 +40,11 @@ def _tiny_params(params: dict) -> dict:
     p["render"].update(n=14, workers=1)
     p["prepare"].update(test_fraction=0.3, workers=1)
     tiny_train = {"batch_size": 4, "checkpoint_every": 0, "log_every": 1}
-    p["backbone"]["vae"]["train"].update(max_steps=2, warmup_steps=0, **tiny_train)
-    p["backbone"]["unet"]["train"].update(max_steps=2, warmup_steps=0, **tiny_train)
-    p["backbone"]["quality"].update(samples=3, steps=2)
     p["embed"]["batch_size"] = 64
     p["train_base"]["train"].update(max_steps=4, **tiny_train)
     p["train_adapter"]["train"].update(max_steps=2, **tiny_train)
     p["train_adapter"]["max_pairs"] = None
-    p["evaluate"].update(max_scans=3, detector_max_scans=8, grid_rows=2, detector={"epochs": 1},
-                         guidance=[1.0], bootstrap={"n_boot": 200, "seed": 0})
+    p["evaluate"].update(max_scans=3, grid_rows=2, guidance=[1.0], bootstrap={"n_boot": 200, "seed": 0})
     p["evaluate"]["sampling"].update(steps=2, batch_size=8)
     p["flows"].update(retries=0, retry_delay_seconds=0)
     p["evaluate"]["threads"] = 1  # toy models: threads only add overhead
@@ -118,7 +114,7 @@ def _register_broken(project: Path, condition: str, gate: dict):
     work = project.parent / f"broken-{condition}"
     adapter, backbone = work / "adapter", work / "backbone"
     shutil.copytree(project / "models/base/adapters" / condition, adapter)
-    shutil.copytree(project / "models/backbone", backbone)
+    shutil.copytree(project / "foundation/backbone", backbone)  # the shipped backbone the record names
     for f, broken in ((adapter / "adapter_model.safetensors", "lora_B"),
                       (backbone / "vae/diffusion_pytorch_model.safetensors", "decoder.conv_out.")):
         weights = load_file(f)
