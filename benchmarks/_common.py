@@ -223,7 +223,7 @@ def trained_validation_setup(params: dict, conditions: list[str], scans: int, de
     the first ``scans`` validation scans with ``conditions``, their trained re-detectors, and a
     pipeline over the trained backbone and base with each condition's adapter, on ``device``."""
     from ctrlora.evaluation.loading import load_models, load_split
-    from ctrlora.pipeline import CtrLoRAPipeline
+    from ctrlora.sampling import CtrLoRAPipeline
 
     paths = params["paths"]
     models = load_models(trained_backbone(params), repo_path(paths["base"]), adapter_dirs(params, conditions))

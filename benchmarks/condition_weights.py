@@ -61,7 +61,7 @@ def sweep(pipe, data, detectors: dict, conditions: list[str], weights: list[floa
           combined: list[str] | None = None, n_boot: int = 2000, canny=None, log=print) -> dict:
     """Gain over no control per (condition, weight), and the combination's gain ratios per weight.
 
-    ``pipe``: a :class:`~ctrlora.pipeline.CtrLoRAPipeline` whose ControlNet carries an adapter
+    ``pipe``: a :class:`~ctrlora.sampling.CtrLoRAPipeline` whose ControlNet carries an adapter
     named after each condition; ``data``: an :class:`~ctrlora.evaluation.loading.EvalData`;
     ``sampling``: a :class:`~ctrlora.evaluation.generation.SamplingConfig` (its guidance is used)."""
     from ctrlora.evaluation.generation import generate

@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> dict:
     import torch
 
     from ctrlora.models.adapters import list_adapters
-    from ctrlora.pipeline import CtrLoRAPipeline
+    from ctrlora.sampling import CtrLoRAPipeline
 
     check_device(args.device)
     threads = set_threads(args.device, args.threads)

@@ -1,6 +1,6 @@
 """Fidelity against sampling steps, per sampler, on the VALIDATION split of the trained default.
 
-For every sampler of ``ctrlora.pipeline.SCHEDULERS`` (DDIM, DPM-Solver++ 2M, DPM-Solver++ 2M with
+For every sampler of ``ctrlora.sampling.SCHEDULERS`` (DDIM, DPM-Solver++ 2M, DPM-Solver++ 2M with
 Karras sigmas, UniPC) and every step count (default 4, 8, 12, 20, 50), each condition's adapter
 generates one image per validation scan, and the image is scored as the ``evaluate`` stage scores
 (``ctrlora.evaluation``: the condition's primary fidelity through its trained re-detector, per scan,
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> dict:
     from ctrlora.evaluation.generation import SamplingConfig, generate
     from ctrlora.evaluation.scoring import per_scan_fidelity
     from ctrlora.evaluation.stats import bootstrap_mean
-    from ctrlora.pipeline import SCHEDULERS
+    from ctrlora.sampling import SCHEDULERS
 
     check_device(args.device)
     threads = set_threads(args.device, args.threads)

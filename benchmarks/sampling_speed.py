@@ -42,7 +42,7 @@ def build_pipeline(preset: str, device: str, dtype: str, n_adapters: int, rank: 
 
     from ctrlora.models.adapters import add_adapter, adapter_tensor_refs, set_adapter
     from ctrlora.models.controlnet import CtrLoRAControlNet
-    from ctrlora.pipeline import CtrLoRAPipeline
+    from ctrlora.sampling import CtrLoRAPipeline
 
     torch.manual_seed(seed)
     if preset == "sd15":

@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser, parts_required: bool = True) 
     parser.add_argument("--negative-prompt", default=None, help="text of the unconditional CFG branch (default empty)")
     parser.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    # the names of ctrlora.pipeline.SCHEDULERS, spelled out so --help does not import diffusers
+    # the names of ctrlora.sampling.SCHEDULERS, spelled out so --help does not import diffusers
     parser.add_argument("--scheduler", choices=("ddim", "dpm", "dpm_karras", "unipc"), default="ddim",
                         help="DDIM (eta 0), DPM-Solver++ 2M, DPM-Solver++ 2M with Karras sigmas, or UniPC")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
@@ -143,7 +143,7 @@ def _check_request(args) -> tuple[Pairs, Pairs]:
 def _load_pipeline(args, adapters: Pairs):
     import torch
 
-    from ctrlora.pipeline import CtrLoRAPipeline
+    from ctrlora.sampling import CtrLoRAPipeline
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)

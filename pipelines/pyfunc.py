@@ -4,7 +4,7 @@ A version's artifacts are the ``adapter`` directory and ``parts``, the reference
 and base ControlNet it was registered with (each stored once per content hash, fetched from the
 tracking store's artifacts and checked against that hash: :func:`pipelines.registry.fetch_parts`);
 versions registered before the parts were shared carry ``backbone`` and ``base`` directories
-themselves. :meth:`CtrLoRAPyfunc.load_context` builds a :class:`~ctrlora.pipeline.CtrLoRAPipeline`.
+themselves. :meth:`CtrLoRAPyfunc.load_context` builds a :class:`~ctrlora.sampling.CtrLoRAPipeline`.
 The model is logged as code (:mod:`pipelines.pyfunc_model`), not pickled: loading a version runs
 that file, which imports this class from the installed ``ctrlora-dental`` package.
 """
@@ -63,7 +63,7 @@ class CtrLoRAPyfunc(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         from ctrlora.models.adapters import read_adapter_config
-        from ctrlora.pipeline import CtrLoRAPipeline
+        from ctrlora.sampling import CtrLoRAPipeline
 
         arts = dict(context.artifacts)
         if "parts" in arts:

@@ -400,7 +400,7 @@ class Engine:
 
     def pipeline(self, adapters: dict[str, str]):
         """The pipeline holding ``{condition: ref}``; every adapter must share backbone and base."""
-        from ctrlora.pipeline import CtrLoRAPipeline
+        from ctrlora.sampling import CtrLoRAPipeline
 
         key = tuple(sorted(adapters.items()))
         if key in self._pipes:

@@ -45,7 +45,7 @@ def run_scores(backbone, controlnet, adapter: str | None, condition: str, data, 
     """``(images uint8 [N, H, W, 3], per-scan fidelity float64 [N])`` of ``controlnet`` driven by
     ``data``'s ``condition`` through ``adapter`` (``"__base__"`` = the ControlNet itself; ``None``
     = no control at all: the uncontrolled backbone)."""
-    from ctrlora.pipeline import CtrLoRAPipeline
+    from ctrlora.sampling import CtrLoRAPipeline
 
     from .generation import generate
     from .scoring import per_scan_fidelity

@@ -225,7 +225,7 @@ def run_evaluation(models: EvalModels, test: EvalData, detectors: Mapping[str, A
     """Generate, score and check every guidance pass (the gate first, on every scan); returns the
     ``metrics/evaluate.json`` dict and, with ``reports_dir``, writes the grids (the gate's at the
     top, other scales' under ``guidance_<g>/``) and ``per_scan.csv`` there."""
-    from ctrlora.pipeline import CtrLoRAPipeline
+    from ctrlora.sampling import CtrLoRAPipeline
 
     missing = [c for c in cfg.new_conditions if c not in models.adapter_params]
     if missing:

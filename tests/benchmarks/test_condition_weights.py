@@ -42,7 +42,7 @@ def tiny_sweep():
     from ctrlora.evaluation.loading import EvalData
     from ctrlora.models import adapters
     from ctrlora.models.controlnet import CtrLoRAControlNet
-    from ctrlora.pipeline import CtrLoRAPipeline
+    from ctrlora.sampling import CtrLoRAPipeline
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

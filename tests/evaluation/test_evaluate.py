@@ -327,7 +327,7 @@ def test_generation_is_per_scan_seeded():
     """A scan's image does not depend on the batch it is generated in (fair comparisons)."""
     from ctrlora.models.adapters import add_adapter
     from ctrlora.models.controlnet import CtrLoRAControlNet
-    from ctrlora.pipeline import CtrLoRAPipeline
+    from ctrlora.sampling import CtrLoRAPipeline
 
     torch.manual_seed(0)
     bb = tiny_eval_backbone(SIZE)

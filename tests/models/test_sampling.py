@@ -1,4 +1,4 @@
-"""Sampling pipeline (ctrlora.pipeline) and `ctrlora generate`, on tiny random models built here.
+"""Sampling pipeline (ctrlora.sampling) and `ctrlora generate`, on tiny random models built here.
 
 The batched ControlNet forward (N conditions x the CFG pair, per-sample adapters) is checked
 against separate passes with each adapter switched in; the zero-initialised ControlNet against
@@ -17,7 +17,7 @@ from PIL import Image  # noqa: E402
 from ctrlora.models import adapters  # noqa: E402
 from ctrlora.models.backbone import TinyBackboneConfig, build_tiny_backbone  # noqa: E402
 from ctrlora.models.controlnet import CtrLoRAControlNet  # noqa: E402
-from ctrlora.pipeline import SCHEDULERS, CtrLoRAPipeline, condition_to_tensor, make_scheduler  # noqa: E402
+from ctrlora.sampling import SCHEDULERS, CtrLoRAPipeline, condition_to_tensor, make_scheduler  # noqa: E402
 
 from _models_helpers import randomize_adapter, residuals, tiny_test_config  # noqa: E402
 
