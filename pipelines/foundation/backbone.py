@@ -46,7 +46,7 @@ def _pretrain(p: dict, photos, captions, conds, ckpt: Path):
     from ctrlora.data.captions import CAPTION_VOCABULARY
     from ctrlora.models.backbone import TinyBackboneConfig, build_tiny_backbone
     from ctrlora.models.latents import encode_posterior
-    from ctrlora.training.backbone import (UNetPretrainConfig, VAEPretrainConfig, pretrain_unet, pretrain_vae,
+    from ctrlora.training.pretrain import (UNetPretrainConfig, VAEPretrainConfig, pretrain_unet, pretrain_vae,
                                            set_latent_scaling)
     from ctrlora.training.loop import TrainConfig
 
@@ -68,8 +68,8 @@ def _pretrain(p: dict, photos, captions, conds, ckpt: Path):
 
 def _measure(p: dict, bb, train_photos, prepared: Path, conditions: list[str], reports: Path) -> dict:
     """Backbone quality on the validation split, and the sample grid."""
-    from ctrlora.evaluation.backbone import (backbone_samples, pixel_frechet_distance, text_to_image,
-                                             to_uint8, vae_reconstruction)
+    from ctrlora.evaluation.backbone_quality import (backbone_samples, pixel_frechet_distance, text_to_image,
+                                                     to_uint8, vae_reconstruction)
 
     q = p["quality"]
     photos, captions, conds = _split_tensors(prepared, conditions, "validation")

@@ -22,9 +22,9 @@ def test_every_stage_lists_exactly_the_code_it_runs(rel):
 
 def test_import_walker_sees_function_level_relative_and_transitive_imports():
     found = {f.relative_to(REPO).as_posix() for f in dvc_deps.imports_of(REPO / "pipelines" / "foundation" / "backbone.py")}
-    assert "ctrlora/training/backbone.py" in found  # imported inside a function
+    assert "ctrlora/training/pretrain.py" in found  # imported inside a function
     reach = {f.relative_to(REPO).as_posix() for f in dvc_deps.closure(REPO / "pipelines" / "foundation" / "backbone.py")}
-    assert "ctrlora/training/loop.py" in reach  # through ctrlora.training.backbone
+    assert "ctrlora/training/loop.py" in reach  # through ctrlora.training.pretrain
     assert "ctrlora/evaluation/metrics.py" in reach  # a relative or absolute import in evaluation
 
 
