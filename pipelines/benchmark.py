@@ -10,9 +10,9 @@ sampling (steps, scheduler, guidance, first seed: scan ``i`` gets ``seed + i``) 
 
 (also ``python -m pipelines.benchmark ...``). Where things lie (params.yaml ``paths``):
 
-* ``paths.benchmark`` (``benchmark/``, committed): ``v<N>.json``, the manifest -- scan ids, the
+* ``paths.benchmark`` (``frozen_benchmark/``, committed): ``v<N>.json``, the manifest -- scan ids, the
   pairs rows (captions), the sha256 of every frozen file, sampling and bootstrap settings.
-* ``paths.benchmark_store`` (``data/benchmark/``, not in git): ``v<N>/`` the frozen files --
+* ``paths.benchmark_store`` (``data/frozen_benchmark/``, not in git): ``v<N>/`` the frozen files --
   ``prepared/`` (photos and condition images in the prepared layout), ``labels/<id>/
   segmentation.png`` (raw label maps) and ``detectors/<c>/`` (the re-detectors).
 
@@ -88,11 +88,11 @@ def _paths(root: Path) -> dict[str, Any]:
 
 
 def manifest_dir(root: Path) -> Path:
-    return Path(root) / _paths(root).get("benchmark", "benchmark")
+    return Path(root) / _paths(root).get("benchmark", "frozen_benchmark")
 
 
 def store_dir(root: Path) -> Path:
-    return Path(root) / _paths(root).get("benchmark_store", "data/benchmark")
+    return Path(root) / _paths(root).get("benchmark_store", "data/frozen_benchmark")
 
 
 def versions(root: Path) -> list[int]:

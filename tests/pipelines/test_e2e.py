@@ -65,7 +65,7 @@ def project(tmp_path_factory):
     files = _run(["git", "ls-files"], REPO).stdout.split()
     for rel in files:
         # the repo's benchmark manifests describe the repo's scans: the toy freezes its own
-        if rel == "dvc.lock" or rel.startswith(("tests/fixtures/", "benchmark/")):
+        if rel == "dvc.lock" or rel.startswith(("tests/fixtures/", "frozen_benchmark/")):
             continue
         dst = root / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -177,9 +177,9 @@ def test_pipeline_register_noop_and_retrain_on_landed_scans(project, harness):
 
     # 3. the toy project freezes its own benchmark from its test split (the repo's manifests were
     #    not copied: they name scans this project does not have)
-    assert not (project / "benchmark").exists()
+    assert not (project / "frozen_benchmark").exists()
     _run([sys.executable, "-m", "pipelines.benchmark", "freeze", "--repo", str(project)], project)
-    manifest_file = project / "benchmark/v1.json"
+    manifest_file = project / "frozen_benchmark/v1.json"
     frozen = manifest_file.read_bytes()
     manifest = json.loads(frozen)
     test_split = json.loads((project / "data/prepared/meta/splits.json").read_text())["test"]
@@ -187,7 +187,7 @@ def test_pipeline_register_noop_and_retrain_on_landed_scans(project, harness):
     shown = json.loads(_run([sys.executable, "-m", "pipelines.benchmark", "show", "--json", "--repo",
                              str(project)], project).stdout)
     assert shown["version"] == 1 and shown["verified"] is True
-    _run(["git", "add", "benchmark"], project)
+    _run(["git", "add", "frozen_benchmark"], project)
     _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "benchmark v1"], project)
 
     # 4. nothing changed: DVC runs nothing, the registry gains nothing

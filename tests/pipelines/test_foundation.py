@@ -52,7 +52,7 @@ def toy(tmp_path_factory):
     root = tmp_path_factory.mktemp("foundation") / "project"
     for rel in subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
                               check=True).stdout.split():
-        if rel.startswith(("tests/", "benchmark/", "research/")) or rel.endswith("dvc.lock"):
+        if rel.startswith(("tests/", "frozen_benchmark/", "research/")) or rel.endswith("dvc.lock"):
             continue
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / rel, root / rel)

@@ -117,7 +117,7 @@ def test_benchmark_is_frozen_versioned_and_never_takes_new_scans(project, tmp_pa
     assert m1["version"] == 1 and len(m1["scan_ids"]) == 6 and set(m1["scan_ids"]) <= set(splits["test"])
     assert m1["sampling"]["seed"] == 5 and m1["bootstrap"]["n_boot"] == 300
     assert "detectors/lighting/detector.safetensors" in m1["files"]
-    assert (root / "benchmark/v1.json").is_file()
+    assert (root / "frozen_benchmark/v1.json").is_file()
     with pytest.raises(B.BenchmarkError, match="already frozen"):
         B.freeze(root, log=lambda m: None)
 
@@ -133,10 +133,10 @@ def test_benchmark_is_frozen_versioned_and_never_takes_new_scans(project, tmp_pa
     assert set(bench.detectors("lighting")) == {"lighting"}
 
     # a fresh clone: the store is refilled from the workspace, file by file, checked by hash
-    shutil.rmtree(root / "data/benchmark")
+    shutil.rmtree(root / "data/frozen_benchmark")
     assert B.open_benchmark(root).scan_ids == m1["scan_ids"]
     # ... but not from a changed origin
-    shutil.rmtree(root / "data/benchmark")
+    shutil.rmtree(root / "data/frozen_benchmark")
     photo = root / m1["origin"][next(k for k in m1["files"] if k.startswith("prepared/photos/"))]
     photo.write_bytes(photo.read_bytes() + b"\0")
     with pytest.raises(B.BenchmarkError, match=r"photos/.*other content.*never changes"):
@@ -162,10 +162,10 @@ def test_benchmark_is_frozen_versioned_and_never_takes_new_scans(project, tmp_pa
     _prepare(root / "data", [root / "data/rendered", root / "data/scans"])
     with pytest.raises(B.BenchmarkError, match="reason"):
         B.freeze(root, bump=True, log=lambda m: None)
-    v1_text = (root / "benchmark/v1.json").read_text()
+    v1_text = (root / "frozen_benchmark/v1.json").read_text()
     m2 = B.freeze(root, bump=True, reason="clinic scans landed", log=lambda m: None)
     assert m2["version"] == 2 and m2["previous"] == 1 and m2["reason"] == "clinic scans landed"
-    assert (root / "benchmark/v1.json").read_text() == v1_text
+    assert (root / "frozen_benchmark/v1.json").read_text() == v1_text
     assert B.open_benchmark(root).version == 2 and B.open_benchmark(root, 1).scan_ids == m1["scan_ids"]
 
 
@@ -237,7 +237,7 @@ def test_gate_scores_both_in_one_run_and_moves_only_on_evidence(project, trackin
     assert "promoted" in loose.reason
 
     # a benchmark that no longer verifies: the comparison is refused, the alias stays
-    (root / "data/benchmark/v1/detectors/lighting/detector_config.json").write_text("{}")
+    (root / "data/frozen_benchmark/v1/detectors/lighting/detector_config.json").write_text("{}")
     with B.gate_for(root, strict, log=lambda m: None) as judge:
         refused = _register(root, 2, "e", judge)
     assert refused.decision == "challenger" and refused.champion == loose.version
