@@ -43,7 +43,7 @@ def _prepare(data: Path, sources) -> None:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    """data/rendered, data/prepared, models/evaluate/detectors/lighting, models/{backbone, base}
+    """data/rendered, data/prepared, foundation/detectors/lighting, models/{backbone, base}
     and three lighting adapters (``models/adapters/lighting-<k>``) on one base."""
     from ctrlora.data.render import DatasetConfig, render_dataset
     from ctrlora.evaluation.detectors import save_detector, train_detector
@@ -58,7 +58,7 @@ def project(tmp_path_factory):
     train = load_split(data / "prepared", "train", ["lighting"], progress=False)
     det = train_detector(default_detector_config("lighting", width=4, epochs=1), train.photos,
                          detector_targets("lighting", train), progress=False)
-    save_detector(det, root / "models/evaluate/detectors/lighting")
+    save_detector(det, root / "foundation/detectors/lighting")
     save_tiny_models(root, SIZE, [("lighting", k, k) for k in (1, 2, 3)])
     _params(root)
     return root
