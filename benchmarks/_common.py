@@ -165,7 +165,7 @@ def repo_path(value: str) -> Path:
 def trained_backbone(params: dict) -> Path:
     """The backbone folder the default run uses: the directory the ``backbone`` stage recorded
     (the foundation's tiny backbone, or a local SD 1.5)."""
-    from pipelines.stage import resolve_backbone
+    from pipelines.stages.common import resolve_backbone
 
     return resolve_backbone(repo_path(params["paths"]["backbone"]))
 

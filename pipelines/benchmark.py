@@ -362,7 +362,7 @@ def compare(bench: Benchmark, condition: str, champion: Mapping[str, Path],
     from ctrlora.evaluation.scoring import per_scan_fidelity
     from ctrlora.evaluation.stats import bootstrap_diff
     from ctrlora.sampling import CtrLoRAPipeline
-    from pipelines.stage import resolve_backbone
+    from pipelines.stages.common import resolve_backbone
 
     data, detectors, sampling = bench.data(condition), bench.detectors(condition), bench.sampling()
     images, scores = {}, {}

@@ -70,7 +70,7 @@ class CtrLoRAPyfunc(mlflow.pyfunc.PythonModel):
             from pipelines.registry import fetch_parts
 
             arts.update({k: str(v) for k, v in fetch_parts(arts["parts"]).items()})
-        from pipelines.stage import resolve_backbone
+        from pipelines.stages.common import resolve_backbone
 
         adapter = Path(arts["adapter"])
         self.condition = read_adapter_config(adapter)["condition"]

@@ -27,7 +27,7 @@ from typing import Any
 from ctrlora.models.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from pipelines.dvclock import LOCK_FILE, dataset_hash_from_lock, lock_hash
 from pipelines.gate import gate_config
-from pipelines.stage import backbone_part
+from pipelines.stages.common import backbone_part
 from pipelines.settings import (ADAPTER_ROOTS, BACKBONE_DIR, BASE_DIR, METRICS_FILE,
                                 PREPARED_CONDITIONS, REPO_ROOT, load_params)
 

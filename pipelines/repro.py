@@ -17,7 +17,7 @@ import time
 
 from pipelines import register, report
 from pipelines.settings import REPO_ROOT, REPRO_TIMES
-from pipelines.stage import TIMINGS_FILE
+from pipelines.stages.common import TIMINGS_FILE
 
 
 def _stage_times(since: float) -> list[dict]:

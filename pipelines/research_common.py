@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 import pipelines  # noqa: F401  (tool defaults)
 
-from pipelines.stage import artefact_paths, read_params, resolve_backbone
+from pipelines.stages.common import artefact_paths, read_params, resolve_backbone
 
 MIN_RATES = 3  # a learning-rate sweep of fewer rates cannot tell an optimum from an edge
 _CTX: dict[str, Any] = {}  # what a worker loaded once (setup)

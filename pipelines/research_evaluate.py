@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 from pipelines import research_common as C
-from pipelines.stage import timed_stage
+from pipelines.stages.common import timed_stage
 
 UNCONTROLLED = "uncontrolled"
 GRID_ROWS = 8

@@ -10,7 +10,7 @@ import sys
 from typing import Any
 
 from pipelines import research_common as C
-from pipelines.stage import timed_stage
+from pipelines.stages.common import timed_stage
 
 
 # report key -> (file stem in the ablation folder, plot title)

@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from pipelines import research_common as C
-from pipelines.stage import timed_stage
+from pipelines.stages.common import timed_stage
 
 
 def selection(sweep: dict[str, Any], methods: list[str], n_boot: int, seed: int) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import sys
 from typing import Any
 
 from pipelines import research_common as C
-from pipelines.stage import timed_stage, write_curve
+from pipelines.stages.common import timed_stage, write_curve
 
 
 def _train(spec) -> dict[str, Any]:

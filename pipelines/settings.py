@@ -47,7 +47,7 @@ def load_params(root: Path = REPO_ROOT) -> dict[str, Any]:
 
 
 # Where the graph's artefacts lie, relative to the repo root: params.yaml ``paths`` of this
-# checkout. Stage entries resolve the section at run time instead (pipelines.stage.artefact_paths),
+# checkout. Stage entries resolve the section at run time instead (pipelines.stages.common.artefact_paths),
 # so that $CTRLORA_PARAMS can point them elsewhere.
 PATHS: dict[str, Any] = read_params("paths", path=REPO_ROOT / PARAMS_FILE)
 INCOMING = PATHS["incoming"]

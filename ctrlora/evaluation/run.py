@@ -1,5 +1,5 @@
 """The evaluation run: does each adapter control the image, and does the control survive the
-combination? Plain library (no DVC / MLflow); the ``evaluate`` stage (``pipelines/evaluate.py``)
+combination? Plain library (no DVC / MLflow); the ``evaluate`` stage (``pipelines/stages/evaluate.py``)
 calls the phases in order:
 
 1. loading (:mod:`.loading`): the test split and the models;

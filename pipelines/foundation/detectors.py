@@ -15,7 +15,7 @@ import time
 import pipelines  # noqa: F401  (tool defaults)
 import torch
 
-from pipelines.stage import artefact_paths, read_params, timed_stage
+from pipelines.stages.common import artefact_paths, read_params, timed_stage
 
 
 def main() -> int:

@@ -32,7 +32,8 @@ REPO = Path(__file__).resolve().parents[2]
 BASE_CONDITIONS = ["segmentation", "depth"]
 NEW = "lighting"
 RANK = 128
-STAGES = ["render", "prepare", "backbone", "embed", "train_base", ["train_adapter", NEW]]
+# the stage entries pipelines.stages.<entry> (the stage `backbone` runs record_backbone)
+STAGES = ["render", "prepare", "record_backbone", "embed", "train_base", ["train_adapter", NEW]]
 
 
 def _params(sd15_dir: Path) -> dict:
@@ -53,7 +54,7 @@ def _params(sd15_dir: Path) -> dict:
 def _stage(root: Path, params: Path, stage) -> subprocess.CompletedProcess:
     name, *args = [stage] if isinstance(stage, str) else stage
     env = dict(os.environ, CTRLORA_PARAMS=str(params), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TQDM_DISABLE="1")
-    proc = subprocess.run([sys.executable, "-m", f"pipelines.{name}", *args], cwd=root, env=env,
+    proc = subprocess.run([sys.executable, "-m", f"pipelines.stages.{name}", *args], cwd=root, env=env,
                           capture_output=True, text=True)
     assert proc.returncode == 0, f"{name}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc

@@ -21,9 +21,10 @@ def test_every_stage_lists_exactly_the_code_it_runs(rel):
 
 
 def test_import_walker_sees_function_level_relative_and_transitive_imports():
-    found = {f.relative_to(REPO).as_posix() for f in dvc_deps.imports_of(REPO / "pipelines" / "foundation" / "backbone.py")}
+    entry = REPO / "pipelines" / "foundation" / "pretrain_backbone.py"
+    found = {f.relative_to(REPO).as_posix() for f in dvc_deps.imports_of(entry)}
     assert "ctrlora/training/pretrain.py" in found  # imported inside a function
-    reach = {f.relative_to(REPO).as_posix() for f in dvc_deps.closure(REPO / "pipelines" / "foundation" / "backbone.py")}
+    reach = {f.relative_to(REPO).as_posix() for f in dvc_deps.closure(entry)}
     assert "ctrlora/training/loop.py" in reach  # through ctrlora.training.pretrain
     assert "ctrlora/evaluation/metrics.py" in reach  # a relative or absolute import in evaluation
 
@@ -35,9 +36,9 @@ def test_sync_adds_a_missing_module_and_drops_a_stale_one(tmp_path):
     (root / "dvc.yaml").write_text(
         "stages:\n"
         "  backbone:\n"
-        "    cmd: .venv/bin/python -m pipelines.foundation.backbone\n"
+        "    cmd: .venv/bin/python -m pipelines.foundation.pretrain_backbone\n"
         "    deps:\n"
-        "      - pipelines/foundation/backbone.py\n"
+        "      - pipelines/foundation/pretrain_backbone.py\n"
         "      - ctrlora/data/ingest.py   # stale: backbone never imports it\n"
         "      - data/prepared/photos     # data deps stay\n"
         "    outs:\n"

@@ -91,7 +91,7 @@ def test_foundation_graph_rebuilds_and_the_production_graph_reads_it(toy):
     rec = json.loads((toy / "models/backbone/backbone.json").read_text())
     assert rec["preset"] == "tiny" and rec["path"] == "../../foundation/backbone"
     from ctrlora.models.backbone import backbone_hash
-    from pipelines.stage import backbone_part, resolve_backbone
+    from pipelines.stages.common import backbone_part, resolve_backbone
 
     assert rec["hash"] == backbone_hash(toy / "foundation/backbone")
     assert resolve_backbone(toy / "models/backbone") == (toy / "foundation/backbone").resolve()
@@ -104,7 +104,7 @@ def test_a_missing_sd15_directory_fails_the_backbone_stage_with_the_setting_to_f
     alt = tmp_path / "params.yaml"
     alt.write_text(yaml.safe_dump(params, sort_keys=False))
     env = dict(os.environ, CTRLORA_PARAMS=str(alt))
-    done = subprocess.run([sys.executable, "-m", "pipelines.backbone"], cwd=toy, env=env, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "pipelines.stages.record_backbone"], cwd=toy, env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode != 0
     assert "backbone.sd15_path" in done.stderr and "no-such-sd15" in done.stderr

@@ -1,5 +1,5 @@
 """Base and adapter training under ``accelerate launch`` with two CPU processes (gloo), through
-the real stage entry points (``-m pipelines.train_base``, ``-m pipelines.train_adapter``).
+the real stage entry points (``-m pipelines.stages.train_base``, ``-m pipelines.stages.train_adapter``).
 
 A temp copy of ``ctrlora/`` and ``pipelines/`` with a tiny ``params.yaml``, a tiny backbone and
 an embed cache of random pairs is the project. One sequence of runs checks:
@@ -161,7 +161,7 @@ def _assert_close_curves(got: Path, ref: Path) -> None:
 
 
 REFERENCE = f"""
-from pipelines import train_adapter, train_base
+from pipelines.stages import train_adapter, train_base
 train_base.main()
 train_adapter.main([{NEW_CONDITION!r}])
 """
@@ -170,7 +170,7 @@ train_adapter.main([{NEW_CONDITION!r}])
 def _kill_after_first_checkpoint(root: Path, processes: int) -> list[str]:
     """Start the base stage, SIGKILL the whole launch as soon as a checkpoint is complete; the
     checkpoints left."""
-    proc = subprocess.Popen(_command(["pipelines.train_base"], processes), cwd=root, env=_env(),
+    proc = subprocess.Popen(_command(["pipelines.stages.train_base"], processes), cwd=root, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     ckpts = root / "checkpoints" / "train_base"
     deadline = time.monotonic() + 240
@@ -196,8 +196,8 @@ def test_two_processes_resume_and_train_what_one_trains(template):
     half = next((run / "checkpoints" / "train_base").glob("*/step_*")).parent / f".tmp_step_{resumed + 2:07d}"
     half.mkdir(exist_ok=True)
     (half / "model.safetensors").write_bytes(b"half")
-    out_base = _run(run, ["pipelines.train_base"], 2)
-    out_adapter = _run(run, ["pipelines.train_adapter", NEW_CONDITION], 2)
+    out_base = _run(run, ["pipelines.stages.train_base"], 2)
+    out_adapter = _run(run, ["pipelines.stages.train_adapter", NEW_CONDITION], 2)
     assert out_base.count(f"(step {resumed})") == 1  # accelerator.print: rank 0 only
     assert out_base.count("[train_base] ok") == 2  # both ranks ran the stage
 

@@ -17,7 +17,7 @@ import pipelines  # noqa: F401  (tool defaults)
 import torch
 
 from pipelines.settings import BASE_ADAPTERS
-from pipelines.stage import TIMINGS_FILE, artefact_paths, read_params, resolve_backbone, timed_stage
+from pipelines.stages.common import TIMINGS_FILE, artefact_paths, read_params, resolve_backbone, timed_stage
 
 TIMING_LOG = TIMINGS_FILE.parent / "evaluate_seconds.json"  # the last run's time per part (logs/, untracked)
 

@@ -9,7 +9,7 @@ import sys
 import pipelines  # noqa: F401  (tool defaults)
 import torch
 
-from pipelines.stage import artefact_paths, read_params, resolve_backbone, timed_stage
+from pipelines.stages.common import artefact_paths, read_params, resolve_backbone, timed_stage
 
 
 def main() -> int:

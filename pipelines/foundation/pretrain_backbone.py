@@ -22,7 +22,8 @@ from pathlib import Path
 import pipelines  # noqa: F401  (tool defaults)
 import torch
 
-from pipelines.stage import artefact_paths, checkpoint_dir, clear_checkpoints, read_params, timed_stage, write_curve
+from pipelines.stages.common import (artefact_paths, checkpoint_dir, clear_checkpoints, read_params, timed_stage,
+                                     write_curve)
 
 
 PRODUCTION_KEYS = ("preset", "sd15_path")  # backbone.* read by the production graph's record stage

@@ -1,7 +1,8 @@
 """Small shared helpers for DVC stage entry points: read params sections and the artefact
 paths, time the stage.
 
-Every stage entry is ``python -m pipelines.<stage>`` and looks like::
+Every stage entry is ``python -m pipelines.stages.<entry>`` (the foundation graph's
+``pipelines.foundation.<entry>``) and looks like::
 
     def main() -> None:
         cfg, paths = read_params("train_base"), artefact_paths()

@@ -1,7 +1,7 @@
 """DVC stage ``backbone`` (params: ``backbone.preset``, ``backbone.sd15_path``): record which
 backbone the production graph reads, in ``<paths.backbone>/backbone.json`` (preset, where it lies,
 content hash). Nothing is trained here: later stages load the recorded directory through
-:func:`pipelines.stage.resolve_backbone`.
+:func:`pipelines.stages.common.resolve_backbone`.
 
 * ``preset: tiny`` — the embedded default's backbone, pretrained by the foundation graph and
   committed (``paths.foundation.backbone``; ``make foundation`` rebuilds it).
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pipelines  # noqa: F401  (tool defaults)
 from pipelines.settings import REPO_ROOT
-from pipelines.stage import RECORD_NAME, artefact_paths, read_params, timed_stage
+from pipelines.stages.common import RECORD_NAME, artefact_paths, read_params, timed_stage
 
 PRESETS = ("tiny", "sd15")
 

@@ -8,8 +8,8 @@ import sys
 import pipelines  # noqa: F401  (tool defaults)
 import torch
 
-from pipelines.stage import (artefact_paths, checkpoint_dir, clear_checkpoints, main_process, read_params,
-                             resolve_backbone, timed_stage, write_curve)
+from pipelines.stages.common import (artefact_paths, checkpoint_dir, clear_checkpoints, main_process,
+                                     read_params, resolve_backbone, timed_stage, write_curve)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        raise SystemExit("usage: python -m pipelines.train_adapter <condition>")
+        raise SystemExit("usage: python -m pipelines.stages.train_adapter <condition>")
     condition = argv[0]
     p, paths = read_params("train_adapter"), artefact_paths()
     out = paths["adapters"] / condition

@@ -5,7 +5,7 @@ import json
 import sys
 
 import pipelines  # noqa: F401  (tool defaults)
-from pipelines.stage import artefact_paths, read_params, timed_stage
+from pipelines.stages.common import artefact_paths, read_params, timed_stage
 
 from ctrlora.data.render import DatasetConfig, render_dataset
 

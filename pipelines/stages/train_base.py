@@ -11,8 +11,8 @@ import pipelines  # noqa: F401  (tool defaults)
 import torch
 
 from pipelines.settings import BASE_ADAPTERS
-from pipelines.stage import (artefact_paths, checkpoint_dir, clear_checkpoints, main_process, read_params,
-                             resolve_backbone, timed_stage, write_curve)
+from pipelines.stages.common import (artefact_paths, checkpoint_dir, clear_checkpoints, main_process,
+                                     read_params, resolve_backbone, timed_stage, write_curve)
 
 
 def main() -> int:
