@@ -2,7 +2,8 @@
 paths, time the stage.
 
 Every stage entry is ``python -m pipelines.stages.<entry>`` (the foundation graph's
-``pipelines.foundation.<entry>``) and looks like::
+``pipelines.foundation.<entry>``, the research graph's ``pipelines.research.<entry>``) and looks
+like::
 
     def main() -> None:
         cfg, paths = read_params("train_base"), artefact_paths()

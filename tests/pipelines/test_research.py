@@ -83,7 +83,10 @@ def world(tmp_path_factory):
 def graph(world):
     """The five research stages run in order on the toy world; records the splits each loads."""
     from ctrlora.evaluation import loading
-    from pipelines import research_evaluate, research_report, research_select, research_train
+    from pipelines.research import evaluate as research_evaluate
+    from pipelines.research import report as research_report
+    from pipelines.research import select as research_select
+    from pipelines.research import train as research_train
 
     mp = pytest.MonkeyPatch()
     mp.setenv("CTRLORA_PARAMS", str(world["root"] / "params.yaml"))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from pipelines import research_common as C
+from pipelines.research import common as C
 from pipelines.stages.common import timed_stage, write_curve
 
 
@@ -70,7 +70,7 @@ def selected_rates(p: dict[str, Any]) -> dict[str, float]:
 
 def sweep(p: dict[str, Any]) -> None:
     from ctrlora.training.baselines import sweep_specs
-    from pipelines import research_train as me  # picklable by module name in the workers
+    from pipelines.research import train as me  # picklable by module name in the workers
 
     specs = sweep_specs(p["learning_rates"], p["methods"])
     C.log(f"[research sweep] {len(specs)} runs on {p['workers']} workers")
@@ -87,7 +87,7 @@ def sweep(p: dict[str, Any]) -> None:
 
 def seeds(p: dict[str, Any]) -> None:
     from ctrlora.training.baselines import RunSpec
-    from pipelines import research_train as me
+    from pipelines.research import train as me
 
     rates = selected_rates(p)
     specs = [RunSpec(m, rates[m], k) for m in p["methods"] for k in range(1, int(p["seeds"]))]
@@ -101,7 +101,7 @@ def seeds(p: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1 or argv[0] not in ("sweep", "seeds"):
-        raise SystemExit("usage: python -m pipelines.research_train <sweep|seeds>")
+        raise SystemExit("usage: python -m pipelines.research.train <sweep|seeds>")
     p = C.params()
     with timed_stage(f"research_{argv[0]}"):
         (sweep if argv[0] == "sweep" else seeds)(p)

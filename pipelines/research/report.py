@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from pipelines import research_common as C
+from pipelines.research import common as C
 from pipelines.stages.common import timed_stage
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from pipelines import research_common as C
+from pipelines.research import common as C
 from pipelines.stages.common import timed_stage
 
 UNCONTROLLED = "uncontrolled"
@@ -80,8 +80,8 @@ def save_samples(p: dict[str, Any], rows: list[dict[str, Any]]) -> None:
 
 def main() -> int:
     from ctrlora.training.baselines import method
-    from pipelines import research_evaluate as me  # picklable by module name in the workers
-    from pipelines.research_train import selected_rates
+    from pipelines.research import evaluate as me  # picklable by module name in the workers
+    from pipelines.research.train import selected_rates
 
     p = C.params()
     with timed_stage("research_evaluate"):
