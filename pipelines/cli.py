@@ -23,8 +23,8 @@ import sys
 from pathlib import Path
 
 from ctrlora import generate_cli
-from pipelines import benchmark
 from pipelines import studio
+from pipelines.registry import frozen_benchmark as benchmark
 from pipelines.settings import PARAMS_FILE, REPO_ROOT
 
 URI_SCHEME = "models:/"
@@ -60,8 +60,8 @@ def _print_rows(rows: list[dict]) -> None:
 
 
 def _run_registry(args) -> int:
-    from pipelines import registry
-    from pipelines.register import register_params
+    from pipelines.registry import models as registry
+    from pipelines.registry.register import register_params
 
     action = args.registry_command
     try:
@@ -108,7 +108,7 @@ def _resolve_uris(args, downloads: list) -> dict[str, str]:
     """Replace ``models:/`` adapters in ``args`` by downloaded folders (appended to
     ``downloads``), fill in ``--backbone`` / ``--base`` from them; returns how ``generate.json``
     names each part that came from the registry."""
-    from pipelines.registry import resolve_adapter_uri
+    from pipelines.registry.models import resolve_adapter_uri
 
     generate_cli.check_images(generate_cli.parse_pairs(args.condition, "condition"))
     adapters = generate_cli.parse_pairs(args.adapter, "adapter")

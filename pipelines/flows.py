@@ -41,7 +41,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from pipelines.dvclock import dataset_hashes, uncovered
+from pipelines.registry.dvclock import dataset_hashes, uncovered
 from pipelines.settings import INCOMING, PATHS, REPO_ROOT, load_params
 
 EVENT = "dental.scans.landed"
@@ -94,7 +94,7 @@ def store_hash(root: Path, store: str) -> str | None:
 def catch_up_reasons(root: Path) -> list[str]:
     """Why the accepted store is not covered by the last complete run (``[]``: it is): scans an
     earlier retrain ingested but did not carry through (it failed or was interrupted after
-    ingest, after prepare, or in any later stage). See :func:`pipelines.dvclock.uncovered`."""
+    ingest, after prepare, or in any later stage). See :func:`pipelines.registry.dvclock.uncovered`."""
     store = str(repo_paths(root)["scans"])
     folder = root / store
     has_scans = folder.is_dir() and any(p.is_dir() and not p.name.startswith(".")
@@ -180,7 +180,7 @@ def repro_target(repo_root: str, target: str) -> str:
 
 @task(name="register-and-promote", cache_policy=NO_CACHE)
 def register_task(repo_root: str) -> list[dict[str, Any]]:
-    from pipelines.register import register_all
+    from pipelines.registry.register import register_all
 
     logger = get_run_logger()
     out = register_all(Path(repo_root), log=logger.info)

@@ -14,7 +14,7 @@ What it serves (FastAPI on uvicorn, one page, no external assets):
   condition (canny, grayscale, blur, palette), the map computed from an uploaded photograph;
 * generation in ONE worker thread (requests only queue a job and poll it), with the sampler's
   steps as progress;
-* promotion through :func:`pipelines.registry.promote` (the gate of ``params.yaml``
+* promotion through :func:`pipelines.registry.models.promote` (the gate of ``params.yaml``
   ``register.gate``), only with an explicit confirmation.
 
 Every input is checked before anything runs; a bad one is answered with HTTP 400 and one
@@ -184,7 +184,7 @@ class Catalogue:
         self.registry_error = None
         if self.use_registry:
             try:
-                from pipelines import registry
+                from pipelines.registry import models as registry
                 rows = registry.list_models()
             except Exception as exc:  # an unreachable store: the page says so, folders still work
                 rows, self.registry_error = [], f"MLflow registry unavailable: {exc}"
@@ -216,7 +216,7 @@ class Catalogue:
             if ref.startswith(FOLDER_PREFIX):
                 p = Parts(self.backbone, self.base, Path(ref[len(FOLDER_PREFIX):]))
             else:
-                from pipelines.registry import resolve_adapter_uri
+                from pipelines.registry.models import resolve_adapter_uri
 
                 name_ver = ref[len("models:/"):].replace("/", "-v")
                 dst = self.cache / name_ver
@@ -677,7 +677,7 @@ class Studio:
                 "champion_value": champ.info.get("metrics", {}).get(metric) if champ else None}
 
     def promote(self, body: dict) -> dict:
-        from pipelines import registry
+        from pipelines.registry import models as registry
 
         cond, version = body.get("condition"), body.get("version")
         if body.get("confirm") is not True:

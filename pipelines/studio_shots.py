@@ -35,8 +35,8 @@ def _register(root: Path) -> None:
     """The three versions into the store of ``MLFLOW_TRACKING_URI``."""
     import numpy as np
 
-    from pipelines.dvclock import dataset_hash_from_lock
-    from pipelines.registration import register_adapter
+    from pipelines.registry.dvclock import dataset_hash_from_lock
+    from pipelines.registry.registration import register_adapter
 
     evaluate = json.loads((root / PATHS["metrics"]["evaluate"]).read_text())
     research = json.loads((root / PATHS["research"] / "test_scores.json").read_text())

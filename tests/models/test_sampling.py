@@ -405,7 +405,7 @@ def test_ops_generate_with_registry_uri(saved_parts, tmp_path, monkeypatch, caps
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "test-generate")
     from pipelines.cli import main as ops_main
-    from pipelines.registration import register_adapter
+    from pipelines.registry.registration import register_adapter
 
     res = register_adapter(
         "lighting", root / "adapters" / "lighting", dataset_hash="f" * 32 + ".dir",

@@ -7,7 +7,7 @@ few training steps). Then, with the real Prefect test harness and a real sqlite 
 1. the ``pipeline`` flow runs every stage of the real ``dvc.yaml`` and registers one version per
    adapter, tagged with the dataset hash DVC records for that condition's data;
 2. the lighting champion loads and generates in a fresh process;
-3. the toy project freezes its own benchmark v1 from its test split (``pipelines.benchmark``);
+3. the toy project freezes its own benchmark v1 from its test split (``pipelines.registry.frozen_benchmark``);
 4. a second run is a no-op, in DVC and in the registry;
 5. a broken canny model is registered: the gate scores it against v1 on the benchmark and
    refuses it; it is then forced in as champion;
@@ -107,9 +107,9 @@ def _register_broken(project: Path, condition: str, gate: dict):
     from mlflow import MlflowClient
     from safetensors.torch import load_file, save_file
 
-    from pipelines.benchmark import gate_for
-    from pipelines.dvclock import dataset_hash_from_lock
-    from pipelines.registration import register_adapter
+    from pipelines.registry.dvclock import dataset_hash_from_lock
+    from pipelines.registry.frozen_benchmark import gate_for
+    from pipelines.registry.registration import register_adapter
 
     work = project.parent / f"broken-{condition}"
     adapter, backbone = work / "adapter", work / "backbone"
@@ -136,8 +136,8 @@ def test_pipeline_register_noop_and_retrain_on_landed_scans(project, harness):
     from mlflow import MlflowClient
 
     from pipelines.flows import pipeline, retrain_on_new_scans
-    from pipelines.dvclock import dataset_hash_from_lock
-    from pipelines.registry import promote
+    from pipelines.registry.dvclock import dataset_hash_from_lock
+    from pipelines.registry.models import promote
 
     # 1. the whole real graph, each stage a task run, then registration
     first = pipeline(str(project))
@@ -178,13 +178,13 @@ def test_pipeline_register_noop_and_retrain_on_landed_scans(project, harness):
     # 3. the toy project freezes its own benchmark from its test split (the repo's manifests were
     #    not copied: they name scans this project does not have)
     assert not (project / "frozen_benchmark").exists()
-    _run([sys.executable, "-m", "pipelines.benchmark", "freeze", "--repo", str(project)], project)
+    _run([sys.executable, "-m", "pipelines.registry.frozen_benchmark", "freeze", "--repo", str(project)], project)
     manifest_file = project / "frozen_benchmark/v1.json"
     frozen = manifest_file.read_bytes()
     manifest = json.loads(frozen)
     test_split = json.loads((project / "data/prepared/meta/splits.json").read_text())["test"]
     assert len(manifest["scan_ids"]) >= 2 and set(manifest["scan_ids"]) <= set(test_split)
-    shown = json.loads(_run([sys.executable, "-m", "pipelines.benchmark", "show", "--json", "--repo",
+    shown = json.loads(_run([sys.executable, "-m", "pipelines.registry.frozen_benchmark", "show", "--json", "--repo",
                              str(project)], project).stdout)
     assert shown["version"] == 1 and shown["verified"] is True
     _run(["git", "add", "frozen_benchmark"], project)

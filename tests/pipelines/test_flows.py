@@ -178,7 +178,7 @@ def test_retrain_catches_up_on_scans_that_failed_retrains_left_behind(prefect_ha
 def test_uncovered_reads_what_the_last_complete_run_left_behind_from_the_lock(tmp_path):
     import yaml
 
-    from pipelines.dvclock import stale_deps, uncovered
+    from pipelines.registry.dvclock import stale_deps, uncovered
 
     def item(path, md5):
         return {"path": path, "hash": "md5", "md5": md5}

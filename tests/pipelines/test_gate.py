@@ -75,7 +75,7 @@ def tracking(tmp_path_factory):
 
 
 def test_paired_decision_rules():
-    from pipelines.gate import paired_decision
+    from pipelines.registry.gate import paired_decision
 
     sup = {"rule": "superiority", "min_delta": 0.0}
     ok, why = paired_decision(sup, 0.05, 0.02, 0.08, champion_version="3", same_data=True)
@@ -104,7 +104,7 @@ def test_paired_decision_rules():
 
 def test_benchmark_is_frozen_versioned_and_never_takes_new_scans(project, tmp_path):
     from ctrlora.data.render import DatasetConfig, render_dataset
-    from pipelines import benchmark as B
+    from pipelines.registry import frozen_benchmark as B
 
     root = tmp_path / "p"
     shutil.copytree(project, root, symlinks=True)
@@ -170,7 +170,7 @@ def test_benchmark_is_frozen_versioned_and_never_takes_new_scans(project, tmp_pa
 
 
 def _register(root: Path, k: int, dataset: str, judge):
-    from pipelines.registration import register_adapter
+    from pipelines.registry.registration import register_adapter
 
     return register_adapter(
         "lighting", root / "models/adapters" / f"lighting-{k}", dataset_hash=dataset * 32 + ".dir",
@@ -183,7 +183,7 @@ def test_gate_scores_both_in_one_run_and_moves_only_on_evidence(project, trackin
     from mlflow import MlflowClient
     from PIL import Image
 
-    from pipelines import benchmark as B
+    from pipelines.registry import frozen_benchmark as B
 
     root = tmp_path / "p"
     shutil.copytree(project, root, symlinks=True)

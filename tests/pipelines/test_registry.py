@@ -52,7 +52,7 @@ def _fake_parts(root: Path, condition: str, seed: int) -> dict[str, Path]:
 
 
 def _register(root, condition, seed, fidelity, dataset_hash="a" * 32 + ".dir"):
-    from pipelines.registration import register_adapter
+    from pipelines.registry.registration import register_adapter
 
     parts = _fake_parts(root, condition, seed)
     return register_adapter(
@@ -66,7 +66,7 @@ def test_registration_tags_input_and_idempotency(tracking, tmp_path):
     from mlflow import MlflowClient
 
     from ctrlora.models.adapters import ADAPTER_WEIGHTS
-    from pipelines import registry
+    from pipelines.registry import models as registry
 
     res = _register(tmp_path, "t-tags", seed=1, fidelity=0.5)
     assert res.created and res.version == "1" and res.decision == "champion" and res.champion == "1"
@@ -103,7 +103,7 @@ def test_without_benchmark_only_first_version_is_champion_then_manual_promote_an
         tracking, tmp_path):
     from mlflow import MlflowClient
 
-    from pipelines import registry
+    from pipelines.registry import models as registry
 
     client = MlflowClient()
     name = "ctrlora-t-gate"
@@ -144,7 +144,7 @@ def test_without_benchmark_only_first_version_is_champion_then_manual_promote_an
 def test_backbone_and_base_are_stored_once_and_fetched_by_hash(tracking, tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
-    from pipelines import registry
+    from pipelines.registry import models as registry
 
     monkeypatch.setenv("CTRLORA_PARTS_CACHE", str(tmp_path / "cache"))
     client = MlflowClient()
@@ -176,7 +176,7 @@ def test_backbone_and_base_are_stored_once_and_fetched_by_hash(tracking, tmp_pat
 
 
 def test_gate_modes_and_missing_metric():
-    from pipelines.gate import evaluate_gate
+    from pipelines.registry.gate import evaluate_gate
 
     gate = {"metric": "fid", "mode": "min", "min_delta": 0.1}
     assert evaluate_gate(gate, 1.0, 1.2, "1")[0]
@@ -231,7 +231,7 @@ def _git_dvc_repo(root: Path) -> None:
 def test_dataset_hash_from_lock_reads_real_dvc_lock(tmp_path, monkeypatch):
     from dvc.repo import Repo
 
-    from pipelines.dvclock import dataset_hash_from_lock, dataset_hashes, lock_hash
+    from pipelines.registry.dvclock import dataset_hash_from_lock, dataset_hashes, lock_hash
 
     assert dataset_hashes(tmp_path) == {}  # before the first repro
     with pytest.raises(FileNotFoundError, match="no dvc.lock"):
@@ -270,8 +270,8 @@ def test_pyfunc_is_logged_as_code_and_generates_in_fresh_process(tracking, tmp_p
 
     from ctrlora.models.backbone import build_tiny_backbone
     from ctrlora.models.controlnet import CtrLoRAControlNet
-    from pipelines.registration import register_adapter
-    from pipelines.registry import resolve_adapter_uri
+    from pipelines.registry.models import resolve_adapter_uri
+    from pipelines.registry.registration import register_adapter
 
     torch.manual_seed(0)
     cfg = tiny_test_config(image_size=32, vae_block_out_channels=(32, 32),

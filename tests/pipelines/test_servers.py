@@ -170,7 +170,7 @@ def _tags(obj: dict) -> dict[str, str]:
 
 def test_landed_scans_trigger_the_served_retrain_which_registers_through_the_tracking_server(
         stack, tmp_path):
-    from pipelines.dvclock import dataset_hash_from_lock
+    from pipelines.registry.dvclock import dataset_hash_from_lock
     from pipelines.flows import EVENT
 
     repo = make_toy_repo(tmp_path / "repo")
@@ -231,7 +231,7 @@ def test_landed_scans_trigger_the_served_retrain_which_registers_through_the_tra
 RACER = """\
 import json, sys, time
 from pathlib import Path
-from pipelines.registration import register_adapter
+from pipelines.registry.registration import register_adapter
 parts, go, ready, result = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[5])
 ready.write_text("")
 while not go.exists():

@@ -1,4 +1,4 @@
-"""The registry lock (pipelines/registry_lock.py) on a real sqlite MLflow store: held while the
+"""The registry lock (pipelines/registry/lock.py) on a real sqlite MLflow store: held while the
 body runs and released after, a live holder makes a waiter give up with its name, an abandoned
 lock is taken over. Two processes racing through a tracking server: test_servers.py."""
 from __future__ import annotations
@@ -23,7 +23,7 @@ def _names(client) -> list[str]:
 
 
 def test_lock_is_held_released_waited_for_and_taken_over_when_abandoned(client):
-    from pipelines.registry_lock import LOCK_PREFIX, RegistryLockTimeout, model_lock
+    from pipelines.registry.lock import LOCK_PREFIX, RegistryLockTimeout, model_lock
 
     with model_lock("ctrlora-x", client) as me:
         assert _names(client) == [f"{LOCK_PREFIX}ctrlora-x"]

@@ -93,7 +93,7 @@ def registry(project, tmp_path_factory):
     """A sqlite store: ctrlora-lighting v1 (champion, fidelity 0.5), v2 (challenger: registered
     under a gate that prefers lower numbers, so the project's own gate will pass it) and
     ctrlora-canny v1."""
-    from pipelines.registration import register_adapter
+    from pipelines.registry.registration import register_adapter
 
     store = tmp_path_factory.mktemp("mlflow-studio")
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}",

@@ -8,7 +8,7 @@ sampling (steps, scheduler, guidance, first seed: scan ``i`` gets ``seed + i``) 
     ctrlora-ops benchmark bump --reason ... # v<N+1>; the earlier manifests stay
     ctrlora-ops benchmark show [--json]     # the current version, its scans, whether it verifies
 
-(also ``python -m pipelines.benchmark ...``). Where things lie (params.yaml ``paths``):
+(also ``python -m pipelines.registry.frozen_benchmark ...``). Where things lie (params.yaml ``paths``):
 
 * ``paths.benchmark`` (``frozen_benchmark/``, committed): ``v<N>.json``, the manifest -- scan ids, the
   pairs rows (captions), the sha256 of every frozen file, sampling and bootstrap settings.
@@ -22,11 +22,11 @@ New scans never enter a version: its scan list is in the manifest. The scans are
 when frozen and are checked against the workspace's current split before every use (a benchmark
 scan now in train or validation is an error: never trained on).
 
-:class:`BenchmarkGate` is the judge :func:`pipelines.registration.register_adapter` calls: it
+:class:`BenchmarkGate` is the judge :func:`pipelines.registry.registration.register_adapter` calls: it
 generates the champion's and the challenger's images on the benchmark scans with the same seeds,
 scores both with the frozen re-detectors (the evaluation library's ``generate`` and
 ``per_scan_fidelity``), takes the paired bootstrap of the per-scan differences
-(``bootstrap_diff``) and decides with :func:`pipelines.gate.paired_decision`.
+(``bootstrap_diff``) and decides with :func:`pipelines.registry.gate.paired_decision`.
 
 Params (``register.benchmark``): ``max_scans`` (scans in a new version), ``sampling``,
 ``bootstrap``, ``grid_rows``.
@@ -413,11 +413,11 @@ class UnusableBenchmark:
 
 
 class BenchmarkGate:
-    """The judge of :func:`pipelines.registration.register_adapter`: the challenger against the
+    """The judge of :func:`pipelines.registry.registration.register_adapter`: the challenger against the
     champion on one benchmark version, decided by params.yaml ``register.gate``."""
 
     def __init__(self, bench: Benchmark, gate: Mapping[str, Any]):
-        from pipelines.gate import gate_config
+        from pipelines.registry.gate import gate_config
 
         self.bench, self.gate = bench, gate_config(gate)
         self.tags = {"benchmark_version": str(bench.version)}
@@ -435,9 +435,9 @@ class BenchmarkGate:
     def compare(self, name: str, champion_mv, challenger_mv, challenger: Mapping[str, Path]):
         import numpy as np
 
-        from pipelines.gate import paired_decision
-        from pipelines.registration import GateOutcome
-        from pipelines.registry import resolve_adapter_uri
+        from pipelines.registry.gate import paired_decision
+        from pipelines.registry.models import resolve_adapter_uri
+        from pipelines.registry.registration import GateOutcome
 
         condition = challenger_mv.tags.get("condition") or name.split("-", 1)[1]
         champ_v = str(champion_mv.version)
@@ -534,7 +534,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.benchmark",
+    parser = argparse.ArgumentParser(prog="python -m pipelines.registry.frozen_benchmark",
                                      description=__doc__.splitlines()[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))

@@ -6,6 +6,6 @@ version never unpickles anything. The class comes from the installed ``ctrlora-d
 """
 import mlflow.models
 
-from pipelines.pyfunc import CtrLoRAPyfunc
+from pipelines.registry.pyfunc import CtrLoRAPyfunc
 
 mlflow.models.set_model(CtrLoRAPyfunc())

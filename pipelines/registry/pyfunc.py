@@ -2,10 +2,10 @@
 
 A version's artifacts are the ``adapter`` directory and ``parts``, the reference to the backbone
 and base ControlNet it was registered with (each stored once per content hash, fetched from the
-tracking store's artifacts and checked against that hash: :func:`pipelines.registry.fetch_parts`);
+tracking store's artifacts and checked against that hash: :func:`pipelines.registry.models.fetch_parts`);
 versions registered before the parts were shared carry ``backbone`` and ``base`` directories
 themselves. :meth:`CtrLoRAPyfunc.load_context` builds a :class:`~ctrlora.sampling.CtrLoRAPipeline`.
-The model is logged as code (:mod:`pipelines.pyfunc_model`), not pickled: loading a version runs
+The model is logged as code (:mod:`pipelines.registry.pyfunc_model`), not pickled: loading a version runs
 that file, which imports this class from the installed ``ctrlora-dental`` package.
 """
 from __future__ import annotations
@@ -67,7 +67,7 @@ class CtrLoRAPyfunc(mlflow.pyfunc.PythonModel):
 
         arts = dict(context.artifacts)
         if "parts" in arts:
-            from pipelines.registry import fetch_parts
+            from pipelines.registry.models import fetch_parts
 
             arts.update({k: str(v) for k, v in fetch_parts(arts["parts"]).items()})
         from pipelines.stages.common import resolve_backbone

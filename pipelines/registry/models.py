@@ -1,7 +1,7 @@
 """The MLflow model registry of CtrLoRA adapters: versions, aliases, promotion, rollback, lookup.
 
 Every adapter is a version of the registered model ``ctrlora-<condition>``
-(:mod:`pipelines.registration` creates them). Aliases carry the roles:
+(:mod:`pipelines.registry.registration` creates them). Aliases carry the roles:
 
 * ``champion`` -- the version people and ``ctrlora-ops generate`` with
   ``models:/ctrlora-<c>@champion`` use. It moves only through :func:`apply_gate` /
@@ -36,7 +36,7 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from pipelines.gate import evaluate_gate, gate_config, metrics_from_tags
+from pipelines.registry.gate import evaluate_gate, gate_config, metrics_from_tags
 
 MODEL_PREFIX = "ctrlora-"
 CHAMPION = "champion"

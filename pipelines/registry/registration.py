@@ -6,14 +6,14 @@ file (``adapter_hash``: sha256 of ``adapter_model.safetensors``) and to the code
 Registration is idempotent: the same adapter hash and dataset hash return the existing version
 and create nothing.
 
-The version's model is the pyfunc of :mod:`pipelines.pyfunc`, logged as code
-(:mod:`pipelines.pyfunc_model`; nothing is pickled) with the adapter directory and ``parts.json``
+The version's model is the pyfunc of :mod:`pipelines.registry.pyfunc`, logged as code
+(:mod:`pipelines.registry.pyfunc_model`; nothing is pickled) with the adapter directory and ``parts.json``
 as artifacts. The backbone and the base ControlNet are logged once per content hash, each as the
-artifacts of a run of its own, and ``parts.json`` references them (:mod:`pipelines.registry`):
+artifacts of a run of its own, and ``parts.json`` references them (:mod:`pipelines.registry.models`):
 a hundred adapter versions on one SD 1.5 backbone store it once.
 
 The gate: the first version of a model takes ``champion``. Every later one is compared with the
-champion by ``judge`` (:class:`pipelines.benchmark.BenchmarkGate`: both scored in one run on the
+champion by ``judge`` (:class:`pipelines.registry.frozen_benchmark.BenchmarkGate`: both scored in one run on the
 frozen benchmark, paired bootstrap); without a judge, or when the comparison fails, the champion
 stays and the reason says why. The decision, its interval, the benchmark version and the
 side-by-side grid go to the version's tags and to the registering run.
@@ -44,11 +44,11 @@ from mlflow.exceptions import MlflowException
 
 from ctrlora.data.files import sha256_file
 from ctrlora.models.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from pipelines.gate import flatten_metrics, gate_config, metric_tags
-from pipelines.registry import (CHAMPION, CHALLENGER, HASH_TAG, PART_TAG, PARTS_FILE, RegistryError,
-                                alias_version, dir_hash, find_version, model_name,
-                                record_decision)
-from pipelines.registry_lock import locked_by_model
+from pipelines.registry.gate import flatten_metrics, gate_config, metric_tags
+from pipelines.registry.lock import locked_by_model
+from pipelines.registry.models import (CHAMPION, CHALLENGER, HASH_TAG, PART_TAG, PARTS_FILE, RegistryError,
+                                       alias_version, dir_hash, find_version, model_name,
+                                       record_decision)
 from pipelines.settings import PREPARED_CONDITIONS, REPO_ROOT
 
 # The models-from-code file; referred to by path (importing it would set a model as a side effect).

@@ -4,13 +4,13 @@ Runs outside every cached DVC stage -- DVC may restore a cached stage without ru
 registration must still see its outputs. Idempotent: an adapter already registered with the same
 adapter hash and dataset hash is reported, not registered again.
 
-    .venv/bin/python -m pipelines.register [--repo DIR] [--dry-run]
+    .venv/bin/python -m pipelines.registry.register [--repo DIR] [--dry-run]
 
 Looks for adapters in ``models/adapters/<c>/`` (new conditions) and ``models/base/adapters/<c>/``
 (base conditions), reads each one's dataset hash from ``dvc.lock``, the metrics from
 ``metrics/evaluate.json`` and the gate from ``params.yaml`` section ``register``. A model's first
 version takes the ``champion`` alias; every later one is scored against the champion on the frozen
-benchmark (:mod:`pipelines.benchmark`) and takes it only when the paired interval says so. Before
+benchmark (:mod:`pipelines.registry.frozen_benchmark`) and takes it only when the paired interval says so. Before
 the graph has produced those outputs it says which are missing and exits 0 without opening the
 registry.
 """
@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from ctrlora.models.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from pipelines.dvclock import LOCK_FILE, dataset_hash_from_lock, lock_hash
-from pipelines.gate import gate_config
-from pipelines.stages.common import backbone_part
+from pipelines.registry.dvclock import LOCK_FILE, dataset_hash_from_lock, lock_hash
+from pipelines.registry.gate import gate_config
 from pipelines.settings import (ADAPTER_ROOTS, BACKBONE_DIR, BASE_DIR, METRICS_FILE,
                                 PREPARED_CONDITIONS, REPO_ROOT, load_params)
+from pipelines.stages.common import backbone_part
 
 
 @dataclass
@@ -79,7 +79,7 @@ def missing_outputs(root: Path) -> list[str]:
 def _register_one(root: Path, cand: Candidate, metrics_all: dict, commit: str,
                   gate: dict[str, Any], dry_run: bool, log, judge=None):
     """Register one adapter (or say what would be registered); None on a dry run."""
-    from pipelines.registration import register_adapter  # MLflow only when registering
+    from pipelines.registry.registration import register_adapter  # MLflow only when registering
 
     c = cand.condition
     dataset_hash = dataset_hash_from_lock(root, c)
@@ -111,7 +111,7 @@ def register_all(root: Path, *, dry_run: bool = False, log=print) -> tuple[list,
     commit = git_commit(root)
     judge = None
     if not dry_run:
-        from pipelines.benchmark import gate_for
+        from pipelines.registry.frozen_benchmark import gate_for
 
         judge = gate_for(root, gate, log)
     results, errors = [], []
@@ -136,7 +136,7 @@ def register_all(root: Path, *, dry_run: bool = False, log=print) -> tuple[list,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.register",
+    parser = argparse.ArgumentParser(prog="python -m pipelines.registry.register",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--repo", type=Path, default=REPO_ROOT,
                         help=f"project root (default: {REPO_ROOT})")
