@@ -23,9 +23,9 @@ import sys
 from pathlib import Path
 
 from ctrlora import generate_cli
-from pipelines import studio
 from pipelines.registry import frozen_benchmark as benchmark
 from pipelines.settings import PARAMS_FILE, REPO_ROOT
+from pipelines.studio import app as studio
 
 URI_SCHEME = "models:/"
 

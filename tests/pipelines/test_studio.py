@@ -45,7 +45,7 @@ def _data_url(raw: bytes, mime: str = "image/png") -> str:
 
 
 def test_upload_rules():
-    from pipelines.studio import StudioError, decode_upload
+    from pipelines.studio.app import StudioError, decode_upload
 
     img = np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
     out = decode_upload(_data_url(_png(img)), "map.png")

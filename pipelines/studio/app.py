@@ -695,7 +695,7 @@ def make_app(studio: Studio):
     from fastapi import FastAPI
     from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-    from pipelines.studio_page import PAGE
+    from pipelines.studio.page import PAGE
 
     app = FastAPI(title="CtrLoRA dental studio", docs_url=None, redoc_url=None, openapi_url=None)
 

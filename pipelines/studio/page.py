@@ -1,6 +1,6 @@
 """The studio's one page (HTML + CSS + plain JavaScript, no external assets: it works offline).
 
-The page talks to :mod:`pipelines.studio`'s JSON API: ``/api/state`` (models, scans, limits),
+The page talks to :mod:`pipelines.studio.app`'s JSON API: ``/api/state`` (models, scans, limits),
 ``/api/upload`` (a map or photo; refused files come back as one sentence), ``/api/generate``
 (queues a job), ``/api/jobs/<id>`` (polled for progress and results), ``/api/gate`` and
 ``/api/promote``.

@@ -1,6 +1,6 @@
 """The README's screenshots of the studio, taken by headless Chromium on the default run's models.
 
-    python -m pipelines.studio_shots [--out docs/images] [--chromium /usr/bin/chromium]
+    python -m pipelines.studio.shots [--out docs/images] [--chromium /usr/bin/chromium]
 
 Needs the default run's artefacts (``make repro``: ``models/``, ``data/prepared``,
 ``metrics/evaluate.json``) and, for the challenger, the research graph's second training seed of
@@ -92,7 +92,7 @@ def _drive(url: str, chromium: str, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.studio_shots", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pipelines.studio.shots", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "images")
     parser.add_argument("--chromium", default=shutil.which("chromium") or shutil.which("chromium-browser"))
     args = parser.parse_args(argv)
