@@ -18,7 +18,7 @@ setup:
 	@scripts/bootstrap.sh
 
 repro: setup
-	python -m pipelines.repro
+	python -m pipelines.orchestration.repro
 
 # the foundation graph is a DVC project of its own (foundation/): it reads the rendered scans
 foundation: setup
@@ -40,10 +40,10 @@ servers-e2e: setup
 
 research: setup
 	dvc repro research/dvc.yaml
-	python -m pipelines.report
+	python -m pipelines.orchestration.report
 
 report: setup
-	python -m pipelines.report
+	python -m pipelines.orchestration.report
 
 studio: setup
 	ctrlora-ops studio $(STUDIO_ARGS)

@@ -1,7 +1,7 @@
 """A toy project for the Prefect flow tests: a temp git + DVC repo whose dvc.yaml has the shape of
 the real graph (prepare -> backbone -> train@<condition> -> evaluate) with fast Python stages, and
 whose prepare reads the accepted store ``data/scans`` like the real one. Real scans land through
-``ctrlora.cli render`` and are ingested by the real ``pipelines.ingest``.
+``ctrlora.cli render`` and are ingested by the real ``pipelines.orchestration.ingest``.
 
 Failures can be injected through the environment the stages inherit: ``TEST_FAIL_PREPARE=1``,
 ``TEST_FAIL_ALWAYS=<condition>`` (train@<condition> always fails), ``TEST_FLAKY_MARKER=<file>`` +

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import dvc_deps
+from pipelines.orchestration import dvc_deps
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.parametrize("rel", [r for r in dvc_deps.DVC_FILES if (REPO / r).is_file()])
 def test_every_stage_lists_exactly_the_code_it_runs(rel):
     changes = dvc_deps.sync(REPO / rel, write=False)
-    assert not changes, "run `python -m pipelines.dvc_deps`:\n" + "\n".join(changes)
+    assert not changes, "run `python -m pipelines.orchestration.dvc_deps`:\n" + "\n".join(changes)
 
 
 def test_import_walker_sees_function_level_relative_and_transitive_imports():

@@ -135,7 +135,7 @@ def _register_broken(project: Path, condition: str, gate: dict):
 def test_pipeline_register_noop_and_retrain_on_landed_scans(project, harness):
     from mlflow import MlflowClient
 
-    from pipelines.flows import pipeline, retrain_on_new_scans
+    from pipelines.orchestration.flows import pipeline, retrain_on_new_scans
     from pipelines.registry.dvclock import dataset_hash_from_lock
     from pipelines.registry.models import promote
 

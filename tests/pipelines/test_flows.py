@@ -1,6 +1,6 @@
 """Prefect flows over a real DVC graph: a temp git + DVC repo with a tiny dvc.yaml of fast Python
 stages (tests/_flows_helpers.py), the real Prefect test harness, a real sqlite MLflow store in
-tmp_path, real scans landed by ``ctrlora render`` and ingested by ``pipelines.ingest``."""
+tmp_path, real scans landed by ``ctrlora render`` and ingested by ``pipelines.orchestration.ingest``."""
 from __future__ import annotations
 
 import json
@@ -45,7 +45,7 @@ def _task_runs(flow_state) -> dict[str, object]:
 
 
 def test_stage_order_comes_from_dvc(repo):
-    from pipelines.flows import dvc_stages
+    from pipelines.orchestration.flows import dvc_stages
 
     assert dvc_stages(repo) == STAGES
 
@@ -53,7 +53,7 @@ def test_stage_order_comes_from_dvc(repo):
 def test_pipeline_runs_each_stage_as_a_task_then_registers_and_is_a_noop_twice(prefect_harness, repo):
     from mlflow import MlflowClient
 
-    from pipelines.flows import pipeline
+    from pipelines.orchestration.flows import pipeline
 
     state = pipeline(str(repo), return_state=True)
     assert state.is_completed(), state.message
@@ -87,7 +87,7 @@ def test_pipeline_runs_each_stage_as_a_task_then_registers_and_is_a_noop_twice(p
 
 
 def test_transient_stage_failure_is_retried(prefect_harness, repo, tmp_path, monkeypatch):
-    from pipelines.flows import pipeline
+    from pipelines.orchestration.flows import pipeline
 
     marker = tmp_path / "flaky-failed-once"
     monkeypatch.setenv("TEST_FLAKY_MARKER", str(marker))
@@ -103,7 +103,7 @@ def test_transient_stage_failure_is_retried(prefect_harness, repo, tmp_path, mon
 
 def test_persistent_stage_failure_fails_flow_and_leaves_registry_untouched(
         prefect_harness, repo, tmp_path, monkeypatch):
-    from pipelines.flows import StageFailed, pipeline
+    from pipelines.orchestration.flows import StageFailed, pipeline
 
     monkeypatch.setenv("TEST_FAIL_ALWAYS", "depth")
     state = pipeline(str(repo), retries=1, retry_delay_seconds=0, return_state=True)
@@ -119,7 +119,7 @@ def test_persistent_stage_failure_fails_flow_and_leaves_registry_untouched(
 
 
 def test_retrain_without_new_scans_ends_quickly(prefect_harness, repo):
-    from pipelines.flows import retrain_on_new_scans
+    from pipelines.orchestration.flows import retrain_on_new_scans
 
     partial = repo / "data" / "incoming" / "scan-002"  # still landing: no READY marker
     partial.mkdir(parents=True)
@@ -136,7 +136,7 @@ def test_retrain_catches_up_on_scans_that_failed_retrains_left_behind(prefect_ha
     """Scans ingested by a retrain that then failed -- in prepare, or later in training -- are in
     the accepted store but not in what the last complete run trained on; the next retrain, with
     nothing new landed, must still retrain on them."""
-    from pipelines.flows import StageFailed, catch_up_reasons, pipeline, retrain_on_new_scans
+    from pipelines.orchestration.flows import StageFailed, catch_up_reasons, pipeline, retrain_on_new_scans
 
     assert pipeline(str(repo), register_models=False)["stages"]  # the baseline run: all covered
     assert catch_up_reasons(repo) == []
@@ -202,7 +202,7 @@ def test_uncovered_reads_what_the_last_complete_run_left_behind_from_the_lock(tm
 
 
 def test_watch_emits_landed_event_for_complete_scans_only(prefect_harness, repo, capsys):
-    from pipelines.flows import EVENT, complete_scans, emit_landed
+    from pipelines.orchestration.flows import EVENT, complete_scans, emit_landed
 
     incoming = repo / "data" / "incoming"
     for sid, ready in (("scan-a", True), ("scan-b", False)):
@@ -217,7 +217,7 @@ def test_watch_emits_landed_event_for_complete_scans_only(prefect_harness, repo,
 
 
 def test_deployment_has_schedule_and_scans_landed_trigger(prefect_harness, repo):
-    from pipelines.flows import EVENT, build_deployment
+    from pipelines.orchestration.flows import EVENT, build_deployment
 
     dep = build_deployment(repo, cron="0 2 * * *")
     (trigger,) = dep.triggers

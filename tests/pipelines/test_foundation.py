@@ -104,8 +104,8 @@ def test_a_missing_sd15_directory_fails_the_backbone_stage_with_the_setting_to_f
     alt = tmp_path / "params.yaml"
     alt.write_text(yaml.safe_dump(params, sort_keys=False))
     env = dict(os.environ, CTRLORA_PARAMS=str(alt))
-    done = subprocess.run([sys.executable, "-m", "pipelines.stages.record_backbone"], cwd=toy, env=env, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-m", "pipelines.stages.record_backbone"], cwd=toy, env=env,
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert "backbone.sd15_path" in done.stderr and "no-such-sd15" in done.stderr
 

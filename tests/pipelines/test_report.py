@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import report
+from pipelines.orchestration import report
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -58,4 +58,4 @@ def test_missing_markers_are_a_clear_error(tmp_path):
 
 
 def test_the_committed_readme_matches_the_committed_metrics():
-    assert not report.update_readme(REPO, check=True), "run `python -m pipelines.report` (make report)"
+    assert not report.update_readme(REPO, check=True), "run `python -m pipelines.orchestration.report` (make report)"

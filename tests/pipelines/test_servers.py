@@ -1,6 +1,6 @@
 """Real servers, end to end: ``prefect server start`` and ``mlflow server`` (sqlite backend, local
-artifact root) run as processes on free localhost ports; ``python -m pipelines.flows serve`` serves
-the retrain deployment and ``python -m pipelines.flows watch`` watches the toy project's incoming
+artifact root) run as processes on free localhost ports; ``python -m pipelines.orchestration.flows serve`` serves
+the retrain deployment and ``python -m pipelines.orchestration.flows watch`` watches the toy project's incoming
 folder (tests/_flows_helpers.py), both as processes. Real scans land; the test then reads, from
 the servers' REST APIs only: the ``dental.scans.landed`` event, the deployment run its trigger
 started (linked to that event by the automation's own event), the versions the run registered
@@ -170,15 +170,15 @@ def _tags(obj: dict) -> dict[str, str]:
 
 def test_landed_scans_trigger_the_served_retrain_which_registers_through_the_tracking_server(
         stack, tmp_path):
+    from pipelines.orchestration.flows import EVENT
     from pipelines.registry.dvclock import dataset_hash_from_lock
-    from pipelines.flows import EVENT
 
     repo = make_toy_repo(tmp_path / "repo")
     py = sys.executable
     # the schedule is a yearly cron: the only run in this test is the one the event starts
-    stack.start("serve", [py, "-m", "pipelines.flows", "--repo", str(repo), "serve",
+    stack.start("serve", [py, "-m", "pipelines.orchestration.flows", "--repo", str(repo), "serve",
                           "--cron", "0 0 1 1 *"], stack.client_env)
-    stack.start("watch", [py, "-m", "pipelines.flows", "--repo", str(repo), "watch", "--poll", "1"],
+    stack.start("watch", [py, "-m", "pipelines.orchestration.flows", "--repo", str(repo), "watch", "--poll", "1"],
                 stack.client_env)
     deployment = stack.wait("the served deployment", lambda: httpx.get(
         f"{stack.prefect}/api/deployments/name/{DEPLOYMENT}").raise_for_status().json(), 120)

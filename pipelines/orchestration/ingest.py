@@ -1,6 +1,6 @@
 """Ingest landed scans: ``paths.incoming``/<id>/ (complete once READY exists) -> ``paths.scans`` or
 ``paths.quarantine``/<id>/ with reason.json. Run it before ``dvc repro`` when new scans have landed:
-``.venv/bin/python -m pipelines.ingest [--repo DIR | --data DIR]``. Prints a summary; exit code 0 even when
+``.venv/bin/python -m pipelines.orchestration.ingest [--repo DIR | --data DIR]``. Prints a summary; exit code 0 even when
 scans were quarantined (that is the expected outcome for bad scans), 2 on a usage problem."""
 from __future__ import annotations
 

@@ -6,7 +6,7 @@
   what reruns (an unchanged stage is a fast no-op); Prefect adds retries, logs and the UI. The
   graph is read from DVC (``dvc.repo.Repo(...).index``), never re-declared here.
 * ``retrain_on_new_scans`` -- complete scans in ``data/incoming/`` (``READY`` marker) are ingested
-  (``pipelines.ingest``: validation, quarantine), ``dvc repro prepare`` recomputes the prepared
+  (``pipelines.orchestration.ingest``: validation, quarantine), ``dvc repro prepare`` recomputes the prepared
   data, and when a condition's dataset hash (``dvc.lock``) changed the ``pipeline`` flow runs.
   It also catches up: scans already in the accepted store (``data/scans/``) that the last complete
   run did not cover -- ingested by an earlier retrain that then failed or was interrupted -- make
@@ -15,10 +15,10 @@
 
 Commands::
 
-    python -m pipelines.flows run                 # the pipeline flow once
-    python -m pipelines.flows retrain             # the retrain flow once
-    python -m pipelines.flows serve [--cron "0 2 * * *" | --interval 3600]
-    python -m pipelines.flows watch [--poll 10]   # emits dental.scans.landed
+    python -m pipelines.orchestration.flows run                 # the pipeline flow once
+    python -m pipelines.orchestration.flows retrain             # the retrain flow once
+    python -m pipelines.orchestration.flows serve [--cron "0 2 * * *" | --interval 3600]
+    python -m pipelines.orchestration.flows watch [--poll 10]   # emits dental.scans.landed
 
 ``serve`` serves ``retrain_on_new_scans`` with the schedule (CLI, else params ``schedule``) and a
 ``DeploymentEventTrigger`` on the event ``dental.scans.landed`` that ``watch`` emits. Both need a
@@ -194,9 +194,9 @@ def register_task(repo_root: str) -> list[dict[str, Any]]:
 
 @task(name="ingest-incoming", cache_policy=NO_CACHE)
 def ingest_task(repo_root: str) -> dict[str, Any]:
-    """``python -m pipelines.ingest --json``: accepted scans → ``paths.scans``, bad ones → quarantine."""
+    """``python -m pipelines.orchestration.ingest --json``: accepted scans → ``paths.scans``, bad ones → quarantine."""
     root = Path(repo_root)
-    proc = subprocess.run([sys.executable, "-m", "pipelines.ingest", "--repo", str(root),
+    proc = subprocess.run([sys.executable, "-m", "pipelines.orchestration.ingest", "--repo", str(root),
                            "--json"], cwd=root, env=_env(), capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"ingest failed (exit {proc.returncode}):\n{_tail(proc.stdout + proc.stderr)}")
@@ -344,7 +344,7 @@ def _api_url() -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.flows", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pipelines.orchestration.flows", description=__doc__.splitlines()[0])
     parser.add_argument("--repo", type=Path, default=REPO_ROOT,
                         help=f"project root (default: {REPO_ROOT})")
     sub = parser.add_subparsers(dest="cmd", required=True)

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-from pipelines import report
+from pipelines.orchestration import report
 from pipelines.registry import register
 from pipelines.settings import REPO_ROOT, REPRO_TIMES
 from pipelines.stages.common import TIMINGS_FILE

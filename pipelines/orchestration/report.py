@@ -1,6 +1,6 @@
 """The README's result tables, written from the committed metrics files (never typed by hand).
 
-``python -m pipelines.report`` (``make report``; ``make repro`` runs it last) renders
+``python -m pipelines.orchestration.report`` (``make report``; ``make repro`` runs it last) renders
 ``foundation/metrics/backbone.json``, ``metrics/evaluate.json``, ``metrics/research.json`` (when the research
 graph has run) and ``reports/repro_times.json`` into the block of ``README.md`` between the
 ``<!-- results:begin -->`` and ``<!-- results:end -->`` markers. ``--check`` changes nothing and
@@ -197,7 +197,7 @@ def times_table(t: dict) -> list[str]:
 
 def render(root: Path = REPO_ROOT) -> str:
     d = _load(root)
-    lines = [BEGIN, "<!-- written by `python -m pipelines.report` from the files named below; do not edit -->", ""]
+    lines = [BEGIN, "<!-- written by `python -m pipelines.orchestration.report` from the files named below; do not edit -->", ""]
     if d["backbone"]:
         lines += backbone_table(d["backbone"])
     if d["evaluate"]:
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"figure {'out of date' if args.check else 'updated'}: {f}")
     changed = changed or bool(figures)
     if args.check and changed:
-        print("README.md results are out of date: run `python -m pipelines.report`", file=sys.stderr)
+        print("README.md results are out of date: run `python -m pipelines.orchestration.report`", file=sys.stderr)
         return 1
     print("README.md results " + ("updated" if changed else "up to date"))
     return 0

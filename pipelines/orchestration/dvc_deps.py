@@ -1,4 +1,4 @@
-"""Keep the code dependencies of every DVC stage complete: ``python -m pipelines.dvc_deps`` rewrites
+"""Keep the code dependencies of every DVC stage complete: ``python -m pipelines.orchestration.dvc_deps`` rewrites
 the ``.py`` entries of each stage's ``deps`` in ``dvc.yaml`` (and ``research/dvc.yaml``, ``foundation/dvc.yaml``) to exactly
 the project modules the stage's entry point imports, directly or through other project modules,
 at any depth (imports inside functions included). ``--check`` only reports and exits 1 on a
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     for c in changes:
         print(c)
     if args.check and changes:
-        print("code deps out of date: run `python -m pipelines.dvc_deps`", file=sys.stderr)
+        print("code deps out of date: run `python -m pipelines.orchestration.dvc_deps`", file=sys.stderr)
         return 1
     return 0
 
