@@ -24,8 +24,8 @@ scan now in train or validation is an error: never trained on).
 
 :class:`BenchmarkGate` is the judge :func:`pipelines.registry.registration.register_adapter` calls: it
 generates the champion's and the challenger's images on the benchmark scans with the same seeds,
-scores both with the frozen re-detectors (the evaluation library's ``generate`` and
-``per_scan_fidelity``), takes the paired bootstrap of the per-scan differences
+scores both with the frozen re-detectors (the evaluation library's ``run_scores``, which the
+research graph scores with too), takes the paired bootstrap of the per-scan differences
 (``bootstrap_diff``) and decides with :func:`pipelines.registry.gate.paired_decision`.
 
 Params (``register.benchmark``): ``max_scans`` (scans in a new version), ``sampling``,
@@ -353,15 +353,12 @@ def compare(bench: Benchmark, condition: str, champion: Mapping[str, Path],
     benchmark's scans with its seeds and re-detectors; the grid is condition | champion |
     challenger for the first ``grid_rows`` scans."""
     import numpy as np
-    import torch
 
     from ctrlora.evaluation.fidelity import PRIMARY_METRIC
-    from ctrlora.evaluation.generation import generate
     from ctrlora.evaluation.grids import save_grid
     from ctrlora.evaluation.loading import condition_cell, load_models
-    from ctrlora.evaluation.scoring import per_scan_fidelity
+    from ctrlora.evaluation.research import run_scores
     from ctrlora.evaluation.stats import bootstrap_diff
-    from ctrlora.sampling import CtrLoRAPipeline
     from pipelines.stages.common import resolve_backbone
 
     data, detectors, sampling = bench.data(condition), bench.detectors(condition), bench.sampling()
@@ -369,13 +366,11 @@ def compare(bench: Benchmark, condition: str, champion: Mapping[str, Path],
     for side, parts in (("champion", champion), ("challenger", challenger)):
         models = load_models(resolve_backbone(Path(parts["backbone"])), parts["base"],
                              {condition: parts["adapter"]})
-        pipe = CtrLoRAPipeline.from_components(models.backbone, models.controlnet)
-        pipe.set_progress_bar_config(disable=True)
-        with torch.no_grad():
-            images[side] = generate(pipe, data, {condition: (condition, 1.0, condition)}, sampling,
-                                    desc=f"benchmark {side}", progress=False)
-        scores[side] = per_scan_fidelity(condition, images[side], data, detectors)
-        del pipe, models
+        # the library's scoring (as the research graph's): the adapter, loaded under the
+        # condition's name, at weight 1; scan i sampled with seed + i; per-scan primary fidelity
+        images[side], scores[side] = run_scores(models.backbone, models.controlnet, condition, condition,
+                                                data, detectors, sampling, progress=False)
+        del models
     boot = bench.manifest["bootstrap"]
     iv = bootstrap_diff(scores["challenger"], scores["champion"], n_boot=int(boot["n_boot"]),
                         seed=int(boot["seed"]), level=float(boot.get("level", LEVEL)))
