@@ -1,7 +1,8 @@
 """ctrlora-ops: the MLOps shell's command -- the MLflow registry, and generation from it.
 
     ctrlora-ops registry list [--json]                      every version, aliases, gate reasons
-    ctrlora-ops registry promote CONDITION VERSION [--force]  gated move of alias champion
+    ctrlora-ops registry promote CONDITION VERSION          champion moves on the paired benchmark comparison
+                             [--force --reason TEXT]         (or by hand, the reason recorded)
     ctrlora-ops registry rollback CONDITION                 champion back to the previous one
     ctrlora-ops registry resolve models:/ctrlora-<c>@champion [--dst DIR]
     ctrlora-ops generate ...                                ``ctrlora generate`` + models:/ adapters
@@ -17,6 +18,7 @@ registered with, so ``--backbone`` / ``--base`` may then be left out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import sys
@@ -34,10 +36,13 @@ def _add_registry(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="registry_command", required=True, metavar="ACTION")
     p = sub.add_parser("list", help="every version of every ctrlora-* model, with aliases and tags")
     p.add_argument("--json", action="store_true", help="print JSON rows")
-    p = sub.add_parser("promote", help="move alias champion to VERSION (gated unless --force)")
+    p = sub.add_parser("promote", help="move alias champion to VERSION if the paired comparison with the "
+                                       "champion on the frozen benchmark says so")
     p.add_argument("condition")
     p.add_argument("version")
-    p.add_argument("--force", action="store_true", help="skip the gate")
+    p.add_argument("--force", action="store_true",
+                   help="skip the comparison (needs --reason; recorded on the version)")
+    p.add_argument("--reason", default="", help="why a forced promotion is made (required with --force)")
     p.add_argument("--repo", type=Path, default=REPO_ROOT,
                    help=f"project whose {PARAMS_FILE} 'register.gate' is applied (default: {REPO_ROOT})")
     p = sub.add_parser("rollback", help="move alias champion back to the previous champion")
@@ -70,8 +75,21 @@ def _run_registry(args) -> int:
             print(json.dumps(rows, indent=1)) if args.json else _print_rows(rows)
             return 0
         if action == "promote":
+            from pipelines.registry.frozen_benchmark import gate_for
+            from pipelines.registry.registration import promote
+
+            if args.force and not args.reason.strip():
+                raise registry.RegistryError("--force needs --reason TEXT (it is recorded on the version)")
             gate = register_params(args.repo)["gate"]
-            res = registry.promote(args.condition, args.version, force=args.force, gate=gate)
+            if args.force:
+                res = promote(args.condition, args.version, gate=gate, force=True, reason=args.reason)
+            else:
+                with contextlib.ExitStack() as stack:
+                    judge = gate_for(args.repo, gate, log=lambda m: print(m, file=sys.stderr),
+                                     freeze_missing=False)
+                    if judge is not None:
+                        stack.enter_context(judge)
+                    res = promote(args.condition, args.version, gate=gate, judge=judge)
             verb = "promoted to champion" if res.promoted else "NOT promoted (now challenger)"
             print(f"{registry.model_name(args.condition)} v{res.version} {verb}: {res.reason}")
             return 0 if res.promoted else 1

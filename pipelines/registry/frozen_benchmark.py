@@ -1,10 +1,11 @@
 """The frozen benchmark that decides promotions, and the gate that scores on it.
 
-A benchmark version is a fixed set of held-out test scans, the re-detectors that score them, the
-sampling (steps, scheduler, guidance, first seed: scan ``i`` gets ``seed + i``) and the bootstrap
-(resamples, seed). It changes only through an explicit command, which writes a new version:
+A benchmark version is a fixed set of held-out validation scans, the re-detectors that score them,
+the sampling (steps, scheduler, guidance, first seed: scan ``i`` gets ``seed + i``) and the
+bootstrap (resamples, seed). It changes only through an explicit command, which writes a new
+version:
 
-    ctrlora-ops benchmark freeze            # v1 from the current test split and re-detectors
+    ctrlora-ops benchmark freeze            # v1 from the current validation split and re-detectors
     ctrlora-ops benchmark bump --reason ... # v<N+1>; the earlier manifests stay
     ctrlora-ops benchmark show [--json]     # the current version, its scans, whether it verifies
 
@@ -18,9 +19,21 @@ sampling (steps, scheduler, guidance, first seed: scan ``i`` gets ``seed + i``) 
 
 When the store lacks a file (a fresh clone), it is copied back from where the manifest says it
 came from, but only when its sha256 matches; any other difference is an error naming the file.
-New scans never enter a version: its scan list is in the manifest. The scans are test scans
+New scans never enter a version: its scan list is in the manifest. The scans are validation scans
 when frozen and are checked against the workspace's current split before every use (a benchmark
-scan now in train or validation is an error: never trained on).
+scan now in train is an error: never trained on).
+
+Why validation: promotion is model selection, and every other choice of the project (rates, steps,
+weights) is made on the validation split; the test split stays the one the report is made on,
+read by ``evaluate`` alone. Champion and challenger are scored on the same scans with the same
+seeds, so choices tuned on validation favour neither side of the paired difference.
+
+A deployment freezes its own v1: when registration finds no manifest (a fresh clone, a new
+deployment), :func:`gate_for` freezes v1 from that workspace's validation split and the committed
+re-detectors, so the first retrain is already compared with its champion. Commit the manifest; a
+deployment on several machines also keeps the store (``paths.benchmark_store``) where every
+machine gets it (DVC-track it and push it to the deployment's remote), since files rebuilt on
+another CPU may differ in their bytes (docs/mlops.md).
 
 :class:`BenchmarkGate` is the judge :func:`pipelines.registry.registration.register_adapter` calls: it
 generates the champion's and the challenger's images on the benchmark scans with the same seeds,
@@ -55,7 +68,7 @@ DEFAULT_BENCHMARK: dict[str, Any] = {
     "grid_rows": 8,
 }
 LEVEL = 0.95
-SPLIT = "test"
+SPLIT = "validation"   # promotion is model selection: never the test split
 LABEL_FILE = "segmentation.png"
 
 
@@ -159,7 +172,7 @@ def _current_splits(root: Path) -> dict[str, str] | None:
 
 def freeze(root: Path, *, bump: bool = False, reason: str = "", log=print) -> dict[str, Any]:
     """Write benchmark v1 (``bump=False``; refused when one exists) or v<N+1> (``bump=True``)
-    from the workspace's prepared test split and re-detectors; returns the manifest."""
+    from the workspace's prepared validation split and re-detectors; returns the manifest."""
     from ctrlora.data.pairs import read_pairs
     from ctrlora.evaluation.fidelity import DETECTED_CONDITIONS
 
@@ -180,12 +193,12 @@ def freeze(root: Path, *, bump: bool = False, reason: str = "", log=print) -> di
     rows = {c: {r["scan_id"]: r for r in read_pairs(ws["prepared"], c, SPLIT)} for c in conditions}
     ids = sorted(set.intersection(*(set(r) for r in rows.values())))[: params["max_scans"]]
     if len(ids) < 2:
-        raise BenchmarkError(f"{ws['prepared']}: {len(ids)} test scans with all of {conditions}; "
+        raise BenchmarkError(f"{ws['prepared']}: {len(ids)} {SPLIT} scans with all of {conditions}; "
                              "a benchmark needs at least 2")
     bad = [s for s in ids if splits.get(s) != SPLIT]
     if bad:
         raise BenchmarkError(f"{ws['prepared'] / 'meta' / 'splits.json'}: scans {bad[:5]} are not in "
-                             "the test split (rule: benchmark scans are never trained on)")
+                             f"the {SPLIT} split (rule: benchmark scans are never trained on)")
     origin: dict[str, str] = {}   # store path -> repo-relative source
     pairs: dict[str, list[dict[str, str]]] = {c: [] for c in conditions}
     first = rows[conditions[0]]
@@ -229,7 +242,7 @@ def freeze(root: Path, *, bump: bool = False, reason: str = "", log=print) -> di
     tmp.write_text(json.dumps(manifest, indent=1) + "\n")
     os.replace(tmp, out)
     materialize(root, version)
-    log(f"benchmark v{version} frozen: {len(ids)} test scans, {len(conditions)} conditions, "
+    log(f"benchmark v{version} frozen: {len(ids)} {SPLIT} scans, {len(conditions)} conditions, "
         f"{len(hashes)} files -> {_rel(out, root)} (store {_rel(store_dir(root) / f'v{version}', root)})")
     return manifest
 
@@ -454,7 +467,7 @@ class BenchmarkGate:
                     "gate_champion_version": champ_v,
                     "gate_delta": repr(round(iv.value, 6)), "gate_low": repr(round(iv.low, 6)),
                     "gate_high": repr(round(iv.high, 6)), "gate_n_scans": str(iv.n),
-                    "gate_level": str(iv.level),
+                    "gate_level": str(iv.level), "gate_tie": "true" if bool(np.all(diffs == 0)) else "false",
                     "gate_champion_mean": repr(round(float(res.champion.mean()), 6)),
                     "gate_challenger_mean": repr(round(float(res.challenger.mean()), 6)),
                     "gate_grid": f"runs:/{challenger_mv.run_id}/gate/{grid.name}"}
@@ -474,14 +487,24 @@ class BenchmarkGate:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def gate_for(root: Path, gate: Mapping[str, Any], log=print):
-    """The judge for the project at ``root``: a :class:`BenchmarkGate` on the current version;
-    None when no benchmark is frozen and :class:`UnusableBenchmark` when it does not verify (in
-    both cases later versions keep the champion, saying why)."""
+def gate_for(root: Path, gate: Mapping[str, Any], log=print, freeze_missing: bool = True):
+    """The judge for the project at ``root``: a :class:`BenchmarkGate` on the current version.
+    With no frozen benchmark, v1 is frozen here from the validation split (``freeze_missing``);
+    when that is impossible, None, and :class:`UnusableBenchmark` when a version does not verify
+    (in both cases later versions keep the champion, saying why)."""
     if current_version(root) is None:
-        log(f"register: no frozen benchmark in {manifest_dir(root)}; only a model's first version "
-            "takes the alias (ctrlora-ops benchmark freeze)")
-        return None
+        if not freeze_missing:
+            log(f"register: no frozen benchmark in {manifest_dir(root)}; only a model's first version "
+                "takes the alias (ctrlora-ops benchmark freeze)")
+            return None
+        try:
+            m = freeze(root, reason="frozen at this deployment's first registration", log=log)
+        except BenchmarkError as exc:
+            log(f"register: no frozen benchmark, and none could be frozen ({exc}); only a model's first "
+                "version takes the alias")
+            return None
+        log(f"register: froze benchmark v{m['version']} ({len(m['scan_ids'])} {SPLIT} scans) in "
+            f"{manifest_dir(root) / 'v1.json'}; a deployment commits it (docs/mlops.md)")
     try:
         return BenchmarkGate(open_benchmark(root), gate)
     except BenchmarkError as exc:
@@ -494,7 +517,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from pipelines.settings import REPO_ROOT
 
     sub = parser.add_subparsers(dest="benchmark_command", required=True, metavar="ACTION")
-    p = sub.add_parser("freeze", help="write benchmark v1 from the test split and re-detectors")
+    p = sub.add_parser("freeze", help="write benchmark v1 from the validation split and re-detectors")
     p.add_argument("--repo", type=Path, default=REPO_ROOT)
     p = sub.add_parser("bump", help="write the next benchmark version (the only way it changes)")
     p.add_argument("--reason", required=True, help="why (recorded in the manifest)")

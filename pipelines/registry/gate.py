@@ -1,40 +1,42 @@
 """The promotion gate, as pure functions: does a new version beat the champion?
 
-Two decisions live here:
-
-* :func:`paired_decision` -- the gate registration applies. Champion and challenger were scored
-  in the same run on the same frozen benchmark scans, seeds and re-detectors; the input is the
-  paired bootstrap interval of the mean per-scan difference (challenger - champion).
+One decision lives here, :func:`paired_decision`: champion and challenger were scored in the same
+run on the same frozen benchmark scans, seeds and re-detectors; the input is the paired
+bootstrap interval of the mean per-scan difference (challenger - champion).
   ``rule: superiority`` promotes when the interval's lower end is above ``min_delta``;
   ``rule: noninferiority`` (for a retrain on changed data) promotes a version trained on other
   data than the champion when the lower end is above ``-margin`` and the mean difference is
   positive; a version trained on the champion's data is always held to superiority. An exact
   tie (every per-scan difference zero) never promotes.
-* :func:`evaluate_gate` -- a comparison of the numbers two versions carry as tags, kept for a
-  person's ``ctrlora-ops registry promote`` (``metric``, ``mode`` max / min, ``min_delta``).
 
-Both read params.yaml ``register.gate`` (:data:`DEFAULT_GATE` fills what is absent).
+Registration, ``ctrlora-ops registry promote`` and the studio's Promote all decide with it; no
+path compares the means two versions carry from different runs. It reads params.yaml
+``register.gate`` (:data:`DEFAULT_GATE` fills what is absent).
 """
 from __future__ import annotations
 
 import math
 from typing import Any, Mapping
 
-DEFAULT_GATE: dict[str, Any] = {"metric": "fidelity", "mode": "max", "min_delta": 0.0,
-                                "rule": "superiority", "margin": 0.0}
+DEFAULT_GATE: dict[str, Any] = {"min_delta": 0.0, "rule": "superiority", "margin": 0.0}
 RULES = ("superiority", "noninferiority")
 METRIC_TAG_PREFIX = "metric."   # a version's numbers are tags metric.<name>
 
 
 def gate_config(gate: Mapping[str, Any] | None) -> dict[str, Any]:
-    """``gate`` over the defaults, checked."""
+    """``gate`` over the defaults, checked: a negative ``min_delta`` or ``margin`` would let a
+    version shown worse than its champion take the alias, so both are refused."""
+    unknown = sorted(set(gate or {}) - set(DEFAULT_GATE))
+    if unknown:
+        raise ValueError(f"unknown gate settings {unknown}; known: {sorted(DEFAULT_GATE)}")
     merged = {**DEFAULT_GATE, **(gate or {})}
-    if merged["mode"] not in ("max", "min"):
-        raise ValueError(f"gate mode must be 'max' or 'min', got {merged['mode']!r}")
     if merged["rule"] not in RULES:
         raise ValueError(f"gate rule must be one of {RULES}, got {merged['rule']!r}")
     merged["min_delta"] = float(merged["min_delta"])
     merged["margin"] = float(merged["margin"])
+    if merged["min_delta"] < 0:
+        raise ValueError(f"gate min_delta must be >= 0 (a negative one promotes worse versions), got "
+                         f"{merged['min_delta']}")
     if merged["margin"] < 0:
         raise ValueError(f"gate margin must be >= 0, got {merged['margin']}")
     return merged
@@ -66,31 +68,6 @@ def paired_decision(gate: Mapping[str, Any], value: float, low: float, high: flo
         why = (f"lower end {low:+.6g} > min_delta {delta:g} ({basis})" if ok
                else f"lower end {low:+.6g} <= min_delta {delta:g} ({basis}): within noise or worse")
     return ok, f"{head}: {why}; " + ("promoted" if ok else "champion kept")
-
-
-def evaluate_gate(gate: Mapping[str, Any], new: float | None, champion: float | None,
-                  champion_version: str | None) -> tuple[bool, str]:
-    """(passes, reason with the numbers) for a version scoring ``new`` against the champion
-    ``champion_version`` scoring ``champion`` (None: no champion yet)."""
-    gate = gate_config(gate)
-    metric, mode, delta = gate["metric"], gate["mode"], gate["min_delta"]
-    if new is None:
-        kept = f"champion v{champion_version} kept" if champion_version else "no champion set"
-        return False, f"{metric} missing on this version (not evaluated?); {kept}"
-    if champion_version is None:
-        return True, f"no champion yet ({metric} {new:.6g})"
-    if champion is None:
-        return False, (f"champion v{champion_version} has no {metric} to compare with "
-                       f"({metric}={new:.6g}); promote with force=True to replace it")
-    if mode == "max":
-        ok = new >= champion + delta
-        sign = ">=" if ok else "<"
-        bound = f"champion v{champion_version} {champion:.6g} + min_delta {delta:g}"
-    else:
-        ok = new <= champion - delta
-        sign = "<=" if ok else ">"
-        bound = f"champion v{champion_version} {champion:.6g} - min_delta {delta:g}"
-    return ok, f"{metric} {new:.6g} {sign} {bound} (mode {mode})"
 
 
 def flatten_metrics(metrics: Mapping[str, Any] | None, prefix: str = "") -> dict[str, float]:

@@ -4,8 +4,9 @@ Every adapter is a version of the registered model ``ctrlora-<condition>``
 (:mod:`pipelines.registry.registration` creates them). Aliases carry the roles:
 
 * ``champion`` -- the version people and ``ctrlora-ops generate`` with
-  ``models:/ctrlora-<c>@champion`` use. It moves only through :func:`apply_gate` /
-  :func:`promote` (gated unless ``force``); every move is appended to the registered model's
+  ``models:/ctrlora-<c>@champion`` use. It moves only on a paired comparison with the champion
+  on the frozen benchmark (registration; :func:`pipelines.registry.registration.promote`), or by
+  a forced promotion that records its reason; every move is appended to the registered model's
   ``champion_history`` tag, which :func:`rollback` walks back.
 * ``challenger`` -- the latest version that did not pass the gate; its ``gate_reason`` tag says
   why, with the numbers.
@@ -36,7 +37,7 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from pipelines.registry.gate import evaluate_gate, gate_config, metrics_from_tags
+from pipelines.registry.gate import metrics_from_tags
 
 MODEL_PREFIX = "ctrlora-"
 CHAMPION = "champion"
@@ -185,30 +186,6 @@ def _tag_version(client: MlflowClient, name: str, version: str, **tags: str) -> 
         client.set_model_version_tag(name, version, key, value)
 
 
-def apply_gate(client: MlflowClient, name: str, mv, gate: Mapping[str, Any] | None,
-               force: bool = False) -> tuple[bool, str, str | None]:
-    """Gate version ``mv`` against the champion: it becomes ``champion`` or ``challenger`` and
-    carries the decision as tags. Returns (promoted, reason, previous or kept champion)."""
-    gate = gate_config(gate)
-    champ_v = alias_version(client, name, CHAMPION)
-    version = str(mv.version)
-    if champ_v == version:
-        return True, f"v{version} already champion", champ_v
-    metric = gate["metric"]
-    champ_metric = (metrics_from_tags(client.get_model_version(name, champ_v).tags).get(metric)
-                    if champ_v else None)
-    ok, reason = evaluate_gate(gate, metrics_from_tags(mv.tags).get(metric), champ_metric, champ_v)
-    if force and not ok:
-        ok, reason = True, f"forced: {reason}"
-    if ok:
-        previous = _set_champion(client, name, version)
-        _tag_version(client, name, version, gate=CHAMPION, gate_reason=reason, promoted_at=_now())
-        return True, reason, previous
-    client.set_registered_model_alias(name, CHALLENGER, version)
-    _tag_version(client, name, version, gate=CHALLENGER, gate_reason=reason)
-    return False, reason, champ_v
-
-
 def record_decision(client: MlflowClient, name: str, version: str, promoted: bool, reason: str,
                     tags: Mapping[str, str] | None = None) -> str | None:
     """Apply a gate decision taken elsewhere (the paired benchmark comparison): ``version``
@@ -225,17 +202,6 @@ def record_decision(client: MlflowClient, name: str, version: str, promoted: boo
         client.set_registered_model_alias(name, CHALLENGER, version)
     _tag_version(client, name, version, gate=CHALLENGER, gate_reason=reason, **extra)
     return alias_version(client, name, CHAMPION)
-
-
-def promote(condition: str, version: str | int, force: bool = False,
-            gate: Mapping[str, Any] | None = None) -> PromotionResult:
-    """Move ``champion`` to ``version`` if it passes the gate against the current champion
-    (or unconditionally with ``force``). A refused version becomes ``challenger``."""
-    client = MlflowClient()
-    name = model_name(condition)
-    mv = require_version(client, name, str(version))
-    ok, reason, previous = apply_gate(client, name, mv, gate, force)
-    return PromotionResult(condition, str(version), ok, previous, reason)
 
 
 def rollback(condition: str) -> PromotionResult:
@@ -266,7 +232,8 @@ def _version_row(model: str, mv, aliases: list[str]) -> dict[str, Any]:
     row = {"model": model, "condition": model[len(MODEL_PREFIX):], "version": str(mv.version),
            "aliases": sorted(aliases)}
     for key in ("dataset_hash", "adapter_hash", "base_hash", "git_commit", "gate", "gate_reason",
-                "benchmark_version", "gate_delta", "gate_low", "gate_high"):
+                "benchmark_version", "gate_champion_version", "gate_metric", "gate_n_scans",
+                "gate_delta", "gate_low", "gate_high", "forced", "forced_reason"):
         row[key] = tags.get(key)
     row["metrics"] = metrics_from_tags(tags)
     return row

@@ -46,9 +46,10 @@ from ctrlora.data.files import sha256_file
 from ctrlora.models.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from pipelines.registry.gate import flatten_metrics, gate_config, metric_tags
 from pipelines.registry.lock import locked_by_model
-from pipelines.registry.models import (CHAMPION, CHALLENGER, HASH_TAG, PART_TAG, PARTS_FILE, RegistryError,
-                                       alias_version, dir_hash, find_version, model_name,
-                                       record_decision)
+from pipelines.registry.models import (CHAMPION, CHALLENGER, HASH_TAG, PART_TAG, PARTS_FILE, PromotionResult,
+                                       RegistryError, _now, _set_champion, _tag_version, alias_version,
+                                       dir_hash, find_version, model_name, record_decision,
+                                       require_version, resolve_adapter_uri)
 from pipelines.settings import PREPARED_CONDITIONS, REPO_ROOT
 
 # The models-from-code file; referred to by path (importing it would set a model as a side effect).
@@ -180,6 +181,76 @@ def _decide(client: MlflowClient, name: str, mv, judge: Any,
     champion = record_decision(client, name, version, outcome.promoted, outcome.reason, tags)
     _log_outcome(client, mv.run_id, outcome, tags)
     return outcome.promoted, outcome.reason, champion
+
+
+def _stored_outcome(gate: Mapping[str, Any], mv, champion_mv, benchmark_version: str | None) -> GateOutcome | None:
+    """The paired comparison a version already carries, when it was made against exactly this
+    champion on exactly this benchmark version (else None: it must be run)."""
+    from pipelines.registry.gate import paired_decision
+
+    t = mv.tags
+    champ_v = str(champion_mv.version)
+    needed = ("gate_champion_version", "benchmark_version", "gate_delta", "gate_low", "gate_high", "gate_tie")
+    if any(k not in t for k in needed) or t["gate_champion_version"] != champ_v \
+            or benchmark_version is None or t["benchmark_version"] != str(benchmark_version):
+        return None
+    same = champion_mv.tags.get("dataset_hash") == t.get("dataset_hash")
+    level = float(t.get("gate_level", "0.95"))
+    ok, reason = paired_decision(gate, float(t["gate_delta"]), float(t["gate_low"]), float(t["gate_high"]),
+                                 champion_version=champ_v, same_data=same, all_zero=t["gate_tie"] == "true",
+                                 level=level)
+    metric = t.get("gate_metric", "fidelity")
+    return GateOutcome(ok, f"benchmark v{benchmark_version}, {metric} on {t.get('gate_n_scans', '?')} scans "
+                           f"(the comparison recorded at registration): {reason}",
+                       {"benchmark_version": str(benchmark_version), "gate_rule": gate_config(gate)["rule"]})
+
+
+def promote(condition: str, version: str | int, *, judge: Any = None, gate: Mapping[str, Any] | None = None,
+            force: bool = False, reason: str = "") -> PromotionResult:
+    """Move ``champion`` to ``version`` on evidence only: the paired comparison with the current
+    champion on the frozen benchmark -- the one the version carries when it was made against
+    exactly this champion and benchmark version, else run now by ``judge`` (a
+    :class:`~pipelines.registry.frozen_benchmark.BenchmarkGate`); without either, refused. A
+    refused version becomes ``challenger``. ``force`` skips the comparison and needs a
+    ``reason``, recorded on the version (``forced``, ``forced_reason``, ``forced_over``)."""
+    client = MlflowClient()
+    name = model_name(condition)
+    mv = require_version(client, name, str(version))
+    version = str(mv.version)
+    champ_v = alias_version(client, name, CHAMPION)
+    if champ_v == version:
+        return PromotionResult(condition, version, True, champ_v, f"v{version} already champion")
+    if force:
+        why = (reason or "").strip()
+        if not why:
+            raise RegistryError("a forced promotion needs a reason (--reason TEXT); it is recorded on the version")
+        text = f"forced by hand over champion v{champ_v}: {why}" if champ_v else f"forced by hand: {why}"
+        previous = _set_champion(client, name, version)
+        _tag_version(client, name, version, gate=CHAMPION, gate_reason=text, promoted_at=_now(), forced="true",
+                     forced_reason=why[:5000], forced_over=champ_v or "")
+        if mv.run_id:
+            client.set_tag(mv.run_id, "forced_reason", why[:5000])
+        return PromotionResult(condition, version, True, previous, text)
+    if champ_v is None:
+        outcome = GateOutcome(True, f"no champion yet: v{version} takes the alias", dict(getattr(judge, "tags", {}) or {}))
+    else:
+        champion_mv = client.get_model_version(name, champ_v)
+        bench_v = (getattr(judge, "tags", None) or {}).get("benchmark_version")
+        outcome = _stored_outcome(gate_config(gate or getattr(judge, "gate", None)), mv, champion_mv, bench_v) \
+            if judge is not None else None
+        if outcome is None:
+            if judge is None or not hasattr(judge, "bench"):
+                why = getattr(judge, "error", None) or "no frozen benchmark to compare on"
+                raise RegistryError(f"{name} v{version}: no paired comparison with champion v{champ_v} "
+                                    f"({why}); promotion needs one, or --force --reason TEXT")
+            resolved = resolve_adapter_uri(f"models:/{name}/{version}")
+            outcome = judge.compare(name, champion_mv, mv, {"backbone": resolved.backbone,
+                                                            "base": resolved.base, "adapter": resolved.adapter})
+    tags = {**outcome.tags, "gate_decided_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    champion = record_decision(client, name, version, outcome.promoted, outcome.reason, tags)
+    _log_outcome(client, mv.run_id, outcome, tags)
+    previous = champ_v if outcome.promoted else champion
+    return PromotionResult(condition, version, outcome.promoted, previous, outcome.reason)
 
 
 def _log_outcome(client: MlflowClient, run_id: str | None, outcome: GateOutcome,

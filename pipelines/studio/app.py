@@ -43,6 +43,7 @@ from typing import Any, Callable
 import numpy as np
 
 from pipelines.settings import ADAPTER_ROOTS, BACKBONE_DIR, BASE_DIR, PATHS, REPO_ROOT, load_params
+from pipelines.registry.frozen_benchmark import SPLIT as PROMOTION_SPLIT  # the split promotions read
 
 # Request limits (the page offers the same ranges).
 LIMITS: dict[str, tuple[float, float]] = {
@@ -55,7 +56,7 @@ SQUARE_TOLERANCE = 0.10        # the models draw square images; maps must be squ
 MAX_UPLOADS = 32               # uploads kept in memory (oldest dropped first)
 KEEP_SIDE = 1024               # uploads are kept at most this large (the models draw 64-512 px)
 MAX_PIPELINES = 4              # loaded pipelines kept (oldest dropped first)
-MAX_SCANS = 60                 # test scans offered on the page
+MAX_SCANS = 60                 # promotion-split scans offered on the page
 SAMPLERS = ("ddim", "dpm", "dpm_karras", "unipc")
 DERIVED = ("canny", "grayscale", "blur", "palette")   # conditions computed from a photograph
 PNG_MAGIC, JPEG_MAGIC = b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"
@@ -196,7 +197,10 @@ class Catalogue:
                         "adapter_hash": r.get("adapter_hash"), "git_commit": r.get("git_commit"),
                         "metrics": {k: v for k, v in (r.get("metrics") or {}).items()
                                     if isinstance(v, (int, float))},
-                        "gate": r.get("gate"), "gate_reason": r.get("gate_reason"), "source": "registry"}
+                        "gate": r.get("gate"), "gate_reason": r.get("gate_reason"), "source": "registry",
+                        "tags": {k: str(r[k]) for k in ("benchmark_version", "gate_champion_version", "gate_metric",
+                                                        "gate_n_scans", "gate_delta", "gate_low", "gate_high",
+                                                        "forced", "forced_reason") if r.get(k) is not None}}
                 out.append(Adapter(f"models:/{r.get('model')}/{ver}", cond, label, ver, aliases, info))
         for name, d in sorted(self.folders.items()):
             out.append(Adapter(f"{FOLDER_PREFIX}{d}", name, f"folder {_short(d)}",
@@ -249,8 +253,9 @@ def repo_folders(root: Path = REPO_ROOT) -> dict[str, Path]:
 
 # ----------------------------------------------------------------------------- scans
 
-class TestScans:
-    """The prepared test split: scan ids, captions, condition maps, photographs."""
+class PromotionScans:
+    """The prepared split promotions are decided on (the frozen benchmark's, validation): scan
+    ids, captions, condition maps, photographs. Never the test split, which only the report reads."""
 
     def __init__(self, prepared: Path, scan_sources: list[Path]):
         self.prepared, self.scan_sources = prepared, scan_sources
@@ -260,7 +265,7 @@ class TestScans:
         for pairs in sorted(root.glob("*/pairs.jsonl")) if root.is_dir() else []:
             for line in pairs.read_text().splitlines():
                 row = json.loads(line) if line.strip() else {}
-                if row.get("split") == "test":
+                if row.get("split") == PROMOTION_SPLIT:
                     sid = str(row["scan_id"])
                     self.captions.setdefault(sid, str(row.get("caption", "")))
                     self.conditions.setdefault(sid, set()).add(pairs.parent.name)
@@ -276,7 +281,7 @@ class TestScans:
 
     def require(self, sid: Any) -> str:
         if not isinstance(sid, str) or sid not in self.captions:
-            raise StudioError(f"test scan {sid!r} does not exist in {self.prepared} (test split)")
+            raise StudioError(f"scan {sid!r} does not exist in {self.prepared} ({PROMOTION_SPLIT} split)")
         return sid
 
     def image(self, sid: str, what: str) -> np.ndarray:
@@ -286,7 +291,7 @@ class TestScans:
         if what == "photo":
             return read_png(self.prepared / "photos" / f"{sid}.png", "RGB")
         if what not in self.conditions[sid]:
-            raise StudioError(f"test scan {sid} has no {what!r} map")
+            raise StudioError(f"scan {sid} has no {what!r} map")
         return read_png(self.prepared / "conditions" / what / f"{sid}.png", "RGB")
 
 
@@ -464,7 +469,7 @@ class Engine:
                    progress=False)
         return np.clip(np.round(np.asarray(out.images) * 255.0), 0, 255).astype(np.uint8)
 
-    def run(self, req: Request, scans: TestScans, job: Job) -> dict:
+    def run(self, req: Request, scans: PromotionScans, job: Job) -> dict:
         from ctrlora.evaluation.single_scan import scan_truth, score_images
 
         versions = [("", {c.condition: c.ref for c in req.conds})]
@@ -504,9 +509,9 @@ class Engine:
 # ----------------------------------------------------------------------------- the app
 
 class Studio:
-    """State behind the web app: catalogue, uploads, test scans, jobs, engine, gate."""
+    """State behind the web app: catalogue, uploads, promotion-split scans, jobs, engine, gate."""
 
-    def __init__(self, catalogue: Catalogue, scans: TestScans, engine: Engine, repo: Path):
+    def __init__(self, catalogue: Catalogue, scans: PromotionScans, engine: Engine, repo: Path):
         self.catalogue, self.scans, self.engine, self.repo = catalogue, scans, engine, repo
         self.jobs = Jobs()
         self.uploads: OrderedDict[str, tuple[str, np.ndarray]] = OrderedDict()
@@ -599,7 +604,7 @@ class Studio:
             source = item.get("source", "upload")
             if source == "scan":
                 if scan is None:
-                    raise StudioError(f"{c}: pick a test scan to take its map from")
+                    raise StudioError(f"{c}: pick a scan to take its map from")
                 img, from_scan = self.scans.image(scan, c), True
             elif source == "derive":
                 if c not in DERIVED:
@@ -660,31 +665,52 @@ class Studio:
         return out
 
     def gate_report(self, condition: Any, version: Any) -> dict:
-        """What the page shows before a promotion: the version's own gate tags and its gate
-        metric beside the champion's."""
+        """What the page shows before a promotion: the version's paired comparison with the
+        champion on the frozen benchmark, as registration (or an earlier promotion) recorded it,
+        and whether promoting would reuse it or run it now; a forced promotion's reason."""
         rows = [a for a in self.catalogue.adapters() if a.condition == condition and a.version is not None]
         row = next((a for a in rows if a.version == str(version)), None)
         if row is None:
             raise StudioError(f"ctrlora-{condition} has no registered version {version!r}")
         champ = next((a for a in rows if "champion" in a.aliases), None)
-        gate = self.gate_config()
-        metric = gate.get("metric", "fidelity")
+        tags = row.info.get("tags", {})
+        paired = None
+        if "gate_low" in tags and "gate_champion_version" in tags:
+            paired = {"champion_version": tags["gate_champion_version"],
+                      "benchmark_version": tags.get("benchmark_version"), "metric": tags.get("gate_metric"),
+                      "delta": float(tags["gate_delta"]), "low": float(tags["gate_low"]),
+                      "high": float(tags["gate_high"]), "n_scans": tags.get("gate_n_scans")}
+        current = champ.version if champ else None
+        reuse = bool(paired and current and paired["champion_version"] == current)
         return {"condition": condition, "version": row.version, "aliases": row.aliases,
                 "gate": row.info.get("gate"), "gate_reason": row.info.get("gate_reason"),
-                "gate_config": gate, "metric": metric,
-                "value": row.info.get("metrics", {}).get(metric),
-                "champion": champ.version if champ else None,
-                "champion_value": champ.info.get("metrics", {}).get(metric) if champ else None}
+                "gate_config": self.gate_config(), "champion": current, "paired": paired,
+                "compare_now": bool(current) and not reuse and current != row.version,
+                "forced_reason": tags.get("forced_reason")}
 
     def promote(self, body: dict) -> dict:
+        """Promotion on evidence (:func:`pipelines.registry.registration.promote`): the paired
+        comparison with the champion on the frozen benchmark, run now when the version does not
+        carry one for this champion; ``force`` with a ``reason`` overrides it, recorded."""
         from pipelines.registry import models as registry
+        from pipelines.registry.frozen_benchmark import gate_for
+        from pipelines.registry.registration import promote
 
         cond, version = body.get("condition"), body.get("version")
         if body.get("confirm") is not True:
             raise StudioError("promotion needs a confirmation")
         report = self.gate_report(cond, version)
+        gate = self.gate_config() or None
         try:
-            res = registry.promote(str(cond), str(version), gate=self.gate_config() or None)
+            if body.get("force"):
+                res = promote(str(cond), str(version), gate=gate, force=True, reason=str(body.get("reason") or ""))
+            else:
+                judge = gate_for(self.repo, gate or {}, log=lambda m: None, freeze_missing=False)
+                try:
+                    res = promote(str(cond), str(version), gate=gate, judge=judge)
+                finally:
+                    if judge is not None:
+                        judge.close()
         except registry.RegistryError as exc:
             raise StudioError(str(exc)) from exc
         return {"promoted": res.promoted, "reason": res.reason, "previous": res.previous,
@@ -777,7 +803,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="base ControlNet of the --adapter folders (default: the repo's)")
     p.add_argument("--no-registry", action="store_true", help="offer only --adapter folders")
     p.add_argument("--prepared", type=Path, default=REPO_ROOT / PATHS["prepared"],
-                   help="prepared data whose test split offers scans (default: the repo's)")
+                   help="prepared data whose validation split offers scans (default: the repo's)")
     p.add_argument("--detectors", type=Path, default=REPO_ROOT / PATHS["detectors"],
                    help="re-detectors that score fidelity (default: the repo's)")
     p.add_argument("--repo", type=Path, default=REPO_ROOT,
@@ -800,11 +826,14 @@ def _folders(items: list[str]) -> dict[str, Path]:
 
 def build(args, cache: Path) -> Studio:
     folders = _folders(args.adapter)
-    catalogue = Catalogue(folders, args.backbone, args.base, cache, use_registry=not args.no_registry)
+    from pipelines.stages.common import resolve_backbone
+
+    # the repo's models/backbone is the record of the backbone the graph read: follow it
+    catalogue = Catalogue(folders, resolve_backbone(args.backbone), args.base, cache, use_registry=not args.no_registry)
     if not folders and not args.no_registry and not catalogue.adapters():
         catalogue.folders = repo_folders(args.repo)   # empty registry: the repo's own folders
     sources = [args.repo / PATHS["rendered"], args.repo / PATHS["scans"]]
-    scans = TestScans(args.prepared, sources)
+    scans = PromotionScans(args.prepared, sources)
     engine = Engine(catalogue, args.device, args.detectors if args.detectors.is_dir() else None,
                     threads=args.threads)
     return Studio(catalogue, scans, engine, args.repo)

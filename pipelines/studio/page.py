@@ -72,7 +72,7 @@ PAGE = r"""<!doctype html>
   <h2>Conditions</h2>
   <div class="row" style="margin-bottom:8px">
    <label>Test scan <select id="scan"><option value="">(none)</option></select></label>
-   <img id="scan-photo" class="thumb" alt="ground truth photo of the test scan" style="display:none">
+   <img id="scan-photo" class="thumb" alt="ground truth photo of the scan" style="display:none">
    <label>Photo for derived maps <input type="file" id="photo" accept="image/png,image/jpeg"></label>
    <img id="photo-preview" class="thumb" alt="uploaded photo" style="display:none">
   </div>
@@ -203,7 +203,7 @@ function renderCards() {
     const l1 = el("label", {}, "adapter "); l1.appendChild(vs); card.appendChild(l1);
     const src = el("select", { id: `source-${c}` });
     src.appendChild(el("option", { value: "upload" }, "upload a map"));
-    src.appendChild(el("option", { value: "scan" }, "test scan's map"));
+    src.appendChild(el("option", { value: "scan" }, "a validation scan's map"));
     if (STATE.derived.includes(c)) src.appendChild(el("option", { value: "derive" }, "derive from the photo"));
     src.onchange = () => refreshPreview(c);
     const l2 = el("label", {}, "map "); l2.appendChild(src); card.appendChild(l2);
@@ -349,10 +349,13 @@ async function askPromote(a) {
     $("confirm-title").textContent = `Promote ctrlora-${a.condition} v${a.version} to champion?`;
     const g = $("gate-report"); g.innerHTML = "";
     const t = el("table");
+    const p = rep.paired;
     const rows = [["gate decision (tags)", rep.gate ? `${rep.gate}: ${rep.gate_reason || ""}` : "no gate report in its tags"],
       ["gate (params.yaml)", Object.entries(rep.gate_config).map(([k, v]) => `${k} ${v}`).join(", ") || "defaults"],
-      [`v${rep.version} ${rep.metric}`, rep.value == null ? "-" : fmt(rep.value)],
-      [`champion ${rep.champion ? "v" + rep.champion : "(none)"} ${rep.metric}`, rep.champion_value == null ? "-" : fmt(rep.champion_value)]];
+      ["champion now", rep.champion ? `v${rep.champion}` : "(none: this version takes the alias)"],
+      ["paired comparison", p ? `v${rep.version} − champion v${p.champion_version}, ${p.metric || ""} on ${p.n_scans} scans of benchmark v${p.benchmark_version}: ${fmt(p.delta)} [${fmt(p.low)}, ${fmt(p.high)}]` : "none recorded"],
+      ["on confirm", rep.compare_now ? "the comparison with the current champion runs now (a minute or two)" : "the recorded comparison decides"]];
+    if (rep.forced_reason) rows.push(["forced by hand", rep.forced_reason]);
     for (const [k, v] of rows) { const tr = el("tr"); tr.appendChild(el("th", {}, k)); tr.appendChild(el("td", {}, v)); t.appendChild(tr); }
     g.appendChild(t);
     $("confirm").showModal();

@@ -7,7 +7,8 @@ few training steps). Then, with the real Prefect test harness and a real sqlite 
 1. the ``pipeline`` flow runs every stage of the real ``dvc.yaml`` and registers one version per
    adapter, tagged with the dataset hash DVC records for that condition's data;
 2. the lighting champion loads and generates in a fresh process;
-3. the toy project freezes its own benchmark v1 from its test split (``pipelines.registry.frozen_benchmark``);
+3. the first registration froze the toy project's own benchmark v1 from its validation split
+   (``pipelines.registry.frozen_benchmark``): a deployment never depends on another's files;
 4. a second run is a no-op, in DVC and in the registry;
 5. a broken canny model is registered: the gate scores it against v1 on the benchmark and
    refuses it; it is then forced in as champion;
@@ -137,7 +138,7 @@ def test_pipeline_register_noop_and_retrain_on_landed_scans(project, harness):
 
     from pipelines.orchestration.flows import pipeline, retrain_on_new_scans
     from pipelines.registry.dvclock import dataset_hash_from_lock
-    from pipelines.registry.models import promote
+    from pipelines.registry.registration import promote
 
     # 1. the whole real graph, each stage a task run, then registration
     first = pipeline(str(project))
@@ -175,15 +176,15 @@ def test_pipeline_register_noop_and_retrain_on_landed_scans(project, harness):
     size, std = proc.stdout.strip().rsplit(" ", 1)
     assert size == "(64, 64)" and float(std) > 0
 
-    # 3. the toy project freezes its own benchmark from its test split (the repo's manifests were
-    #    not copied: they name scans this project does not have)
-    assert not (project / "frozen_benchmark").exists()
-    _run([sys.executable, "-m", "pipelines.registry.frozen_benchmark", "freeze", "--repo", str(project)], project)
+    # 3. the first registration froze the toy project's own benchmark from its validation split
+    #    (promotion is model selection: never the test split the report is made on)
     manifest_file = project / "frozen_benchmark/v1.json"
     frozen = manifest_file.read_bytes()
     manifest = json.loads(frozen)
-    test_split = json.loads((project / "data/prepared/meta/splits.json").read_text())["test"]
-    assert len(manifest["scan_ids"]) >= 2 and set(manifest["scan_ids"]) <= set(test_split)
+    splits = json.loads((project / "data/prepared/meta/splits.json").read_text())
+    assert manifest["split"] == "validation"
+    assert len(manifest["scan_ids"]) >= 2 and set(manifest["scan_ids"]) <= set(splits["validation"])
+    assert not set(manifest["scan_ids"]) & set(splits["test"])
     shown = json.loads(_run([sys.executable, "-m", "pipelines.registry.frozen_benchmark", "show", "--json", "--repo",
                              str(project)], project).stdout)
     assert shown["version"] == 1 and shown["verified"] is True
@@ -206,7 +207,7 @@ def test_pipeline_register_noop_and_retrain_on_landed_scans(project, harness):
     t = broken_champion.tags
     assert str(broken_champion.version) == "2" and t["gate"] == "challenger" and t["benchmark_version"] == "1"
     assert float(t["gate_high"]) < 0, t  # clearly worse: the whole interval below zero
-    assert promote("canny", 2, force=True).promoted
+    assert promote("canny", 2, force=True, reason="a bad manual promotion, on purpose").promoted
     assert str(client.get_model_version_by_alias("ctrlora-canny", "champion").version) == "2"
 
     # 6. new scans land: three good, one corrupt (truncated photo), one still incomplete

@@ -37,7 +37,7 @@ def _prepare(data: Path, sources) -> None:
     from ctrlora.data.prepare import PrepareConfig, prepare
 
     prepare(PrepareConfig(sources=tuple(sources), out=data / "prepared", data_root=data,
-                          test_fraction=0.4, validation_fraction=0.1, conditions=("lighting",),
+                          test_fraction=0.4, validation_fraction=0.3, conditions=("lighting",),
                           contract=ContractConfig(resolution=SIZE), workers=1, progress=False))
 
 
@@ -114,7 +114,9 @@ def test_benchmark_is_frozen_versioned_and_never_takes_new_scans(project, tmp_pa
         B.freeze(root, bump=True, reason="x", log=lambda m: None)
     m1 = B.freeze(root, log=lambda m: None)
     splits = json.loads((root / "data/prepared/meta/splits.json").read_text())
-    assert m1["version"] == 1 and len(m1["scan_ids"]) == 6 and set(m1["scan_ids"]) <= set(splits["test"])
+    # promotion is model selection: the benchmark is carved from validation, never from test
+    assert m1["version"] == 1 and m1["split"] == "validation" and len(m1["scan_ids"]) == 6
+    assert set(m1["scan_ids"]) <= set(splits["validation"]) and not set(m1["scan_ids"]) & set(splits["test"])
     assert m1["sampling"]["seed"] == 5 and m1["bootstrap"]["n_boot"] == 300
     assert "detectors/lighting/detector.safetensors" in m1["files"]
     assert (root / "frozen_benchmark/v1.json").is_file()
@@ -125,8 +127,8 @@ def test_benchmark_is_frozen_versioned_and_never_takes_new_scans(project, tmp_pa
     render_dataset(DatasetConfig(out=root / "data/scans", n=10, seed=9, resolution=SIZE, workers=1,
                                  progress=False))
     _prepare(root / "data", [root / "data/rendered", root / "data/scans"])
-    new_test = json.loads((root / "data/prepared/meta/splits.json").read_text())["test"]
-    assert any(s.startswith("r9-") for s in new_test)
+    new_validation = json.loads((root / "data/prepared/meta/splits.json").read_text())["validation"]
+    assert any(s.startswith("r9-") for s in new_validation)
     bench = B.open_benchmark(root)
     assert bench.version == 1 and bench.scan_ids == m1["scan_ids"]
     assert bench.data("lighting").scan_ids == m1["scan_ids"]
@@ -152,7 +154,7 @@ def test_benchmark_is_frozen_versioned_and_never_takes_new_scans(project, tmp_pa
     meta = root / "data/prepared/meta/splits.json"
     raw = json.loads(meta.read_text())
     moved = m1["scan_ids"][0]
-    raw["test"].remove(moved)
+    raw["validation"].remove(moved)
     raw["train"].append(moved)
     meta.write_text(json.dumps(raw))
     with pytest.raises(B.BenchmarkError, match=f"{moved}.*never trained on"):
@@ -228,19 +230,37 @@ def test_gate_scores_both_in_one_run_and_moves_only_on_evidence(project, trackin
     diffs = np.array([float(x.split(",")[2]) - float(x.split(",")[1]) for x in lines[1:]])
     assert diffs.mean() == pytest.approx(delta, abs=1e-5)
 
-    # a gate that accepts anything above -1: the same kind of comparison moves the alias
-    champion_before = client.get_model_version_by_alias(name, "champion").version
-    with B.gate_for(root, {"rule": "superiority", "min_delta": -1.0}) as judge:
-        loose = _register(root, 3, "d", judge)
-    assert loose.decision == "champion" and loose.champion == loose.version
-    assert client.get_model_version(name, loose.version).tags["gate_champion_version"] == str(champion_before)
-    assert "promoted" in loose.reason
+    assert mv.tags["gate_tie"] == ("true" if np.all(diffs == 0) else "false")
+
+    # a promotion by hand decides on the paired comparison the version carries for exactly this
+    # champion and benchmark version (no second generation), never on stored means
+    from pipelines.registry.registration import promote
+
+    with B.gate_for(root, strict) as judge:
+        again = promote("lighting", other.version, gate=strict, judge=judge)
+    assert again.promoted == (low > 0.0)
+    if other.decision != "champion":
+        assert "recorded at registration" in again.reason
+    # against another champion the recorded comparison does not apply: it is run now
+    third = _register(root, 3, "d", None)          # no judge: registered, never compared
+    assert third.decision == "challenger"
+    champion_before = str(client.get_model_version_by_alias(name, "champion").version)
+    with B.gate_for(root, strict) as judge:
+        ran = promote("lighting", third.version, gate=strict, judge=judge)
+    tags = client.get_model_version(name, third.version).tags
+    assert tags["gate_champion_version"] == champion_before and "gate_low" in tags
+    assert ran.promoted == (float(tags["gate_low"]) > 0.0)
+    assert "benchmark v1" in ran.reason and "recorded at registration" not in ran.reason
+    # a gate that would let a worse version through is refused outright
+    with pytest.raises(ValueError, match="min_delta"):
+        B.gate_for(root, {"rule": "superiority", "min_delta": -1.0})
+    champion_now = str(client.get_model_version_by_alias(name, "champion").version)
 
     # a benchmark that no longer verifies: the comparison is refused, the alias stays
     (root / "data/frozen_benchmark/v1/detectors/lighting/detector_config.json").write_text("{}")
     with B.gate_for(root, strict, log=lambda m: None) as judge:
         refused = _register(root, 2, "e", judge)
-    assert refused.decision == "challenger" and refused.champion == loose.version
+    assert refused.decision == "challenger" and refused.champion == champion_now
     assert "benchmark unusable" in refused.reason and "detector_config.json" in refused.reason
     tags = client.get_model_version(name, refused.version).tags
     assert tags["benchmark_version"] == "1" and "detector_config.json" in tags["benchmark_error"]

@@ -2,7 +2,7 @@
 port over a real sqlite MLflow registry (two versions of a lighting adapter, one canny adapter,
 real tiny models on real rendered + prepared scans); headless Chromium (Debian's package, driven
 by Playwright through its executable) loads the page, composes two conditions from an upload and
-a test scan, generates, compares champion and challenger, promotes with confirmation, and is
+a validation scan, generates, compares champion and challenger, promotes with confirmation, and is
 refused a bad upload. Plus the upload rules on their own."""
 from __future__ import annotations
 
@@ -68,8 +68,9 @@ def test_upload_rules():
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    """data/rendered + data/prepared (lighting, canny; 32 px), models/{backbone, base} and the
-    adapters lighting-1, lighting-2, canny-1 on that base; params.yaml with a metric gate."""
+    """data/rendered + data/prepared (lighting, canny; 32 px), models/{backbone, base}, the
+    adapters lighting-1, lighting-2, canny-1 on that base, a lighting re-detector and the
+    project's frozen benchmark v1 (its validation scans) that promotions are decided on."""
     from ctrlora.data.contract import ContractConfig
     from ctrlora.data.prepare import PrepareConfig, prepare
     from ctrlora.data.render import DatasetConfig, render_dataset
@@ -82,17 +83,29 @@ def project(tmp_path_factory):
                           contract=ContractConfig(resolution=SIZE), workers=1, progress=False))
     save_tiny_models(root, SIZE, [(cond, k, k + 10 * len(cond))
                                   for cond, k in (("lighting", 1), ("lighting", 2), ("canny", 1))])
+    from ctrlora.evaluation.detectors import save_detector, train_detector
+    from ctrlora.evaluation.fidelity import default_detector_config
+    from ctrlora.evaluation.loading import detector_targets, load_split
+    from pipelines.registry import frozen_benchmark
+
+    train = load_split(data / "prepared", "train", ["lighting"], progress=False)
+    save_detector(train_detector(default_detector_config("lighting", width=4, epochs=1), train.photos,
+                                 detector_targets("lighting", train), progress=False),
+                  root / "foundation/detectors/lighting")
     (root / "params.yaml").write_text(yaml.safe_dump(
-        {"register": {"gate": {"metric": "fidelity", "mode": "max", "min_delta": 0}},
+        {"train_base": {"conditions": []}, "train_adapter": {"conditions": ["lighting"]},
+         "register": {"gate": {"rule": "superiority", "min_delta": 0.0},
+                      "benchmark": {"max_scans": 3, "grid_rows": 2, "bootstrap": {"n_boot": 200, "seed": 0},
+                                    "sampling": {"steps": 2, "batch_size": 8, "seed": 5}}},
          "evaluate": {"condition_weights": {"lighting": 2.0}}}))
+    frozen_benchmark.freeze(root, log=lambda m: None)
     return root
 
 
 @pytest.fixture(scope="module")
 def registry(project, tmp_path_factory):
-    """A sqlite store: ctrlora-lighting v1 (champion, fidelity 0.5), v2 (challenger: registered
-    under a gate that prefers lower numbers, so the project's own gate will pass it) and
-    ctrlora-canny v1."""
+    """A sqlite store: ctrlora-lighting v1 (champion), v2 (challenger: registered without a
+    comparison, so promoting it runs the paired comparison on the benchmark) and ctrlora-canny v1."""
     from pipelines.registry.registration import register_adapter
 
     store = tmp_path_factory.mktemp("mlflow-studio")
@@ -102,11 +115,10 @@ def registry(project, tmp_path_factory):
         for k, v in env.items():
             mp.setenv(k, v)
         models = project / "models"
-        for cond, k, fid, mode in (("lighting", 1, 0.5, "max"), ("lighting", 2, 0.6, "min"), ("canny", 1, 0.7, "max")):
+        for cond, k, fid in (("lighting", 1, 0.5), ("lighting", 2, 0.6), ("canny", 1, 0.7)):
             res = register_adapter(cond, models / "adapters" / f"{cond}-{k}", dataset_hash=f"{k}" * 32 + ".dir",
                                    base_hash="b" * 64, backbone_dir=models / "backbone", base_dir=models / "base",
-                                   metrics={"fidelity": fid}, git_commit="c0ffee",
-                                   gate={"metric": "fidelity", "mode": mode, "min_delta": 0})
+                                   metrics={"fidelity": fid}, git_commit="c0ffee", gate={"min_delta": 0.0})
             assert res.decision == ("challenger" if k == 2 else "champion")
         yield env
 
@@ -117,7 +129,7 @@ def server(project, registry, tmp_path_factory):
     log = tmp_path_factory.mktemp("studio-log") / "server.err"
     cmd = [sys.executable, "-m", "pipelines.cli", "studio", "--port", "0", "--threads", "1",
            "--repo", str(project), "--prepared", str(project / "data/prepared"),
-           "--detectors", str(project / "models/evaluate/detectors")]
+           "--detectors", str(project / "foundation/detectors")]
     env = {**os.environ, **registry, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     with open(log, "w") as err:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
@@ -223,7 +235,7 @@ def test_studio_in_a_real_browser(server, project, registry):
             expect(page.locator("#adapter-table")).to_contain_text("adapter rank2")   # its own config
             _shot(page, "inspect")
 
-            # two conditions: lighting from an uploaded map, canny from a test scan (ground truth)
+            # two conditions: lighting from an uploaded map, canny from a validation scan (ground truth)
             page.check("#use-lighting")
             page.check("#use-canny")
             page.set_input_files("#file-lighting", str(lighting_map))
@@ -264,11 +276,11 @@ def test_studio_in_a_real_browser(server, project, registry):
             dialog = page.locator("#confirm")
             expect(dialog).to_be_visible()
             expect(page.locator("#gate-report")).to_contain_text("challenger")
-            expect(page.locator("#gate-report")).to_contain_text("0.6")
+            expect(page.locator("#gate-report")).to_contain_text("runs now")  # no stored means decide
             _shot(page, "promote")
             page.click("#confirm-promote")
-            expect(page.locator("#promote-result")).to_contain_text("ctrlora-lighting v2 is now champion")
-            expect(page.locator("tr[data-ref='models:/ctrlora-lighting/2']")).to_contain_text("champion")
+            expect(page.locator("#promote-result")).to_contain_text("ctrlora-lighting v2", timeout=120_000)
+            expect(page.locator("#promote-result")).to_contain_text("benchmark v1")
 
             # a bad upload: the page says which file and which rule, nothing is generated
             page.set_input_files("#file-canny", files=[{"name": "notes.png", "mimeType": "image/png",
@@ -279,5 +291,9 @@ def test_studio_in_a_real_browser(server, project, registry):
             browser.close()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", registry["MLFLOW_TRACKING_URI"])
-        assert str(MlflowClient().get_model_version_by_alias("ctrlora-lighting", "champion").version) == "2"
+        # the paired comparison ran on the benchmark's validation scans and decided, as recorded
+        tags = MlflowClient().get_model_version("ctrlora-lighting", "2").tags
+        champion = str(MlflowClient().get_model_version_by_alias("ctrlora-lighting", "champion").version)
+        assert tags["gate_champion_version"] == "1" and tags["benchmark_version"] == "1"
+        assert (champion == "2") == (float(tags["gate_low"]) > 0.0)
     assert "Traceback" not in server["log"].read_text()
