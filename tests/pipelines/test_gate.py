@@ -181,7 +181,29 @@ def _register(root: Path, k: int, dataset: str, judge):
         judge=judge)
 
 
-def test_gate_scores_both_in_one_run_and_moves_only_on_evidence(project, tracking, tmp_path):
+@pytest.fixture
+def splits_read(monkeypatch):
+    """Every split the prepared data is read at (pairs index and evaluation loader), recorded."""
+    import ctrlora.data.pairs as pairs
+    import ctrlora.evaluation.loading as loading
+
+    seen: list[str] = []
+    real_pairs, real_split = pairs.read_pairs, loading.load_split
+
+    def read_pairs(root, condition, split=None, *a, **k):
+        seen.append(str(split))
+        return real_pairs(root, condition, split, *a, **k)
+
+    def load_split(root, split, *a, **k):
+        seen.append(str(split))
+        return real_split(root, split, *a, **k)
+
+    monkeypatch.setattr(pairs, "read_pairs", read_pairs)
+    monkeypatch.setattr(loading, "load_split", load_split)
+    return seen
+
+
+def test_gate_scores_both_in_one_run_and_moves_only_on_evidence(project, tracking, tmp_path, splits_read):
     from mlflow import MlflowClient
     from PIL import Image
 
@@ -264,3 +286,6 @@ def test_gate_scores_both_in_one_run_and_moves_only_on_evidence(project, trackin
     assert "benchmark unusable" in refused.reason and "detector_config.json" in refused.reason
     tags = client.get_model_version(name, refused.version).tags
     assert tags["benchmark_version"] == "1" and "detector_config.json" in tags["benchmark_error"]
+    # freezing, every comparison and every promotion read the validation split: never the test
+    # split, which only the evaluation reads
+    assert splits_read and set(splits_read) == {"validation"}, sorted(set(splits_read))

@@ -169,6 +169,10 @@ def test_api_refuses_bad_requests_and_derives_maps(server, project):
     with urllib.request.urlopen(url + "api/state", timeout=60) as r:
         state = json.loads(r.read())
     assert state["default_weights"] == {"lighting": 2.0} and state["limits"]["weight"] == [0.0, 3.0]
+    # the scans offered are the promotion split's (validation), never the report's test split
+    splits = json.loads((project / "data/prepared/meta/splits.json").read_text())
+    offered = {s["id"] for s in state["scans"]}
+    assert offered and offered <= set(splits["validation"]) and not offered & set(splits["test"])
     photo = next((project / "data/prepared/photos").glob("*.png"))
     status, up = _post(url + "api/upload", {"filename": photo.name, "data": _data_url(photo.read_bytes())})
     assert status == 200 and up["width"] == SIZE
