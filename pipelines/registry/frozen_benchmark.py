@@ -62,7 +62,7 @@ from ctrlora.data.files import sha256_file
 
 DEFAULT_BENCHMARK: dict[str, Any] = {
     "max_scans": 32,
-    "sampling": {"steps": 20, "scheduler": "ddim", "guidance_scale": 1.0, "batch_size": 32,
+    "sampling": {"steps": 10, "scheduler": "dpm_karras", "guidance_scale": 1.0, "batch_size": 32,
                  "seed": 1000},
     "bootstrap": {"n_boot": 2000, "seed": 0},
     "grid_rows": 8,
