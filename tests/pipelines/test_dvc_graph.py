@@ -94,3 +94,19 @@ def test_editing_a_transitively_imported_module_reruns_the_stage(tmp_path):
     assert "make_out" in status and "ctrlora/shade.py" in status
     run("repro", "-q")
     assert (root / "out.txt").read_text() == "2"
+
+
+@pytest.mark.parametrize("rel", ["dvc.lock", "research/dvc.lock", "foundation/dvc.lock"])
+def test_no_lock_entry_outlives_its_stage(rel):
+    """DVC never prunes dvc.lock: a stage removed from (or moved out of) a graph keeps its old entry,
+    and the retrain's catch-up check would read its stale hashes as scans never trained on."""
+    import yaml
+
+    lock_file = REPO / rel
+    if not lock_file.is_file():
+        pytest.skip(f"{rel} not committed")
+    graph = yaml.safe_load((lock_file.parent / "dvc.yaml").read_text())["stages"]
+    names = set(graph)  # a foreach stage's entries are <name>@<item>
+    locked = yaml.safe_load(lock_file.read_text())["stages"]
+    stale = [s for s in locked if s.split("@", 1)[0] not in names]
+    assert not stale, f"{rel}: entries of stages that no longer exist: {stale} (delete them)"
