@@ -92,7 +92,7 @@ flows:
   retries: 0
   retry_delay_seconds: 0
 register:
-  gate: {metric: fidelity, mode: max, min_delta: 0}
+  gate: {min_delta: 0}
 """
 
 

@@ -21,7 +21,9 @@ def _check(v, lo, hi, thr, ok):
 
 def _write(root: Path) -> None:
     (root / "metrics").mkdir(parents=True)
-    (root / "metrics" / "backbone.json").write_text(json.dumps({
+    backbone = root / report.FILES["backbone"]  # the foundation's metrics file
+    backbone.parent.mkdir(parents=True, exist_ok=True)
+    backbone.write_text(json.dumps({
         "vae": {"photo_psnr": 24.5, "photo_ssim": 0.85, "segmentation_psnr": 15.0},
         "samples": {"n": 128, "steps": 20, "guidance_scale": 3.0, "pixfd8": 2.5, "pixfd16": 15.7,
                     "pixfd8_real_floor": 1.7, "pixfd16_real_floor": 11.6}, "split": "validation"}))
