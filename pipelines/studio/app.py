@@ -14,8 +14,9 @@ What it serves (FastAPI on uvicorn, one page, no external assets):
   condition (canny, grayscale, blur, palette), the map computed from an uploaded photograph;
 * generation in ONE worker thread (requests only queue a job and poll it), with the sampler's
   steps as progress;
-* promotion through :func:`pipelines.registry.models.promote` (the gate of ``params.yaml``
-  ``register.gate``), only with an explicit confirmation.
+* promotion through :func:`pipelines.registry.registration.promote` (the paired comparison with
+  the champion on the frozen benchmark, decided by ``params.yaml`` ``register.gate``), only with
+  an explicit confirmation.
 
 Every input is checked before anything runs; a bad one is answered with HTTP 400 and one
 sentence naming the file or field and the rule it broke, which the page shows.
