@@ -1,7 +1,7 @@
 """The ctrlora command: the library's own tools, on local folders and files.
 
-Each sub-command lives in its own module exposing ``add_arguments(parser)`` and
-``run(args) -> int``; a module keeps its heavy imports inside ``run``, so building the parser
+Each sub-command lives in its own module (or a namespace of one, as ``export`` in
+:mod:`ctrlora.models.convert`) exposing ``add_arguments(parser)`` and ``run(args) -> int``; a module keeps its heavy imports inside ``run``, so building the parser
 stays cheap. Commands that talk to the MLflow registry belong to the MLOps shell
 (``ctrlora-ops``, in :mod:`pipelines`), not to the library.
 
@@ -20,11 +20,12 @@ from ctrlora import generate_cli
 from ctrlora.data import render_cli
 from ctrlora.models import convert, sizes
 
-COMMANDS = {
-    # name: (module, one-line help)
+COMMANDS: dict[str, tuple[Any, str]] = {
+    # name: (module or namespace with add_arguments / run, one-line help)
     "render": (render_cli, "render synthetic dental scans"),
     "sizes": (sizes, "print parameter counts of the base ControlNet and one adapter as JSON"),
     "convert": (convert, "convert published ldm-format CtrLoRA checkpoints"),
+    "export": (convert.EXPORT_COMMAND, "write a base folder and adapter folders as published-layout CtrLoRA checkpoints"),
     "generate": (generate_cli, "generate images from condition images with adapter folders"),
 }
 

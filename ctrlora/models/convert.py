@@ -1,4 +1,5 @@
-"""Import the published (ldm-format) CtrLoRA checkpoints: ``ctrlora convert``.
+"""Import the published (ldm-format) CtrLoRA checkpoints (``ctrlora convert``) and write this
+project's base and adapter folders in that layout (``ctrlora export``).
 
 Published files are flat fp32 dicts with ldm names under ``control_model.``:
 
@@ -14,6 +15,11 @@ on *names* only (every value is the key itself), which yields an exact, checkabl
 input key must land on exactly one parameter of the model and every parameter must be covered,
 otherwise the conversion stops and names the offending keys. LoRA tensors are mapped through the
 name of the ``nn.Linear`` they belong to.
+
+Export runs the same map backwards: :func:`ldm_module_names` lists the ldm modules a model of a
+given config has (the ldm encoder layout is regular), :func:`published_names` maps them with
+:func:`ldm_to_diffusers_names` and inverts the result, checked so that every tensor of the model
+gets exactly one published name; :func:`export_base` and :func:`export_adapter` build the dicts.
 """
 from __future__ import annotations
 
@@ -284,6 +290,265 @@ def diffusers_to_ldm(weights: Mapping[str, Any], lora: Mapping[str, Any], layers
     return out
 
 
+# ---------------------------------------------------------------------- export (the inverse direction)
+_RESBLOCK = ("in_layers.0", "in_layers.2", "emb_layers.1", "out_layers.0", "out_layers.3", "skip_connection")
+_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+# The ldm ControlNet builds its GroupNorms with 32 groups and fixes these settings; a diffusers
+# config that differs is recorded next to the ldm kwargs (``ctrlora_config``) so that
+# ``ctrlora convert`` rebuilds the same network, and the model card warns that ldm loaders cannot.
+_LDM_FIXED = dict(norm_num_groups=32, norm_eps=1e-5, act_fn="silu", flip_sin_to_cos=True, freq_shift=0,
+                  downsample_padding=1, mid_block_scale_factor=1.0, only_cross_attention=False,
+                  upcast_attention=False, resnet_time_scale_shift="default")
+
+
+def _transformer_modules(prefix: str, depth: int) -> list[str]:
+    """ldm module paths of one SpatialTransformer, in its module order."""
+    mods = [f"{prefix}.norm", f"{prefix}.proj_in"]
+    for t in range(depth):
+        blk = f"{prefix}.transformer_blocks.{t}"
+        mods += [f"{blk}.attn1.{p}" for p in _ATTENTION] + [f"{blk}.ff.net.0.proj", f"{blk}.ff.net.2"]
+        mods += [f"{blk}.attn2.{p}" for p in _ATTENTION] + [f"{blk}.norm1", f"{blk}.norm2", f"{blk}.norm3"]
+    return mods + [f"{prefix}.proj_out"]
+
+
+def ldm_module_names(config) -> list[str]:
+    """Every ldm module path (no ``control_model.``) a CtrLoRA ControlNet of this diffusers config
+    can have, in the ldm ControlNet's module order (the order of the published ``.ckpt`` files):
+    time embedding, input blocks (conv, ResBlocks + SpatialTransformers, downsample ``op``), zero
+    convs, middle block, ``middle_block_out``. Optional parts (``skip_connection``) are listed;
+    :func:`published_names` keeps those the model has."""
+    block_types = list(config.down_block_types)
+    n = int(config.layers_per_block)
+    tlpb = config.transformer_layers_per_block
+    depth = int(tlpb) if isinstance(tlpb, int) else max(int(d) for d in tlpb)
+    mods = ["time_embed.0", "time_embed.2", "input_blocks.0.0"]
+    i = 0
+    for level, block_type in enumerate(block_types):
+        for _ in range(n):
+            i += 1
+            mods += [f"input_blocks.{i}.0.{p}" for p in _RESBLOCK]
+            if "CrossAttn" in block_type:
+                mods += _transformer_modules(f"input_blocks.{i}.1", depth)
+        if level < len(block_types) - 1:
+            i += 1
+            mods.append(f"input_blocks.{i}.0.op")
+    mods += [f"zero_convs.{k}.0" for k in range(i + 1)]
+    mods += [f"middle_block.0.{p}" for p in _RESBLOCK] + _transformer_modules("middle_block.1", depth)
+    mods += [f"middle_block.2.{p}" for p in _RESBLOCK] + ["middle_block_out.0"]
+    return mods
+
+
+def published_names(model) -> dict[str, str]:
+    """``{diffusers name: published name}`` for every base tensor of ``model`` and for every LoRA
+    tensor an adapter of it has (``<linear>.lora_A.weight`` -> ``control_model.<ldm
+    linear>.lora_layer.down.weight``, ``lora_B`` -> ``up``), in the published files' order (ldm
+    module order; weight, bias, LoRA down, LoRA up within a module).
+
+    Built by mapping the candidate ldm names of the model's block layout
+    (:func:`ldm_module_names`) with :func:`ldm_to_diffusers_names` -- the importer's own map -- and
+    inverting it, keeping the names that land on a tensor of the model. Refused (``ValueError``)
+    unless every base tensor and every LoRA target gets exactly one name, so any config that the
+    published layout can hold (the tiny presets, SD 1.5) exports, and no other does."""
+    from ctrlora.models.adapters import base_state_dict, lora_targets
+
+    if model.config.condition_embedding != "vae":
+        raise ValueError("a ControlNet with a hint CNN (condition_embedding='cnn') has no published CtrLoRA layout")
+    expected = base_state_dict(model)
+    linears = set(lora_targets(model))
+    mods = ldm_module_names(model.config)
+    forward = ldm_to_diffusers_names([f"{m}.{p}" for m in mods for p in ("weight", "bias")],
+                                     model.config.layers_per_block)
+    names: dict[str, str] = {}
+    for m in mods:
+        for p in ("weight", "bias"):
+            new = forward.get(f"{m}.{p}")
+            if new is None or new not in expected:
+                continue  # a part this config does not have (skip_connection, to_q.bias ...)
+            if new in names:
+                raise ValueError(f"{new!r} gets two published names: {names[new]!r} and {LDM_PREFIX}{m}.{p}")
+            names[new] = f"{LDM_PREFIX}{m}.{p}"
+        weight = forward.get(f"{m}.weight")
+        if weight is not None and weight in expected and weight[: -len(".weight")] in linears:
+            linear = weight[: -len(".weight")]
+            names[f"{linear}.lora_A.weight"] = LDM_PREFIX + m + LORA_DOWN
+            names[f"{linear}.lora_B.weight"] = LDM_PREFIX + m + LORA_UP
+    missing = [k for k in expected if k not in names]
+    missing += sorted(f"{t} (LoRA)" for t in linears if f"{t}.lora_A.weight" not in names)
+    if missing:
+        raise ValueError(f"no published (ldm) name for {len(missing)} tensor(s) of the model: {missing[:10]}")
+    return names
+
+
+def _heads(head_dim: Any, levels: int) -> tuple[int, ...]:
+    """Per-level head counts of an ``attention_head_dim`` config value (one int or one per level)."""
+    return (int(head_dim),) * levels if isinstance(head_dim, int) else tuple(int(x) for x in head_dim)
+
+
+def _plain(value: Any) -> Any:
+    """JSON-comparable form of a config value (tuples as lists)."""
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def ldm_config_from_controlnet(config) -> tuple[dict, dict]:
+    """Inverse of :func:`controlnet_config_from_ldm`: ``(ldm ControlNet kwargs, ctrlora_config)``
+    for a :class:`CtrLoRAControlNet` config. ``ctrlora_config`` holds the diffusers settings the
+    ldm kwargs cannot express (ldm fixes them, e.g. 32 GroupNorm groups), only where this config
+    differs; ``ctrlora convert`` applies them after :func:`controlnet_config_from_ldm`, which
+    then rebuilds exactly this config. Refused (``ValueError``) for what ldm cannot describe at
+    all: a hint CNN, channel widths that are not multiples of the first, per-level head counts
+    that are neither equal nor of one head width, per-level transformer depths."""
+    from ctrlora.models.controlnet import CtrLoRAControlNet
+
+    c = config
+    if c.condition_embedding != "vae":
+        raise ValueError("a ControlNet with a hint CNN (condition_embedding='cnn') has no published CtrLoRA layout")
+    channels = [int(x) for x in c.block_out_channels]
+    mc = channels[0]
+    if any(x % mc for x in channels):
+        raise ValueError(f"block_out_channels {channels} are not multiples of the first (ldm channel_mult)")
+    heads = _heads(c.attention_head_dim, len(c.down_block_types))
+    head_kw: dict[str, int]
+    if len(set(heads)) == 1:
+        head_kw = {"num_heads": heads[0]}
+    elif all(x % h == 0 for x, h in zip(channels, heads)) and len({x // h for x, h in zip(channels, heads)}) == 1:
+        head_kw = {"num_heads": -1, "num_head_channels": channels[0] // heads[0]}
+    else:
+        raise ValueError(f"attention heads {list(heads)} over channels {channels}: ldm takes one head count or one head width")
+    tlpb = c.transformer_layers_per_block
+    if not isinstance(tlpb, int):
+        if len(set(tlpb)) != 1:
+            raise ValueError("per-level transformer_layers_per_block has no ldm equivalent")
+        tlpb = tlpb[0]
+    unknown = sorted(set(c.down_block_types) - {"CrossAttnDownBlock2D", "DownBlock2D"})
+    if unknown:
+        raise ValueError(f"down block types {unknown} have no ldm equivalent")
+    kwargs = dict(
+        image_size=32,  # required by the ldm constructor, unused by the ControlNet
+        in_channels=int(c.conditioning_channels),
+        hint_channels=3,  # required by the ldm constructor, unused: CtrLoRA deletes the hint block
+        model_channels=mc,
+        # downsampling factors of the levels with attention, largest first as the ldm configs list them
+        attention_resolutions=sorted((2**i for i, t in enumerate(c.down_block_types) if t == "CrossAttnDownBlock2D"),
+                                     reverse=True),
+        num_res_blocks=int(c.layers_per_block),
+        channel_mult=[x // mc for x in channels],
+        **head_kw,
+        use_spatial_transformer=True,
+        transformer_depth=int(tlpb),
+        context_dim=int(c.cross_attention_dim),
+        use_linear_in_transformer=bool(c.use_linear_projection),
+        legacy=False,
+    )
+    rebuilt = {**_init_defaults(CtrLoRAControlNet), **controlnet_config_from_ldm(kwargs)}
+    overrides: dict[str, Any] = {}
+    for key, default in rebuilt.items():
+        if key in ("condition_embedding", "conditioning_embedding_out_channels"):
+            continue  # vae mode: no hint CNN whose widths would matter
+        ours = c.get(key, default)
+        if key == "attention_head_dim":
+            same = _heads(ours, len(c.down_block_types)) == _heads(default, len(c.down_block_types))
+        else:
+            same = _plain(ours) == _plain(default)
+        if not same:
+            overrides[key] = _plain(ours)
+    return kwargs, overrides
+
+
+def _init_defaults(cls) -> dict:
+    import inspect
+
+    return {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
+            if k != "self" and p.default is not inspect.Parameter.empty}
+
+
+def export_base(model, stale_rank: int = 128) -> dict:
+    """The base of ``model`` (adapters left out) in the published layout: ``{control_model.<ldm
+    name>: fp32 tensor}`` in ldm module order -- base weights, the base zero convs and the base
+    transformer norms -- plus, when ``stale_rank`` > 0, one LoRA set of that rank filled with
+    zeros. The published base files carry a stale LoRA set that every loader discards, and the
+    ComfyUI-Advanced-ControlNet CtrLoRA loader refuses a base file without one; zeros make the
+    set a no-op even for a loader that wrongly applied it. ``stale_rank=0`` leaves it out.
+    Tensors are detached float32 views of the model's (no copy when already float32)."""
+    import torch
+
+    from ctrlora.models.adapters import adapter_layout, base_state_dict
+
+    base = base_state_dict(model)
+    layout = adapter_layout(model, stale_rank) if stale_rank > 0 else {}
+    out = {}
+    for name, ldm in published_names(model).items():
+        if name in base:
+            out[ldm] = base[name].detach().to(torch.float32).contiguous()
+        elif name in layout:
+            out[ldm] = torch.zeros(layout[name], dtype=torch.float32, device=next(iter(base.values())).device)
+    return out
+
+
+def read_adapter_dir(adapter_dir: str | Path) -> tuple[dict, dict]:
+    """``(tensors, config)`` of an adapter directory; every failure names the directory or file."""
+    from ctrlora.models.adapters import ADAPTER_WEIGHTS, read_adapter_config
+
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise FileNotFoundError(f"{adapter_dir}: adapter folder not found")
+    try:
+        config = read_adapter_config(adapter_dir)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{adapter_dir}: adapter config is not valid JSON ({exc})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("rank"), int) or config["rank"] < 1:
+        raise ValueError(f"{adapter_dir}: adapter config lacks a positive integer 'rank'")
+    return read_state_dict(adapter_dir / ADAPTER_WEIGHTS), config
+
+
+def export_adapter(model, adapter: str | Path | Mapping[str, Any], alpha: float | None = None,
+                   expected_base_hash: str | None = None) -> dict:
+    """One adapter of ``model`` in the published layout: ``{control_model.<ldm name>: fp32
+    tensor}`` in ldm module order -- LoRA ``lora_layer.down`` (= ``lora_A``) / ``.up`` (=
+    ``lora_B``) of every Linear, the 13 (at SD scale) zero convs, the transformer norms.
+
+    ``adapter`` is an adapter directory (rank and alpha from its config; with
+    ``expected_base_hash``, one trained on another base is refused) or a tensor dict with the
+    adapter-file names (rank from its LoRA, ``alpha`` defaults to the rank). The published
+    layout has no alpha: its LoRA scale is 1, so for alpha != rank the scale alpha / rank is
+    folded into ``up`` (the adapter then computes the same); at alpha == rank the tensors are
+    written unchanged."""
+    import torch
+
+    from ctrlora.models.adapters import ADAPTER_CONFIG, adapter_layout
+
+    where = "adapter tensors"
+    if isinstance(adapter, (str, Path)):
+        where = str(adapter)
+        tensors, config = read_adapter_dir(adapter)
+        if expected_base_hash is not None and config.get("base_hash") != expected_base_hash:
+            raise ValueError(f"{adapter}: adapter was trained on another base (base_hash {config.get('base_hash')!r} "
+                             f"in {ADAPTER_CONFIG}, the base is {expected_base_hash!r}); an adapter is exported "
+                             f"only with the base it was trained on")
+        rank = int(config["rank"])
+        alpha = float(config.get("alpha", rank)) if alpha is None else alpha
+    else:
+        tensors = dict(adapter)
+        ranks = {tuple(v.shape)[0] for k, v in tensors.items() if k.endswith(".lora_A.weight")}
+        if len(ranks) != 1:
+            raise ValueError(f"{where}: LoRA ranks {sorted(ranks)} (need exactly one)")
+        rank = ranks.pop()
+    layout = adapter_layout(model, rank)
+    missing, unknown = sorted(set(layout) - set(tensors)), sorted(set(tensors) - set(layout))
+    if missing or unknown:
+        raise ValueError(f"{where}: tensors do not match the base's rank-{rank} adapter layout: missing {missing[:5]} "
+                         f"({len(missing)}), unexpected {unknown[:5]} ({len(unknown)})")
+    wrong = [f"{k}: {tuple(v.shape)} != {layout[k]}" for k, v in tensors.items() if tuple(v.shape) != layout[k]]
+    if wrong:
+        raise ValueError(f"{where}: shape mismatch with the base: {wrong[:5]}")
+    scale = 1.0 if alpha is None else float(alpha) / rank
+    out = {}
+    for name, ldm in published_names(model).items():
+        if name in tensors:
+            t = tensors[name].detach().to(torch.float32)
+            out[ldm] = (t * scale if scale != 1.0 and name.endswith(".lora_B.weight") else t).contiguous()
+    return out
+
+
 # ---------------------------------------------------------------------- CLI
 SD15_LDM_KWARGS = dict(
     in_channels=4, model_channels=320, channel_mult=[1, 2, 4, 4], num_res_blocks=2,
@@ -300,7 +565,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True,
                         help="output folder (new or empty): <out>/base, <out>/adapters/<name>")
     parser.add_argument("--ldm-config", type=Path, default=None,
-                        help="JSON of ldm ControlNet kwargs (default: the SD 1.5 CtrLoRA config)")
+                        help="JSON of ldm ControlNet kwargs (default: the SD 1.5 CtrLoRA config); "
+                             "`ctrlora export` writes one as ldm_config.json")
 
 
 def _ldm_kwargs(path: Path | None) -> dict:
@@ -322,6 +588,23 @@ def _ldm_kwargs(path: Path | None) -> dict:
     if missing:
         raise ValueError(f"{path}: ldm config lacks {missing}")
     return kwargs
+
+
+def _config_overrides(path: Path | None) -> dict:
+    """The ``ctrlora_config`` object of an ``--ldm-config`` file (``ctrlora export`` writes one
+    when the model has settings ldm fixes, e.g. 16 GroupNorm groups); ``{}`` when absent."""
+    from ctrlora.models.controlnet import CtrLoRAControlNet
+
+    if path is None:
+        return {}
+    data = json.loads(Path(path).read_text())  # readable: _ldm_kwargs read it first
+    overrides = data.get("ctrlora_config", {}) if isinstance(data, dict) else {}
+    if not isinstance(overrides, dict):
+        raise ValueError(f"{path}: 'ctrlora_config' must be a JSON object of CtrLoRAControlNet settings")
+    unknown = sorted(set(overrides) - set(_init_defaults(CtrLoRAControlNet)))
+    if unknown:
+        raise ValueError(f"{path}: unknown CtrLoRAControlNet settings in 'ctrlora_config': {unknown}")
+    return overrides
 
 
 def _check_request(args) -> list[tuple[str, Path]]:
@@ -359,8 +642,9 @@ def run(args) -> int:
 
     named = _check_request(args)
     kwargs = _ldm_kwargs(args.ldm_config)
+    overrides = _config_overrides(args.ldm_config)
     try:
-        model = CtrLoRAControlNet(**controlnet_config_from_ldm(kwargs))
+        model = CtrLoRAControlNet(**{**controlnet_config_from_ldm(kwargs), **overrides})
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{args.ldm_config or 'the SD 1.5 ldm config'}: unusable ldm config ({exc})") from None
     out = Path(args.out)
@@ -391,3 +675,221 @@ def run(args) -> int:
         raise
     print(json.dumps(report, indent=1))
     return 0
+
+
+# ---------------------------------------------------------------------- CLI: ctrlora export
+EXPORT_FORMATS = ("safetensors", "ckpt")
+_RESERVED_STEMS = ("base", "ldm_config", "README")
+_BASE_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", type=Path, required=True, help="base ControlNet folder (save_pretrained, e.g. models/base)")
+    parser.add_argument("--adapter", type=Path, action="append", default=[],
+                        help="adapter folder (e.g. models/adapters/lighting); repeat for several; the file is "
+                             "named after the condition in its adapter_config.json")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="output folder (new or empty): base.<ext>, <condition>.<ext>, ldm_config.json, README.md")
+    parser.add_argument("--format", choices=EXPORT_FORMATS, default="safetensors",
+                        help="safetensors (default) or ckpt (torch.save of the plain dict)")
+    parser.add_argument("--stale-rank", type=int, default=None,
+                        help="rank of the all-zero LoRA set written into the base file, as the published base carries "
+                             "one and ComfyUI's CtrLoRA loader requires it (default: the first adapter's rank, "
+                             "else 128; 0 leaves it out)")
+
+
+def _check_export_request(args) -> list[tuple[str, Path, dict]]:
+    """(condition, folder, config) of every adapter, after the checks that need no model."""
+    from ctrlora.models.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+    base = Path(args.base)
+    if not base.is_dir():
+        raise FileNotFoundError(f"{base}: base folder not found")
+    for name in ("config.json", _BASE_WEIGHTS):
+        if not (base / name).is_file():
+            raise FileNotFoundError(f"{base}: not a base ControlNet folder (no {name}; expected what "
+                                    f"CtrLoRAControlNet.save_pretrained writes)")
+    check_safetensors(base / _BASE_WEIGHTS)
+    if args.stale_rank is not None and args.stale_rank < 0:
+        raise ValueError(f"--stale-rank must be >= 0, got {args.stale_rank}")
+    named: list[tuple[str, Path, dict]] = []
+    for folder in map(Path, args.adapter):
+        tensors_ok = (folder / ADAPTER_WEIGHTS).is_file()
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: adapter folder not found")
+        try:
+            config = json.loads((folder / ADAPTER_CONFIG).read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{folder}: not an adapter folder (no {ADAPTER_CONFIG})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{folder / ADAPTER_CONFIG}: not valid JSON ({exc})") from None
+        if not tensors_ok:
+            raise FileNotFoundError(f"{folder}: not an adapter folder (no {ADAPTER_WEIGHTS})")
+        check_safetensors(folder / ADAPTER_WEIGHTS)
+        cond = config.get("condition") if isinstance(config, dict) else None
+        if not isinstance(cond, str) or not cond or "/" in cond or "\\" in cond or cond.startswith(".") \
+                or cond in _RESERVED_STEMS:
+            raise ValueError(f"{folder / ADAPTER_CONFIG}: condition {cond!r} cannot name an exported file (a "
+                             f"non-empty name without '/', not starting with '.', not one of {list(_RESERVED_STEMS)})")
+        if not isinstance(config.get("rank"), int) or config["rank"] < 1:
+            raise ValueError(f"{folder / ADAPTER_CONFIG}: no positive integer 'rank'")
+        named.append((cond, folder, config))
+    conds = [c for c, _, _ in named]
+    twice = sorted({c for c in conds if conds.count(c) > 1})
+    if twice:
+        folders = [str(f) for c, f, _ in named if c in twice]
+        raise ValueError(f"condition(s) {twice} come from several adapter folders {folders}; export each condition once")
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out}: output folder exists and is not empty (choose a new --out or remove it)")
+    return named
+
+
+def _write_published(tensors: Mapping[str, Any], path: Path, fmt: str) -> None:
+    """A flat ``name -> float32 tensor`` dict as ``.safetensors`` or as ``torch.save`` of the plain
+    dict (no ``state_dict`` wrapper: the published files have none, and every loader -- ours, the
+    reference's, ComfyUI's -- reads the flat dict)."""
+    import torch
+
+    plain = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file(plain, str(path), metadata={"format": "pt"})
+    else:
+        torch.save(plain, str(path))
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _model_card(files: list[dict], base_dir: Path, base_hash_: str, fmt: str, overrides: dict) -> str:
+    """README.md of an export folder: what each file is, how to load it."""
+    adapters_ = [f for f in files if f["kind"] == "adapter"]
+    base = next(f for f in files if f["kind"] == "base")
+    stale = (f"plus a stale LoRA set of rank {base['stale_rank']} ({base['stale_tensors']} tensors, all zeros) "
+             f"that loaders discard" if base["stale_rank"] else "no stale LoRA set")
+    rows = [f"| `{base['file']}` | base ControlNet from `{base_dir}`: base weights, base zero convs and "
+            f"transformer norms, {stale} | {base['tensors']} | {base['params']:,} | – | `{base['sha256']}` |"]
+    for a in adapters_:
+        folded = f"; alpha {a['alpha']:g} folded into `up`" if a["alpha"] != a["rank"] else ""
+        rows.append(f"| `{a['file']}` | adapter `{a['condition']}` from `{a['source']}`: LoRA down/up of every "
+                    f"Linear, zero convs, transformer norms{folded} | {a['tensors']} | {a['params']:,} | "
+                    f"{a['rank']} | `{a['sha256']}` |")
+    example = adapters_[0]["file"] if adapters_ else f"<condition>.{fmt}"
+    name = example.rsplit(".", 1)[0]
+    lines = [
+        "# CtrLoRA ControlNet checkpoints (published layout)",
+        "",
+        "Written by `ctrlora export` (ctrlora-dental) from the folders named below.",
+        "",
+        "| file | what | tensors | params | rank | sha256 |",
+        "|---|---|---|---|---|---|",
+        *rows,
+        "| `ldm_config.json` | the ldm ControlNet kwargs of this base (`controlnet_kwargs`) and the settings "
+        "they cannot express (`ctrlora_config`) | | | | |",
+        "",
+        f"Base hash (sha256 of the base tensors, as `ctrlora.models.adapters.base_hash` computes it): "
+        f"`{base_hash_}`. Every adapter here records this hash as the base it was trained on.",
+        "",
+        "## Layout",
+        "",
+        "The layout of the CtrLoRA reference checkpoints (github.com/xyfJASON/ctrlora): flat dicts "
+        "`name -> float32 tensor`, every name under `control_model.` with the ldm ControlNet's names, no "
+        "`state_dict` wrapper; a `.ckpt` is `torch.save` of the dict (it loads with "
+        "`torch.load(weights_only=True)`). LoRA sits on every `nn.Linear` as "
+        "`<linear>.lora_layer.down.weight` [r, in] and `<linear>.lora_layer.up.weight` [out, r] with scale 1: "
+        "`y = W x + b + up(down(x))`. An adapter file holds the LoRA, the zero convs "
+        "(`zero_convs.{i}.0`, `middle_block_out.0`) and the spatial-transformer norms (`norm`, `norm1..3`). "
+        "A key belongs to the adapter iff it contains `lora_layer`, `zero_convs`, `middle_block_out` or "
+        "`norm`; a loader takes every other key from the base file and these from the adapter file.",
+        "",
+        "## Loading",
+        "",
+        f"* ctrlora-dental: `ctrlora convert --base {base['file']} --adapter {example} --ldm-config "
+        f"ldm_config.json --out imported` gives `imported/base` and `imported/adapters/{name}`.",
+        "* ComfyUI: put the files in `models/controlnet/` and use ComfyUI-Advanced-ControlNet's CtrLoRA "
+        f"loader node (`CtrLoRALoader`): `base` = `{base['file']}`, `lora` = an adapter file. It reads the "
+        "model config from the base tensors and needs the base file's stale LoRA set.",
+        "* The CtrLoRA reference code: its base + adapter loading with the ldm kwargs of `ldm_config.json`.",
+    ]
+    fixed = {k: v for k, v in overrides.items() if k in _LDM_FIXED}
+    if fixed:
+        diffs = ", ".join(f"{k}={v!r} (ldm: {_LDM_FIXED[k]!r})" for k, v in sorted(fixed.items()))
+        lines += ["", "## Caution", "",
+                  f"This base uses settings the ldm ControlNet fixes otherwise: {diffs}. ldm-based loaders (the "
+                  "reference, ComfyUI) load these tensors but compute a different network; `ctrlora convert "
+                  "--ldm-config ldm_config.json` rebuilds the network as trained."]
+    return "\n".join(lines) + "\n"
+
+
+def run_export(args) -> int:
+    """Export into a temporary sibling of ``--out`` and rename it into place only when the base
+    and every adapter are written: a failure leaves no output folder behind."""
+    import os
+    import shutil
+    import tempfile
+
+    from ctrlora.models.adapters import base_hash
+    from ctrlora.models.controlnet import CtrLoRAControlNet
+
+    named = _check_export_request(args)
+    try:
+        model = CtrLoRAControlNet.from_pretrained(str(args.base), local_files_only=True, use_safetensors=True)
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{args.base}: not a loadable base ControlNet folder ({first})") from None
+    bh = base_hash(model)
+    for cond, folder, config in named:
+        if config.get("base_hash") != bh:
+            raise ValueError(f"{folder}: adapter {cond!r} was trained on another base (base_hash "
+                             f"{config.get('base_hash')!r} in its config, {args.base} is {bh!r}); an adapter is "
+                             f"exported only with the base it was trained on")
+    try:
+        ldm_kwargs, overrides = ldm_config_from_controlnet(model.config)
+        published_names(model)  # every tensor has a published name, checked before anything is written
+    except ValueError as exc:
+        raise ValueError(f"{args.base}: cannot be written in the published layout: {exc}") from None
+    stale_rank = args.stale_rank if args.stale_rank is not None else (int(named[0][2]["rank"]) if named else 128)
+    fmt = args.format
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        files: list[dict] = []
+        base_sd = export_base(model, stale_rank)
+        n_stale = sum(1 for k in base_sd if "lora_layer" in k)
+        _write_published(base_sd, tmp / f"base.{fmt}", fmt)
+        files.append({"kind": "base", "file": f"base.{fmt}", "source": str(args.base), "tensors": len(base_sd),
+                      "params": int(sum(v.numel() for v in base_sd.values())), "stale_rank": stale_rank,
+                      "stale_tensors": n_stale, "sha256": _sha256(tmp / f"base.{fmt}")})
+        del base_sd
+        for cond, folder, config in named:
+            sd = export_adapter(model, folder, expected_base_hash=bh)
+            _write_published(sd, tmp / f"{cond}.{fmt}", fmt)
+            files.append({"kind": "adapter", "file": f"{cond}.{fmt}", "condition": cond, "source": str(folder),
+                          "rank": int(config["rank"]), "alpha": float(config.get("alpha", config["rank"])),
+                          "tensors": len(sd), "params": int(sum(v.numel() for v in sd.values())),
+                          "sha256": _sha256(tmp / f"{cond}.{fmt}")})
+        (tmp / "ldm_config.json").write_text(json.dumps({"controlnet_kwargs": ldm_kwargs, "ctrlora_config": overrides},
+                                                        indent=1) + "\n")
+        (tmp / "README.md").write_text(_model_card(files, Path(args.base), bh, fmt, overrides))
+        if out.exists():
+            out.rmdir()  # checked empty above
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(json.dumps({"out": str(out), "base_hash": bh, "format": fmt, "files": files}, indent=1))
+    return 0
+
+
+# the `ctrlora export` sub-command, in the shape ctrlora.cli expects of a command module
+EXPORT_COMMAND = argparse.Namespace(add_arguments=add_export_arguments, run=run_export)
