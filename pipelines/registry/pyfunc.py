@@ -21,8 +21,26 @@ import pandas as pd
 
 IMAGE_COLUMN = "image"
 CONDITION_COLUMN = "condition_image"
+# What a version without a recorded recipe samples with; a version's recipe.json (the sampling
+# its metrics were measured with: scheduler, steps, guidance_scale, weight) replaces these.
 DEFAULTS: dict[str, Any] = {"prompt": "", "weight": 1.0, "seed": 0, "steps": 20,
-                            "guidance_scale": 7.5}
+                            "guidance_scale": 7.5, "scheduler": "ddim"}
+
+
+def _signature():
+    """The input every version accepts: the condition map (PNG bytes; base64 text over REST) and
+    optional per-row overrides of the recipe; the output, one PNG per row."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema
+
+    optional = [("prompt", "string"), ("weight", "double"), ("seed", "long"), ("steps", "long"),
+                ("guidance_scale", "double"), ("scheduler", "string")]
+    inputs = Schema([ColSpec("binary", CONDITION_COLUMN)]
+                    + [ColSpec(kind, name, required=False) for name, kind in optional])
+    return ModelSignature(inputs=inputs, outputs=Schema([ColSpec("binary", IMAGE_COLUMN)]))
+
+
+SIGNATURE = _signature()
 
 
 def _decode_image(value: Any):
@@ -56,9 +74,10 @@ class CtrLoRAPyfunc(mlflow.pyfunc.PythonModel):
     """backbone + base ControlNet + one condition adapter → images.
 
     Input: a pandas DataFrame with ``condition_image`` (PNG bytes or base64 str) and optional
-    ``prompt`` (""), ``weight`` (1.0), ``seed`` (0), ``steps`` (20), ``guidance_scale`` (7.5);
-    ``params`` may set ``prompt``, ``steps`` and ``guidance_scale`` for rows that do not.
-    Output: a DataFrame with one column ``image`` holding PNG bytes, one row per input row.
+    ``prompt`` (""), ``weight``, ``seed`` (0), ``steps``, ``guidance_scale``, ``scheduler``;
+    where a row gives none, the version's recipe (the sampling it was evaluated with) decides,
+    else :data:`DEFAULTS`. ``params`` may set them for rows that do not. Runs on the GPU when
+    one is present. Output: a DataFrame with one column ``image`` holding PNG bytes.
     """
 
     def load_context(self, context) -> None:
@@ -72,31 +91,41 @@ class CtrLoRAPyfunc(mlflow.pyfunc.PythonModel):
             arts.update({k: str(v) for k, v in fetch_parts(arts["parts"]).items()})
         from pipelines.stages.common import resolve_backbone
 
+        import json
+
+        import torch
+
         adapter = Path(arts["adapter"])
         self.condition = read_adapter_config(adapter)["condition"]
+        self.recipe = dict(DEFAULTS)
+        if arts.get("recipe"):
+            self.recipe.update(json.loads(Path(arts["recipe"]).read_text()))
         # at SD scale the backbone part is the record of a local SD 1.5 directory
         self.pipe = CtrLoRAPipeline.from_pretrained_parts(
             str(resolve_backbone(Path(arts["backbone"]))), arts["base"], {self.condition: str(adapter)})
+        if torch.cuda.is_available():
+            self.pipe = self.pipe.to("cuda")
 
-    # The DataFrame hints tell MLflow not to infer a schema: the input column holds raw PNG
-    # bytes or base64 text, which an inferred schema would reject.
+    # The version's explicit signature (SIGNATURE) declares the columns; MLflow checks every
+    # request against it and decodes base64 text of the binary column over REST.
     def predict(self, context, model_input: pd.DataFrame,
                 params: dict[str, Any] | None = None) -> pd.DataFrame:
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if CONDITION_COLUMN not in frame.columns:
             raise ValueError(f"model input needs a {CONDITION_COLUMN!r} column; "
                              f"got {list(frame.columns)}")
-        fallback = {**DEFAULTS, **(params or {})}
+        fallback = {**getattr(self, "recipe", DEFAULTS), **(params or {})}
         images = []
         for row in frame.to_dict("records"):
             image = _decode_image(row[CONDITION_COLUMN])
-            weight = float(_cell(row, "weight", DEFAULTS["weight"]))
+            weight = float(_cell(row, "weight", fallback["weight"]))
             out = self.pipe(
                 str(_cell(row, "prompt", fallback["prompt"])),
                 conditions={self.condition: (image, weight)},
                 num_inference_steps=int(_cell(row, "steps", fallback["steps"])),
                 guidance_scale=float(_cell(row, "guidance_scale", fallback["guidance_scale"])),
-                seed=int(_cell(row, "seed", DEFAULTS["seed"])),
+                scheduler=str(_cell(row, "scheduler", fallback["scheduler"])),
+                seed=int(_cell(row, "seed", fallback["seed"])),
                 output_type="pil",
                 progress=False,
             )

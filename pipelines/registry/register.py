@@ -45,6 +45,18 @@ def register_params(root: Path) -> dict[str, Any]:
     return {**section, "gate": gate_config(section.get("gate"))}
 
 
+def sampling_recipe(root: Path, condition: str) -> dict[str, Any] | None:
+    """How ``condition``'s version was evaluated (params.yaml ``evaluate``: sampler, steps, the
+    gating guidance, the condition's residual weight, 1 where unset as in the evaluation); what
+    serving samples with unless told otherwise. None when the params have no evaluation."""
+    ev = load_params(root).get("evaluate") or {}
+    if "sampling" not in ev:
+        return None
+    return {"scheduler": str(ev["sampling"]["scheduler"]), "steps": int(ev["sampling"]["steps"]),
+            "guidance_scale": float(ev.get("gate_guidance", 1.0)),
+            "weight": float((ev.get("condition_weights") or {}).get(condition, 1.0))}
+
+
 def find_adapters(root: Path) -> list[Candidate]:
     found = []
     for rel in ADAPTER_ROOTS:
@@ -94,7 +106,8 @@ def _register_one(root: Path, cand: Candidate, metrics_all: dict, commit: str,
     return register_adapter(
         c, cand.adapter_dir, dataset_hash=dataset_hash, base_hash=base_hash,
         backbone_dir=backbone_part(root / BACKBONE_DIR, root), base_dir=root / BASE_DIR, metrics=metrics,
-        git_commit=commit, gate=gate, dataset_path=root / PREPARED_CONDITIONS / c, judge=judge)
+        git_commit=commit, gate=gate, dataset_path=root / PREPARED_CONDITIONS / c, judge=judge,
+        recipe=sampling_recipe(root, c))
 
 
 def register_all(root: Path, *, dry_run: bool = False, log=print) -> tuple[list, list[str]] | None:

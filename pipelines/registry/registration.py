@@ -46,6 +46,7 @@ from ctrlora.data.files import sha256_file
 from ctrlora.models.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from pipelines.registry.gate import flatten_metrics, gate_config, metric_tags
 from pipelines.registry.lock import locked_by_model
+from pipelines.registry.pyfunc import SIGNATURE
 from pipelines.registry.models import (CHAMPION, CHALLENGER, HASH_TAG, PART_TAG, PARTS_FILE, PromotionResult,
                                        RegistryError, _now, _set_champion, _tag_version, alias_version,
                                        dir_hash, find_version, model_name, record_decision,
@@ -54,6 +55,7 @@ from pipelines.settings import PREPARED_CONDITIONS, REPO_ROOT
 
 # The models-from-code file; referred to by path (importing it would set a model as a side effect).
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+RECIPE_FILE = "recipe.json"       # the sampling a version was evaluated with (the pyfunc's defaults)
 EXPERIMENT = "ctrlora-register"   # overridden by MLFLOW_EXPERIMENT_NAME
 # Pinned into every version's requirements, so a loading environment can be rebuilt.
 REQUIREMENTS = ("ctrlora-dental", "torch", "diffusers", "peft", "transformers", "safetensors",
@@ -94,7 +96,7 @@ def register_adapter(condition: str, adapter_dir: str | Path, *, dataset_hash: s
                      metrics: Mapping[str, Any] | None, git_commit: str,
                      gate: Mapping[str, Any] | None = None,
                      dataset_path: str | Path | None = None,
-                     judge: Any = None) -> RegistrationResult:
+                     judge: Any = None, recipe: Mapping[str, Any] | None = None) -> RegistrationResult:
     """Register ``adapter_dir`` as a version of ``ctrlora-<condition>`` and apply the gate.
 
     Idempotent: a version with the same ``adapter_hash`` and ``dataset_hash`` is returned as is
@@ -103,7 +105,9 @@ def register_adapter(condition: str, adapter_dir: str | Path, *, dataset_hash: s
     MLflow input's source (default ``data/prepared/conditions/<condition>`` of the repo).
     ``judge``: compares the new version with the champion (``judge.compare(...)`` returns a
     :class:`GateOutcome`; ``judge.tags`` are put on every version it sees); ``None``: a version
-    takes the alias only when there is no champion yet.
+    takes the alias only when there is no champion yet. ``recipe``: the sampling it was evaluated
+    with (scheduler, steps, guidance_scale, weight), stored with the model (``recipe.json``, the
+    pyfunc's defaults) and as the version's ``recipe`` tag.
     """
     adapter_dir, backbone_dir, base_dir = Path(adapter_dir), Path(backbone_dir), Path(base_dir)
     _check_parts(adapter_dir, backbone_dir, base_dir)
@@ -120,6 +124,8 @@ def register_adapter(condition: str, adapter_dir: str | Path, *, dataset_hash: s
     flat = flatten_metrics(metrics)
     tags = {"condition": condition, "dataset_hash": dataset_hash, "base_hash": base_hash,
             "adapter_hash": adapter_hash, "git_commit": git_commit, **metric_tags(flat)}
+    if recipe:
+        tags["recipe"] = json.dumps(dict(recipe), sort_keys=True)
     dataset_path = Path(dataset_path or REPO_ROOT / PREPARED_CONDITIONS / condition)
     experiment_id = _experiment_id(client)
     with tempfile.TemporaryDirectory(prefix="ctrlora-register-") as tmp:
@@ -129,14 +135,17 @@ def register_adapter(condition: str, adapter_dir: str | Path, *, dataset_hash: s
         tags.update({f"{k}_content_hash": r["content_hash"] for k, r in refs.items()})
         parts_file = Path(tmp) / PARTS_FILE
         parts_file.write_text(json.dumps(refs, indent=1, sort_keys=True) + "\n")
+        artifacts = {"adapter": _stage_dir(adapter_dir, Path(tmp) / "adapter"), "parts": str(parts_file)}
+        if recipe:
+            recipe_file = Path(tmp) / RECIPE_FILE
+            recipe_file.write_text(json.dumps(dict(recipe), indent=1, sort_keys=True) + "\n")
+            artifacts["recipe"] = str(recipe_file)
         with mlflow.start_run(experiment_id=experiment_id, run_name=f"register-{condition}") as run:
             _log_run_record(condition, adapter_dir, backbone_dir, base_dir, gate, flat, tags)
             _log_dataset_input(condition, dataset_path, dataset_hash)
             info = mlflow.pyfunc.log_model(
-                name="model", python_model=str(PYFUNC_CODE),
-                artifacts={"adapter": _stage_dir(adapter_dir, Path(tmp) / "adapter"),
-                           "parts": str(parts_file)},
-                pip_requirements=_pip_requirements(),
+                name="model", python_model=str(PYFUNC_CODE), artifacts=artifacts,
+                signature=SIGNATURE, pip_requirements=_pip_requirements(),
                 metadata={"condition": condition, "dataset_hash": dataset_hash,
                           "adapter_hash": adapter_hash, "base_hash": base_hash},
             )
