@@ -558,7 +558,7 @@ class Studio:
                 "scans": [{"id": s, "caption": self.scans.captions[s],
                            "conditions": sorted(self.scans.conditions[s])} for s in self.scans.ids()],
                 "vocabulary": self.scans.vocabulary(), "gate": self.gate_config(),
-                "default_weights": self.default_weights()}
+                "default_weights": self.default_weights(), "default_sampling": self.default_sampling()}
 
     def _params_table(self, section: str, key: str) -> dict:
         """``params.yaml``'s ``section.key`` mapping ({} where either is missing or not a mapping)."""
@@ -571,6 +571,21 @@ class Studio:
         chosen on the validation split); conditions missing there start at 1."""
         weights = self._params_table("evaluate", "condition_weights")
         return {str(c): float(w) for c, w in weights.items() if isinstance(w, (int, float))}
+
+    def default_sampling(self) -> dict[str, Any]:
+        """The page's starting sampler, steps and guidance: the evaluation's (``evaluate.sampling``,
+        ``evaluate.gate_guidance``), which every registered version records as its recipe."""
+        block = load_params(self.repo).get("evaluate") or {}
+        sampling = block.get("sampling") if isinstance(block, dict) else None
+        out: dict[str, Any] = {}
+        if isinstance(sampling, dict):
+            if sampling.get("scheduler") in SAMPLERS:
+                out["sampler"] = sampling["scheduler"]
+            if isinstance(sampling.get("steps"), int):
+                out["steps"] = sampling["steps"]
+        if isinstance(block, dict) and isinstance(block.get("gate_guidance"), (int, float)):
+            out["guidance"] = float(block["gate_guidance"])
+        return out
 
     def gate_config(self) -> dict:
         return self._params_table("register", "gate")

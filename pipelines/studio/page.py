@@ -384,6 +384,10 @@ async function loadState(first) {
   const v = $("vocab"); v.appendChild(el("span", { class: "scores" }, "vocabulary: "));
   for (const w of STATE.vocabulary) { const c = el("span", { class: "chip" }, w); c.onclick = () => { $("prompt").value += ($("prompt").value ? " " : "") + w; }; v.appendChild(c); }
   for (const s of STATE.samplers) $("sampler").appendChild(el("option", { value: s }, s));
+  const d = STATE.default_sampling || {};  // the evaluation's recipe, the registered versions' too
+  if (d.sampler) $("sampler").value = d.sampler;
+  if (d.steps) $("steps").value = String(d.steps);
+  if (d.guidance != null) $("guidance").value = String(d.guidance);
   syncCards();
 }
 window.addEventListener("DOMContentLoaded", async () => {

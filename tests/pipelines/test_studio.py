@@ -97,7 +97,8 @@ def project(tmp_path_factory):
          "register": {"gate": {"rule": "superiority", "min_delta": 0.0},
                       "benchmark": {"max_scans": 3, "grid_rows": 2, "bootstrap": {"n_boot": 200, "seed": 0},
                                     "sampling": {"steps": 2, "batch_size": 8, "seed": 5}}},
-         "evaluate": {"condition_weights": {"lighting": 2.0}}}))
+         "evaluate": {"condition_weights": {"lighting": 2.0}, "gate_guidance": 1.0,
+                      "sampling": {"scheduler": "dpm_karras", "steps": 4}}}))
     frozen_benchmark.freeze(root, log=lambda m: None)
     return root
 
@@ -169,6 +170,8 @@ def test_api_refuses_bad_requests_and_derives_maps(server, project):
     with urllib.request.urlopen(url + "api/state", timeout=60) as r:
         state = json.loads(r.read())
     assert state["default_weights"] == {"lighting": 2.0} and state["limits"]["weight"] == [0.0, 3.0]
+    # the page starts with the evaluation's sampler, the recipe registered versions record
+    assert state["default_sampling"] == {"sampler": "dpm_karras", "steps": 4, "guidance": 1.0}
     # the scans offered are the promotion split's (validation), never the report's test split
     splits = json.loads((project / "data/prepared/meta/splits.json").read_text())
     offered = {s["id"] for s in state["scans"]}
