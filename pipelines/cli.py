@@ -130,23 +130,49 @@ def _resolve_uris(args, downloads: list) -> dict[str, str]:
 
     generate_cli.check_images(generate_cli.parse_pairs(args.condition, "condition"))
     adapters = generate_cli.parse_pairs(args.adapter, "adapter")
-    resolved, sources, items = [], {}, []
+    resolved, sources, items, recipes = [], {}, [], []
     for name, (where, weight) in adapters.items():
         if where.startswith(URI_SCHEME):
             try:
                 r = resolve_adapter_uri(where)
+                recipe = _recipe_of(r)
             except Exception as exc:  # MLflow / registry errors: report them plainly
                 raise generate_cli.GenerateError(f"adapter {name!r}: {exc}") from exc
             downloads.append(r.local_dir)
             resolved.append((where, r))
             sources[name], where = where, str(r.adapter)
+            if recipe:
+                recipes.append(recipe)
+                if weight is None:  # the residual weight the version was evaluated at
+                    weight = float(recipe["weight"])
         items.append(f"{name}={where}" + ("" if weight is None else f":{weight}"))
     args.adapter = items
+    # steps, guidance and sampler the user left unset: the first registry version's recipe (how
+    # it was evaluated), else the library command's defaults
+    first = recipes[0] if recipes else {}
+    for attr, key in (("steps", "steps"), ("guidance", "guidance_scale"), ("scheduler", "scheduler")):
+        if getattr(args, attr, None) is None:
+            setattr(args, attr, first.get(key, _library_default(attr)))
     for attr, flag in (("backbone", "--backbone"), ("base", "--base")):
         if getattr(args, attr) is None and resolved:
             setattr(args, attr, str(_same_part(resolved, attr, flag)))
             sources[attr] = f"from {resolved[0][0]}"
     return sources
+
+
+def _library_default(attr: str):
+    """``ctrlora generate``'s own default for ``attr`` (stated once, in its parser)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    generate_cli.add_arguments(parser, parts_required=False)
+    return parser.get_default(attr)
+
+
+def _recipe_of(resolved) -> dict | None:
+    """The sampling recipe a registered version carries (its ``recipe`` tag), or None."""
+    from mlflow import MlflowClient
+
+    raw = MlflowClient().get_model_version(resolved.model_name, resolved.version).tags.get("recipe")
+    return json.loads(raw) if raw else None
 
 
 def _run_generate(args) -> int:
@@ -175,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(_run=benchmark.run)
     p = sub.add_parser("generate", help="ctrlora generate, with models:/ registry URIs as adapters")
     generate_cli.add_arguments(p, parts_required=False)
-    p.set_defaults(_run=_run_generate)
+    # unset unless given: a registered version's recipe fills them (see _resolve_uris)
+    p.set_defaults(_run=_run_generate, steps=None, guidance=None, scheduler=None)
     p = sub.add_parser("studio", help="local web page: compose conditions, compare versions, promote")
     studio.add_arguments(p)
     p.set_defaults(_run=studio.run)

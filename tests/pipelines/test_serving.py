@@ -92,6 +92,23 @@ def test_a_served_version_samples_with_the_recipe_it_was_evaluated_with(tmp_path
                                             "guidance_scale": [RECIPE["guidance_scale"]]}))["image"].iloc[0]
         assert explicit != other  # the weight matters, so the comparison below can tell
 
+        # `ctrlora-ops generate` from the registry: unset steps, guidance, sampler and weight come
+        # from the version's recipe, and the image is the recipe's
+        from PIL import Image
+
+        from pipelines import cli
+
+        (tmp_path / "cond.png").write_bytes(cond)
+        rc = cli.main(["generate", "--adapter", "lighting=models:/ctrlora-lighting@champion",
+                       "--condition", f"lighting={tmp_path / 'cond.png'}", "--seed", "5",
+                       "--out", str(tmp_path / "gen")])
+        assert rc == 0
+        record = json.loads((tmp_path / "gen" / "generate.json").read_text())
+        assert (record["steps"], record["guidance"], record["scheduler"]) == (
+            RECIPE["steps"], RECIPE["guidance_scale"], RECIPE["scheduler"])
+        drawn = sorted((tmp_path / "gen").glob("*.png"))[0]
+        assert (Image.open(drawn).tobytes() == Image.open(io.BytesIO(explicit)).tobytes())
+
     # the same version behind a real `mlflow models serve`, given only the map and a seed
     port = _free_port()
     log = tmp_path / "serve.log"
