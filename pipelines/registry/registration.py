@@ -56,6 +56,7 @@ from pipelines.settings import PREPARED_CONDITIONS, REPO_ROOT
 # The models-from-code file; referred to by path (importing it would set a model as a side effect).
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 RECIPE_FILE = "recipe.json"       # the sampling a version was evaluated with (the pyfunc's defaults)
+CARD_FILE = "README.md"           # the model card stored beside a version's weights
 EXPERIMENT = "ctrlora-register"   # overridden by MLFLOW_EXPERIMENT_NAME
 # Pinned into every version's requirements, so a loading environment can be rebuilt.
 REQUIREMENTS = ("ctrlora-dental", "torch", "diffusers", "peft", "transformers", "safetensors",
@@ -136,6 +137,11 @@ def register_adapter(condition: str, adapter_dir: str | Path, *, dataset_hash: s
         parts_file = Path(tmp) / PARTS_FILE
         parts_file.write_text(json.dumps(refs, indent=1, sort_keys=True) + "\n")
         artifacts = {"adapter": _stage_dir(adapter_dir, Path(tmp) / "adapter"), "parts": str(parts_file)}
+        card = Path(tmp) / CARD_FILE
+        card.write_text(model_card(condition, dataset_hash=dataset_hash, base_hash=base_hash,
+                                   adapter_hash=adapter_hash, git_commit=git_commit, metrics=metrics,
+                                   recipe=recipe))
+        artifacts["card"] = str(card)
         if recipe:
             recipe_file = Path(tmp) / RECIPE_FILE
             recipe_file.write_text(json.dumps(dict(recipe), indent=1, sort_keys=True) + "\n")
@@ -190,6 +196,40 @@ def _decide(client: MlflowClient, name: str, mv, judge: Any,
     champion = record_decision(client, name, version, outcome.promoted, outcome.reason, tags)
     _log_outcome(client, mv.run_id, outcome, tags)
     return outcome.promoted, outcome.reason, champion
+
+
+def model_card(condition: str, *, dataset_hash: str, base_hash: str, adapter_hash: str, git_commit: str,
+               metrics: Mapping[str, Any] | None, recipe: Mapping[str, Any] | None) -> str:
+    """The model card stored with a version: what it is, what it was trained on, how it was
+    evaluated (gain over no control with its interval) and sampled, its intended use and limits.
+    The promotion decision comes later; it is on the version's tags and its run's ``gate/``."""
+    m = dict(metrics or {})
+    gain = m.get("gain") if isinstance(m.get("gain"), Mapping) else None
+    lines = [f"# ctrlora-{condition}", "",
+             f"A CtrLoRA condition adapter for **{condition}** maps (LoRA on every Linear of the Base "
+             "ControlNet, with its own zero convolutions and transformer norms), to be loaded with the "
+             "backbone and base ControlNet its `parts.json` names.", "",
+             "| what | value |", "|---|---|",
+             f"| dataset hash (DVC) | `{dataset_hash}` |", f"| base ControlNet hash | `{base_hash}` |",
+             f"| adapter hash (sha256) | `{adapter_hash}` |", f"| code (git commit) | `{git_commit}` |"]
+    if gain:
+        lines.append(f"| evaluation | {m.get('metric', 'fidelity')} {m.get('fidelity', float('nan')):.4f} on "
+                     f"{m.get('n_scans', '?')} test scans; gain over no control {gain['value']:+.4f} "
+                     f"[{gain['low']:+.4f}, {gain['high']:+.4f}] ({float(gain.get('level', 0.95)):.0%} paired "
+                     "bootstrap over scans) |")
+    if recipe:
+        lines.append("| sampling recipe (what it was evaluated with; serving's default) | " +
+                     ", ".join(f"{k} {v}" for k, v in sorted(recipe.items())) + " |")
+    lines += ["", "## Intended use and limits", "",
+              "* Generating intraoral images whose structure follows a condition map, to review or to "
+              "grow an annotated set; generated images are not clinical evidence.",
+              "* The figures hold for the data this version was trained and evaluated on (the dataset "
+              "hash above); other cameras, resolutions or populations need their own evaluation.",
+              "* Before sharing generated images outside the clinic, check they are not copies of "
+              "training photographs.",
+              "* Promotion: see the version's `gate_reason` tag (the paired comparison with the champion "
+              "on the frozen benchmark).", ""]
+    return "\n".join(lines)
 
 
 def _stored_outcome(gate: Mapping[str, Any], mv, champion_mv, benchmark_version: str | None) -> GateOutcome | None:

@@ -166,9 +166,10 @@ def test_backbone_and_base_are_stored_once_and_fetched_by_hash(tracking, tmp_pat
     backbone_hash = registry.dir_hash(tmp_path / "backbone")
     assert {v.tags["backbone_content_hash"] for v in versions} == {backbone_hash}
     assert backbone_hash in {r.data.tags[registry.HASH_TAG] for r in parts["backbone"]}
-    # a version's own artifacts: the adapter and the reference, no copy of backbone or base
+    # a version's own artifacts: the adapter, the reference and the model card; no copy of
+    # backbone or base
     model_files = {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(versions[0].run_id, "model/artifacts")}
-    assert model_files == {"adapter", registry.PARTS_FILE}
+    assert model_files == {"adapter", registry.PARTS_FILE, "README.md"}
 
     first = registry.resolve_adapter_uri("models:/ctrlora-t-once/1", tmp_path / "dl1")
     third = registry.resolve_adapter_uri("models:/ctrlora-t-once/3", tmp_path / "dl3")

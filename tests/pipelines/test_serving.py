@@ -72,11 +72,17 @@ def test_a_served_version_samples_with_the_recipe_it_was_evaluated_with(tmp_path
         models = tmp_path / "models"
         res = register_adapter("lighting", models / "adapters" / "lighting-1", dataset_hash="a" * 32 + ".dir",
                                base_hash="b" * 64, backbone_dir=models / "backbone", base_dir=models / "base",
-                               metrics={"fidelity": 0.5}, git_commit="c0ffee", gate={"min_delta": 0.0},
-                               recipe=RECIPE)
+                               metrics={"fidelity": 0.5, "metric": "ssim", "n_scans": 10,
+                                        "gain": {"value": 0.3, "low": 0.2, "high": 0.4, "level": 0.95}},
+                               git_commit="c0ffee", gate={"min_delta": 0.0}, recipe=RECIPE)
         assert res.decision == "champion"
         mv = MlflowClient().get_model_version("ctrlora-lighting", res.version)
         assert json.loads(mv.tags["recipe"]) == RECIPE
+        card = Path(mlflow.artifacts.download_artifacts(f"runs:/{res.run_id}/model/artifacts/{'README.md'}",
+                                                        dst_path=str(tmp_path / "card")))
+        text = card.read_text()
+        assert "# ctrlora-lighting" in text and "a" * 32 + ".dir" in text and "dpm_karras" in text
+        assert "Intended use and limits" in text and "+0.3000 [+0.2000, +0.4000]" in text
         info = mlflow.models.get_model_info("models:/ctrlora-lighting@champion")
         assert info.signature is not None
         assert [c.name for c in info.signature.inputs.inputs][:2] == ["condition_image", "prompt"]
