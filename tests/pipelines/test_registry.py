@@ -196,3 +196,134 @@ def test_gate_settings_that_would_promote_a_worse_version_are_refused():
         assert not ok and "tie" in reason
     # an interval sitting exactly on min_delta is not above it
     assert not paired_decision({"min_delta": 0.0}, 0.0, 0.0, 0.0, champion_version="1", same_data=True)[0]
+
+
+def test_ops_registry_commands(tracking, tmp_path, capsys):
+    from importlib.metadata import entry_points
+
+    from ctrlora.models.adapters import ADAPTER_WEIGHTS
+    from pipelines.cli import main
+
+    (entry,) = entry_points(group="console_scripts", name="ctrlora-ops")
+    assert entry.load() is main
+    _register(tmp_path, "t-cli", 1, 0.5)
+    _register(tmp_path, "t-cli", 2, 0.4)
+    assert main(["registry", "list", "--json"]) == 0
+    rows = [r for r in json.loads(capsys.readouterr().out) if r["model"] == "ctrlora-t-cli"]
+    assert [(r["version"], r["aliases"]) for r in rows] == [("1", ["champion"]), ("2", ["challenger"])]
+
+    repo = tmp_path / "repo"  # a project with no frozen benchmark: no paired comparison to decide on
+    repo.mkdir()
+    (repo / "params.yaml").write_text("register:\n  gate: {rule: superiority, min_delta: 0.0}\n")
+    assert main(["registry", "promote", "t-cli", "2", "--repo", str(repo)]) == 1
+    assert "no paired comparison" in capsys.readouterr().err
+    assert main(["registry", "promote", "t-cli", "2", "--force", "--repo", str(repo)]) == 1
+    assert "--reason" in capsys.readouterr().err  # an override states its reason
+    assert main(["registry", "promote", "t-cli", "2", "--force", "--reason", "checked by hand",
+                 "--repo", str(repo)]) == 0
+    assert "ctrlora-t-cli v2 promoted to champion" in capsys.readouterr().out
+    assert main(["registry", "rollback", "t-cli"]) == 0
+    assert "champion v2 -> v1" in capsys.readouterr().out
+    assert main(["registry", "rollback", "t-nothing"]) == 1
+    assert "no registered model ctrlora-t-nothing" in capsys.readouterr().err
+    assert main(["registry", "resolve", "models:/ctrlora-t-cli@champion",
+                 "--dst", str(tmp_path / "dl")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["version"] == "1" and (Path(out["adapter"]) / ADAPTER_WEIGHTS).is_file()
+
+
+def _git_dvc_repo(root: Path) -> None:
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    for cmd in (["init", "-q"], ["config", "core.analytics", "false"],
+                ["config", "core.site_cache_dir", ".dvc/site_cache"]):
+        subprocess.run([sys.executable, "-m", "dvc", *cmd], cwd=root, check=True, env=env)
+
+
+def test_dataset_hash_from_lock_reads_real_dvc_lock(tmp_path, monkeypatch):
+    from dvc.repo import Repo
+
+    from pipelines.registry.dvclock import dataset_hash_from_lock, dataset_hashes, lock_hash
+
+    assert dataset_hashes(tmp_path) == {}  # before the first repro
+    with pytest.raises(FileNotFoundError, match="no dvc.lock"):
+        dataset_hash_from_lock(tmp_path, "lighting")
+
+    _git_dvc_repo(tmp_path)
+    (tmp_path / "dvc.yaml").write_text(textwrap.dedent("""\
+        stages:
+          prepare:
+            cmd: python -c "import os; [os.makedirs(f'data/prepared/conditions/{c}', exist_ok=True) or open(f'data/prepared/conditions/{c}/p.txt', 'w').write(c) for c in ('lighting', 'depth')]"
+            outs:
+              - data/prepared/conditions/lighting
+              - data/prepared/conditions/depth
+        """))
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    subprocess.run([sys.executable, "-m", "dvc", "repro", "-q"], cwd=tmp_path, check=True, env=env)
+    monkeypatch.chdir(tmp_path)  # DVC resolves stage targets against the working directory
+    with Repo(str(tmp_path)) as repo:
+        (stage,) = repo.stage.collect("prepare")
+        # DVC hashing the workspace directories now, independently of dvc.lock
+        truth = {str(o.def_path).split("/")[-1]: o.get_hash().value for o in stage.outs}
+    assert dataset_hash_from_lock(tmp_path, "lighting") == truth["lighting"]
+    assert dataset_hash_from_lock(tmp_path, "depth") == truth["depth"]
+    assert truth["lighting"] != truth["depth"] and truth["lighting"].endswith(".dir")
+    assert dataset_hashes(tmp_path) == truth
+    assert lock_hash(tmp_path, "./data/prepared/conditions/depth/") == truth["depth"]
+    with pytest.raises(KeyError, match="segmentation"):
+        dataset_hash_from_lock(tmp_path, "segmentation")
+
+
+def test_pyfunc_is_logged_as_code_and_generates_in_fresh_process(tracking, tmp_path):
+    import torch
+
+    from ctrlora.models import adapters
+    from _models_helpers import tiny_test_config
+
+    from ctrlora.models.backbone import build_tiny_backbone
+    from ctrlora.models.controlnet import CtrLoRAControlNet
+    from pipelines.registry.models import resolve_adapter_uri
+    from pipelines.registry.registration import register_adapter
+
+    torch.manual_seed(0)
+    cfg = tiny_test_config(image_size=32, vae_block_out_channels=(32, 32),
+                           unet_block_out_channels=(32, 32), unet_attention_heads=(2, 2),
+                           unet_layers_per_block=1, text_layers=1)
+    bb = build_tiny_backbone(cfg, ["a", "dental", "photo", "of", "teeth"])
+    bb.save(tmp_path / "backbone")
+    net = CtrLoRAControlNet.from_unet(bb.unet, vae_scale_factor=2 ** (len(cfg.vae_block_out_channels) - 1))
+    net.save_pretrained(tmp_path / "base")
+    adapters.add_adapter(net, "lighting", rank=2)
+    adapters.save_adapter(net, "lighting", tmp_path / "adapter", base_hash=adapters.base_hash(net))
+
+    res = register_adapter(
+        "lighting", tmp_path / "adapter", dataset_hash="e" * 32 + ".dir",
+        base_hash=adapters.base_hash(net), backbone_dir=tmp_path / "backbone",
+        base_dir=tmp_path / "base", metrics={"fidelity": 0.3}, git_commit="c0ffee")
+    assert res.decision == "champion"
+    # models-from-code: the flavor names a python file instead of a pickled python_model
+    local = resolve_adapter_uri("models:/ctrlora-lighting@champion", tmp_path / "dl").local_dir
+    flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+    assert "python_model" not in flavor and flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model"
+    assert (local / Path(flavor["model_code_path"]).name).is_file()
+    assert not [p for p in local.rglob("*") if p.suffix in (".pkl", ".pickle")]
+
+    script = textwrap.dedent("""\
+        import io, sys
+        import cloudpickle, mlflow.pyfunc, pandas as pd
+        from PIL import Image
+        def refuse(*args, **kwargs):
+            raise AssertionError("loading the model unpickled something")
+        cloudpickle.load = cloudpickle.loads = refuse
+        model = mlflow.pyfunc.load_model("models:/ctrlora-lighting@champion")
+        buf = io.BytesIO(); Image.new("RGB", (32, 32), (120, 80, 40)).save(buf, format="PNG")
+        out = model.predict(pd.DataFrame({"condition_image": [buf.getvalue()],
+                                          "prompt": ["a dental photo"], "steps": [2], "seed": [0]}))
+        img = Image.open(io.BytesIO(out["image"][0]))
+        print("SIZE", img.size, img.mode)
+        """)
+    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "SIZE (32, 32) RGB" in proc.stdout
