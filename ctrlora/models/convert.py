@@ -24,10 +24,14 @@ gets exactly one published name; :func:`export_base` and :func:`export_adapter` 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 LDM_PREFIX = "control_model."
 LORA_DOWN, LORA_UP = ".lora_layer.down.weight", ".lora_layer.up.weight"
@@ -630,13 +634,26 @@ def _check_request(args) -> list[tuple[str, Path]]:
     return named
 
 
+@contextlib.contextmanager
+def _atomic_output(out: Path) -> Iterator[Path]:
+    """A temporary sibling of ``out`` to write into, renamed to ``out`` when the block completes
+    and removed when it fails, so a failure leaves no output folder behind (an existing ``out``
+    must have been checked empty)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def run(args) -> int:
     """Convert into a temporary sibling of ``--out`` and rename it into place only when the base
     and every adapter converted: a failure leaves no output folder behind."""
-    import os
-    import shutil
-    import tempfile
-
     from ctrlora.models.adapters import base_hash, save_adapter_tensors
     from ctrlora.models.controlnet import CtrLoRAControlNet
 
@@ -648,9 +665,7 @@ def run(args) -> int:
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{args.ldm_config or 'the SD 1.5 ldm config'}: unusable ldm config ({exc})") from None
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with _atomic_output(out) as tmp:
         try:
             weights, stale = convert_base(read_state_dict(args.base), model)
         except ValueError as exc:
@@ -667,12 +682,6 @@ def run(args) -> int:
             save_adapter_tensors(tensors, tmp / "adapters" / name, condition=name, rank=rank, alpha=rank,
                                  base_hash=bh, model=model)
             report["adapters"][name] = {"dir": str(out / "adapters" / name), "rank": rank, "tensors": len(tensors)}
-        if out.exists():
-            out.rmdir()  # checked empty above
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(json.dumps(report, indent=1))
     return 0
 
@@ -833,10 +842,6 @@ def _model_card(files: list[dict], base_dir: Path, base_hash_: str, fmt: str, ov
 def run_export(args) -> int:
     """Export into a temporary sibling of ``--out`` and rename it into place only when the base
     and every adapter are written: a failure leaves no output folder behind."""
-    import os
-    import shutil
-    import tempfile
-
     from ctrlora.models.adapters import base_hash
     from ctrlora.models.controlnet import CtrLoRAControlNet
 
@@ -860,9 +865,7 @@ def run_export(args) -> int:
     stale_rank = args.stale_rank if args.stale_rank is not None else (int(named[0][2]["rank"]) if named else 128)
     fmt = args.format
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with _atomic_output(out) as tmp:
         files: list[dict] = []
         base_sd = export_base(model, stale_rank)
         n_stale = sum(1 for k in base_sd if "lora_layer" in k)
@@ -881,12 +884,6 @@ def run_export(args) -> int:
         (tmp / "ldm_config.json").write_text(json.dumps({"controlnet_kwargs": ldm_kwargs, "ctrlora_config": overrides},
                                                         indent=1) + "\n")
         (tmp / "README.md").write_text(_model_card(files, Path(args.base), bh, fmt, overrides))
-        if out.exists():
-            out.rmdir()  # checked empty above
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(json.dumps({"out": str(out), "base_hash": bh, "format": fmt, "files": files}, indent=1))
     return 0
 

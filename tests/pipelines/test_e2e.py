@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from _project_helpers import toy_project
 
 REPO = Path(__file__).resolve().parents[2]
 BASE_CONDITIONS = ["segmentation", "depth", "canny", "palette"]
@@ -62,22 +63,11 @@ def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e") / "project"
-    files = _run(["git", "ls-files"], REPO).stdout.split()
-    for rel in files:
-        # the repo's benchmark manifests describe the repo's scans: the toy freezes its own
-        if rel == "dvc.lock" or rel.startswith(("tests/fixtures/", "frozen_benchmark/")):
-            continue
-        dst = root / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / rel, dst)
-    (root / ".venv").symlink_to(REPO / ".venv")  # dvc.yaml's commands use .venv/bin/python
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    (root / "params.yaml").write_text(yaml.safe_dump(_tiny_params(params), sort_keys=False))
-    _run(["git", "init", "-q"], root)
-    _run(["git", "add", "-A"], root)
-    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "toy project"], root)
-    return root
+    # the repo's benchmark manifests describe the repo's scans: the toy freezes its own
+    return toy_project(tmp_path_factory.mktemp("e2e") / "project", _tiny_params(params),
+                       skip=lambda rel: rel == "dvc.lock" or rel.startswith(("tests/fixtures/", "frozen_benchmark/")),
+                       message="toy project")
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from _project_helpers import toy_project
 
 REPO = Path(__file__).resolve().parents[2]
 DVC = str(Path(sys.executable).parent / "dvc")
@@ -49,20 +50,10 @@ def _toy_params(params: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    root = tmp_path_factory.mktemp("foundation") / "project"
-    for rel in subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.split():
-        if rel.startswith(("tests/", "frozen_benchmark/", "research/")) or rel.endswith("dvc.lock"):
-            continue
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / rel, root / rel)
-    (root / ".venv").symlink_to(REPO / ".venv")  # the graphs' commands use .venv/bin/python
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    (root / "params.yaml").write_text(yaml.safe_dump(_toy_params(params), sort_keys=False))
-    _run(["git", "init", "-q"], root)
-    _run(["git", "add", "-A"], root)
-    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "toy"], root)
-    return root
+    return toy_project(tmp_path_factory.mktemp("foundation") / "project", _toy_params(params),
+                       skip=lambda rel: rel.startswith(("tests/", "frozen_benchmark/", "research/"))
+                       or rel.endswith("dvc.lock"))
 
 
 def test_foundation_graph_rebuilds_and_the_production_graph_reads_it(toy):

@@ -17,7 +17,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import pytest
 pytest.importorskip("mlflow")
 
 from _models_helpers import save_tiny_models  # noqa: E402
+from _project_helpers import post_json  # noqa: E402
 
 SIZE = 32
 RECIPE = {"scheduler": "dpm_karras", "steps": 3, "guidance_scale": 1.0, "weight": 2.0}
@@ -45,15 +45,6 @@ def _png(seed: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def _post(url: str, body: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=300) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
 
 
 def test_a_served_version_samples_with_the_recipe_it_was_evaluated_with(tmp_path):
@@ -137,15 +128,15 @@ def test_a_served_version_samples_with_the_recipe_it_was_evaluated_with(tmp_path
             assert time.monotonic() < deadline, f"mlflow models serve did not start:\n{log.read_text()[-3000:]}"
             time.sleep(1)
         b64 = base64.b64encode(cond).decode()
-        status, body = _post(f"http://127.0.0.1:{port}/invocations",
-                             {"dataframe_split": {"columns": ["condition_image", "seed"], "data": [[b64, 5]]}})
+        status, body = post_json(f"http://127.0.0.1:{port}/invocations",
+                             {"dataframe_split": {"columns": ["condition_image", "seed"], "data": [[b64, 5]]}}, timeout=300)
         assert status == 200, body
         (row,) = body["predictions"]
         served = base64.b64decode(row["image"] if isinstance(row, dict) else row)
         assert served[:8] == b"\x89PNG\r\n\x1a\n"
         assert served == explicit  # served defaults = the recipe the version was evaluated with
-        status, body = _post(f"http://127.0.0.1:{port}/invocations",
-                             {"dataframe_split": {"columns": ["prompt"], "data": [["no map"]]}})
+        status, body = post_json(f"http://127.0.0.1:{port}/invocations",
+                             {"dataframe_split": {"columns": ["prompt"], "data": [["no map"]]}}, timeout=300)
         assert status == 400 and "condition_image" in json.dumps(body)
     finally:
         if proc.poll() is None:

@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import yaml
 pytest.importorskip("mlflow")
 
 from _models_helpers import save_tiny_models  # noqa: E402
+from _project_helpers import post_json  # noqa: E402
 
 SIZE = 32
 REPO = Path(__file__).resolve().parents[2]
@@ -148,23 +148,14 @@ def server(project, registry, tmp_path_factory):
             proc.kill()
 
 
-def _post(url: str, body: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
 def test_api_refuses_bad_requests_and_derives_maps(server, project):
     url = server["url"]
-    status, out = _post(url + "api/generate", {"conditions": [{"condition": "depth", "source": "upload"}]})
+    status, out = post_json(url + "api/generate", {"conditions": [{"condition": "depth", "source": "upload"}]})
     assert status == 400 and "condition 'depth', which has no adapter" in out["error"]
-    status, out = _post(url + "api/generate", {"conditions": [{"condition": "lighting", "source": "scan",
+    status, out = post_json(url + "api/generate", {"conditions": [{"condition": "lighting", "source": "scan",
                                                                "weight": 4}], "scan": None})
     assert status == 400 and out["error"] == "weight 4.0 is out of range [0, 3]"
-    status, out = _post(url + "api/promote", {"condition": "lighting", "version": "2"})
+    status, out = post_json(url + "api/promote", {"condition": "lighting", "version": "2"})
     assert status == 400 and "confirmation" in out["error"]
     # each condition's weight starts where the evaluation measured it (params evaluate.condition_weights)
     with urllib.request.urlopen(url + "api/state", timeout=60) as r:
@@ -177,14 +168,14 @@ def test_api_refuses_bad_requests_and_derives_maps(server, project):
     offered = {s["id"] for s in state["scans"]}
     assert offered and offered <= set(splits["validation"]) and not offered & set(splits["test"])
     photo = next((project / "data/prepared/photos").glob("*.png"))
-    status, up = _post(url + "api/upload", {"filename": photo.name, "data": _data_url(photo.read_bytes())})
+    status, up = post_json(url + "api/upload", {"filename": photo.name, "data": _data_url(photo.read_bytes())})
     assert status == 200 and up["width"] == SIZE
-    status, out = _post(url + "api/derive", {"condition": "canny", "photo": up["token"]})
+    status, out = post_json(url + "api/derive", {"condition": "canny", "photo": up["token"]})
     assert status == 200 and out["image"].startswith("data:image/png;base64,")
-    status, out = _post(url + "api/derive", {"condition": "lighting", "photo": up["token"]})
+    status, out = post_json(url + "api/derive", {"condition": "lighting", "photo": up["token"]})
     assert status == 400 and "cannot be derived" in out["error"]
     # a generation whose canny map is derived from the photograph, polled to its end
-    status, job = _post(url + "api/generate", {"conditions": [{"condition": "canny", "source": "derive",
+    status, job = post_json(url + "api/generate", {"conditions": [{"condition": "canny", "source": "derive",
                                                                "map": up["token"]}],
                                                "steps": 2, "num_images": 1, "sampler": "dpm"})
     assert status == 200 and job["state"] in ("queued", "running")
