@@ -8,12 +8,14 @@
 #   make servers-e2e  real Prefect + MLflow servers: landed scans -> triggered retrain -> registry (docs/mlops.md)
 # and the research graph (baselines and ablations, after the production graph; docs/research.md):
 #   make research  dvc repro research/dvc.yaml, then the README's tables
+#   make utility   dvc repro utility/dvc.yaml: segmenters trained with generated images, the memorization
+#                  audit (after the production graph; docs/utility.md), then the README's tables
 #   make report    rewrite the README's result tables from the committed metrics files
 SHELL := /bin/bash
 VENV := .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup repro foundation test test-sd15 test-multiprocess servers-e2e research report
+.PHONY: setup repro foundation test test-sd15 test-multiprocess servers-e2e research utility report
 setup:
 	@scripts/bootstrap.sh
 
@@ -40,6 +42,10 @@ servers-e2e: setup
 
 research: setup
 	dvc repro research/dvc.yaml
+	python -m pipelines.orchestration.report
+
+utility: setup
+	dvc repro utility/dvc.yaml
 	python -m pipelines.orchestration.report
 
 report: setup

@@ -15,15 +15,14 @@ once (:func:`setup`), then runs jobs; results come back in job order.
 """
 from __future__ import annotations
 
-import json
-import multiprocessing as mp
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import pipelines  # noqa: F401  (tool defaults)
 
 from pipelines.stages.common import artefact_paths, read_params, resolve_backbone
+from pipelines.workers import log, read_json, write_json  # noqa: F401  (the stages read them from here)
+from pipelines.workers import pool_map as workers_pool_map
 
 MIN_RATES = 3  # a learning-rate sweep of fewer rates cannot tell an optimum from an edge
 _CTX: dict[str, Any] = {}  # what a worker loaded once (setup)
@@ -65,23 +64,6 @@ def path(p: dict[str, Any], *keys: str) -> Path:
 def run_dir(p: dict[str, Any], spec) -> Path:
     """Where run ``spec`` (a :class:`~ctrlora.training.baselines.RunSpec`) is written."""
     return path(p, "research") / ("sweep" if spec.seed == 0 else "seeds") / spec.key
-
-
-def read_json(file: Path) -> Any:
-    return json.loads(Path(file).read_text())
-
-
-def _plain(x: Any) -> Any:
-    """numpy scalars / arrays -> Python numbers / lists (for ``json.dumps``)."""
-    if hasattr(x, "tolist"):
-        return x.tolist()
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
-
-
-def write_json(file: Path, obj: Any) -> None:
-    file = Path(file)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    file.write_text(json.dumps(obj, indent=1, default=_plain, allow_nan=False) + "\n")
 
 
 # ---------------------------------------------------------------------------- what workers load
@@ -133,18 +115,5 @@ def ctx(key: str) -> Any:
 
 def pool_map(fn: Callable[[Any], Any], jobs: Sequence[Any], needs: Sequence[str], workers: int,
              threads: int) -> list[Any]:
-    """``[fn(job) for job in jobs]`` over ``workers`` spawned processes of ``threads`` torch threads
-    each; in this process (with ``workers * threads`` threads) when one worker suffices."""
-    n = max(1, min(int(workers), len(jobs)))
-    if n == 1:  # the stage's whole share of cores to the one process
-        setup(needs, int(threads) * max(1, int(workers)))
-        return [fn(j) for j in jobs]
-    ex = ProcessPoolExecutor(n, mp_context=mp.get_context("spawn"), initializer=setup,
-                             initargs=(tuple(needs), threads))
-    with ex:
-        futures = [ex.submit(fn, j) for j in jobs]
-        return [f.result() for f in futures]
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
+    """:func:`pipelines.workers.pool_map` with this graph's :func:`setup`."""
+    return workers_pool_map(fn, jobs, needs, workers, threads, setup)

@@ -61,3 +61,41 @@ def test_missing_markers_are_a_clear_error(tmp_path):
 
 def test_the_committed_readme_matches_the_committed_metrics():
     assert not report.update_readme(REPO, check=True), "run `python -m pipelines.orchestration.report` (make report)"
+
+
+def test_other_guidance_table_has_the_bars_the_count_and_why_checks_fail(tmp_path):
+    _write(tmp_path)
+    ev_file = tmp_path / "metrics" / "evaluate.json"
+    ev = json.loads(ev_file.read_text())
+    # at 7.5 on 4 scans: segmentation's estimate clears its 0.2 bar but the interval's lower end does
+    # not; the combined ratio's estimate itself is short of 0.9; the size check passes
+    ev["at_guidance"] = {"7.5": {
+        "guidance": 7.5, "n_scans": 4,
+        "conditions": {"segmentation": {"metric": "miou", "uncontrolled": 0.1, "fidelity": 0.35,
+                                        "gain": _iv(0.25, 0.15, 0.35)}},
+        "combined": {"weights": {"segmentation": 1.0},
+                     "segmentation": {"single_gain": 0.25, "gain": _iv(0.2, 0.1, 0.3), "ratio": _iv(0.8, 0.5, 1.1)}},
+        "quality_bar": {"guidance": 7.5, "gates": False, "passed": 1, "total": 3, "checks": {
+            "controlled_vs_uncontrolled/segmentation": _check(0.25, 0.15, 0.35, 0.2, False),
+            "combined_vs_single/segmentation": _check(0.8, 0.5, 1.1, 0.9, False),
+            "adapter_param_fraction/lighting": _check(0.1, 0.1, 0.1, 0.15, True)}}}}
+    ev_file.write_text(json.dumps(ev))
+    text = report.render(tmp_path)
+    block = text.split("At guidance 7.5", 1)[1]
+    assert "| segmentation | miou | 0.100 | 0.350 | +0.250 [+0.150, +0.350] | ≥ 0.2 | fail |" in block
+    assert "| segmentation | +0.250 | +0.200 [+0.100, +0.300] | 0.800 [0.500, 1.100] | ≥ 0.9 | fail |" in block
+    assert "| ≤ 0.15 | 0.100 **pass** |" in block
+    assert "[95 %, 4 scans]" in block and "first 4 test scans" in block
+    assert "**1 of 3 checks pass** over 4 scans (at the gating guidance 1.0: 2 of 3 over 10)" in block
+    assert "1 with the estimate itself short of the bar (`combined_vs_single/segmentation`)" in block
+    assert "(`controlled_vs_uncontrolled/segmentation`: undecided" in block
+
+
+def test_research_note_quotes_the_simulated_rate_for_the_runs_seed_count():
+    calib = {"nominal_rate": 0.025, "results": [{"seeds": 3, "false_positive_rate": 0.088,
+                                                 "mc_interval": [0.066, 0.116]}]}
+    note = report.calibration_note(calib, 3)
+    assert "with 3 seeds a method" in note and "8.8 % of the time [6.6 %, 11.6 %]" in note and "nominal 2.5 %" in note
+    # a seed count the simulation did not cover is said to be unmeasured, not given another count's rate
+    assert "not measured" in report.calibration_note(calib, 4) and "8.8" not in report.calibration_note(calib, 4)
+    assert "not measured" in report.calibration_note(None, 3)
