@@ -273,7 +273,8 @@ def research_table(rs: dict, sweep: dict | None, calib: dict | None = None) -> l
 
 
 UTILITY_ARMS = {"real": "real only", "real_aug": "real + classic augmentation",
-                "real_gen": "real + generated (with control)", "real_gen_uncontrolled": "real + generated (without control)"}
+                "real_gen": "real + generated (with control)", "real_gen_uncontrolled": "real + generated (without control)",
+                "real_aug_gen": "real + augmentation + generated"}
 
 
 def _worth(w: dict | None) -> str:
@@ -324,7 +325,9 @@ def utility_table(u: dict, sel: dict | None, audit: dict | None) -> list[str]:
                   + (f", {_iv(h['vs_real_gen_uncontrolled'])} over the same amount of images generated without "
                      "control" if "vs_real_gen_uncontrolled" in h else "")
                   + (f", {_iv(h['vs_real_aug'])} over classic augmentation" if "vs_real_aug" in h else "")
-                  + f"; worth {_worth(h.get('worth'))} real photographs. Bar (lower ends above 0): gain "
+                  + f"; worth {_worth(h.get('worth'))} real photographs"
+                  + (f"; with augmentation on both sides, generating adds {_iv(h['augmented_vs_real_aug'])}"
+                     if "augmented_vs_real_aug" in h else "") + ". Bar (lower ends above 0): gain "
                   + ("**pass**" if checks.get("gain_above_zero") else "fail") + ", above the uncontrolled control "
                   + ("**pass**" if checks.get("above_uncontrolled_control") else "fail") + ".", ""]
     if audit:

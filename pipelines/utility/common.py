@@ -29,8 +29,10 @@ import pipelines  # noqa: F401  (tool defaults)
 from pipelines.workers import log, read_json, write_json  # noqa: F401  (the stages read them from here)
 from pipelines.stages.common import artefact_paths, read_params, resolve_backbone
 
-ARMS = ("real", "real_aug", "real_gen", "real_gen_uncontrolled")
-GENERATED_ARMS = {"real_gen": "controlled", "real_gen_uncontrolled": "uncontrolled"}
+ARMS = ("real", "real_aug", "real_gen", "real_gen_uncontrolled", "real_aug_gen")
+# arm -> the pool it draws generated images from; arms trained with classic augmentation
+GENERATED_ARMS = {"real_gen": "controlled", "real_gen_uncontrolled": "uncontrolled", "real_aug_gen": "controlled"}
+AUGMENTED_ARMS = frozenset({"real_aug", "real_aug_gen"})
 _CTX: dict[str, Any] = {}
 
 

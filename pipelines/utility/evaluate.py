@@ -30,7 +30,8 @@ from pipelines.stages.common import timed_stage
 from pipelines.utility import common as C
 
 LABELS = {"real": "real only", "real_aug": "real + augmentation", "real_gen": "real + generated (with control)",
-          "real_gen_uncontrolled": "real + generated (without control)"}
+          "real_gen_uncontrolled": "real + generated (without control)",
+          "real_aug_gen": "real + augmentation + generated"}
 
 
 def _plot(p: dict[str, Any], table: dict[str, dict[str, Any]], out) -> None:
@@ -112,6 +113,9 @@ def main() -> int:
             for other in ("real_gen_uncontrolled", "real_aug"):
                 if other in p["arms"]:
                     headline[f"vs_{other}"] = bootstrap_diff(gen, scores[f"{n0}/{other}"], **boot).to_dict()
+            if {"real_aug_gen", "real_aug"} <= set(p["arms"]):  # does generating add to augmentation?
+                headline["augmented_vs_real_aug"] = bootstrap_diff(scores[f"{n0}/real_aug_gen"],
+                                                                   scores[f"{n0}/real_aug"], **boot).to_dict()
             checks = {"gain_above_zero": headline["gain"]["low"] > 0}
             if "vs_real_gen_uncontrolled" in headline:
                 checks["above_uncontrolled_control"] = headline["vs_real_gen_uncontrolled"]["low"] > 0

@@ -38,7 +38,7 @@ def train_run(run: C.Run) -> Any:
     if run.arm in C.GENERATED_ARMS:
         pool = C.ctx("pool")
         gx, gy = pool[C.GENERATED_ARMS[run.arm]][: run.m], pool["labels"][: run.m]
-    cfg = segmenter_config(p["segmenter"], augment=run.arm == "real_aug", seed=run.seed)
+    cfg = segmenter_config(p["segmenter"], augment=run.arm in C.AUGMENTED_ARMS, seed=run.seed)
     model, losses = train_segmenter(train.photos[rows], train.labels[rows], num_classes(), cfg, gx, gy,
                                     desc=f"{run.key} seed {run.seed}")
     out = run.dir(p)

@@ -60,7 +60,7 @@ def world(tmp_path_factory):
                   "metrics": {m: str(root / "metrics" / f"{m}.json")
                               for m in ("utility_selection", "utility", "utility_audit")}},
         "utility": {"condition": "segmentation", "n_real": [2, 4], "curve_extra": [8], "headline_n": 4,
-                    "arms": ["real", "real_aug", "real_gen", "real_gen_uncontrolled"], "pool": 6, "m_grid": [3, 6],
+                    "arms": ["real", "real_aug", "real_gen", "real_gen_uncontrolled", "real_aug_gen"], "pool": 6, "m_grid": [3, 6],
                     "generation_seed": 7, "subset_seed": 0, "seeds": 2, "validation_scans": None, "test_scans": None,
                     "segmenter": {"channels": [8, 16], "strides": [2], "num_res_units": 0, "steps": 3,
                                   "batch_size": 4, "learning_rate": 1e-2, "weight_decay": 0.0, "real_share": 0.5},
@@ -138,7 +138,7 @@ def test_selection_and_metrics(graph):
     sel = _json(root / "metrics" / "utility_selection.json")
     assert sel["split"] == "validation"
     for n in ("2", "4"):
-        assert {sel["chosen"][n][a]["m"] for a in ("real_gen", "real_gen_uncontrolled")} <= {3, 6}
+        assert {sel["chosen"][n][a]["m"] for a in ("real_gen", "real_gen_uncontrolled", "real_aug_gen")} <= {3, 6}
     assert set(sel["chosen"]["8"]) == {"real"}
     for s in (0, 1):  # seed 0 from the sweep, seed 1 trained by `seeds`, at the chosen M
         m = sel["chosen"]["4"]["real_gen"]["m"]
@@ -147,6 +147,7 @@ def test_selection_and_metrics(graph):
     met = _json(root / "metrics" / "utility.json")
     head = met["headline"]
     assert head["n"] == 4 and set(head["checks"]) == {"gain_above_zero", "above_uncontrolled_control"}
+    assert {"vs_real_gen_uncontrolled", "vs_real_aug", "augmented_vs_real_aug", "worth"} <= set(head)
     g = met["n"]["4"]["real_gen"]
     assert g["gain"]["low"] <= g["gain"]["value"] <= g["gain"]["high"]
     assert g["gain_family"]["low"] <= g["gain"]["low"]  # the family-wise interval is the wider one
