@@ -10,12 +10,15 @@
 #   make research  dvc repro research/dvc.yaml, then the README's tables
 #   make utility   dvc repro utility/dvc.yaml: segmenters trained with generated images, the memorization
 #                  audit (after the production graph; docs/utility.md), then the README's tables
+#   make efficiency  dvc repro efficiency/dvc.yaml: new-condition adapters on K = 30..1000 pairs, on the
+#                  trained base vs a UNet-copy ControlNet vs a full fine-tune (after the production graph;
+#                  docs/efficiency.md; ~1 h on 2 cores)
 #   make report    rewrite the README's result tables from the committed metrics files
 SHELL := /bin/bash
 VENV := .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup repro foundation test test-sd15 test-multiprocess servers-e2e research utility report
+.PHONY: setup repro foundation test test-sd15 test-multiprocess servers-e2e research utility efficiency report
 setup:
 	@scripts/bootstrap.sh
 
@@ -46,6 +49,10 @@ research: setup
 
 utility: setup
 	dvc repro utility/dvc.yaml
+	python -m pipelines.orchestration.report
+
+efficiency: setup
+	dvc repro efficiency/dvc.yaml
 	python -m pipelines.orchestration.report
 
 report: setup

@@ -19,7 +19,7 @@ from pathlib import Path
 from pipelines.settings import REPO_ROOT
 
 PACKAGES = ("ctrlora", "pipelines")
-DVC_FILES = ("dvc.yaml", "research/dvc.yaml", "foundation/dvc.yaml", "utility/dvc.yaml")
+DVC_FILES = ("dvc.yaml", "research/dvc.yaml", "foundation/dvc.yaml", "utility/dvc.yaml", "efficiency/dvc.yaml")
 
 
 def module_file(name: str, root: Path = REPO_ROOT) -> Path | None:

@@ -5,7 +5,8 @@ For every N of ``utility.n_real`` and each generated arm (with control, without 
 uncontrolled arm is tuned by the same grid as the controlled one, so the control that tests
 whether the masks' alignment matters gets the same tuning effort. Writes
 ``paths.metrics.utility_selection``: the choices, every configuration's validation mean with its
-scan interval, and ``at_edge`` when a choice is the grid's largest M (more might help: widen it).
+scan interval, and ``at_edge`` when a choice is the grid's smallest or largest M (the best M may
+lie outside the grid: widen it).
 The test split is not read.
 """
 from __future__ import annotations
@@ -41,8 +42,8 @@ def main() -> int:
             cands = sorted((-validation[C.Run(n, arm, int(m), 0).key]["value"], int(m)) for m in p["m_grid"])
             m = cands[0][1]
             chosen[str(n)][arm] = {"m": m, "validation": -cands[0][0]}
-            if m == max(int(x) for x in p["m_grid"]):
-                at_edge.append(f"n{n}/{arm}")
+            if m in (min(int(x) for x in p["m_grid"]), max(int(x) for x in p["m_grid"])):
+                at_edge.append(f"n{n}/{arm}")  # the best M may lie outside the grid: widen it
             C.log(f"[utility select] N={n} {arm}: M={m} (validation mIoU {-cands[0][0]:.3f})")
     out = p["paths"]["metrics"]["utility_selection"]
     C.write_json(out, {"split": "validation", "scans": len(sweep["scan_ids"]), "m_grid": p["m_grid"],

@@ -1,0 +1,1 @@
+"""Stage entries of the data-efficiency graph (``efficiency/dvc.yaml``, docs/efficiency.md)."""
