@@ -345,7 +345,7 @@ def utility_table(u: dict, sel: dict | None, audit: dict | None) -> list[str]:
                             f"{_f(s['median_ratio'], 2)} | {_f(src.get('value'))} |")
         lines += [f"Memorization audit (`metrics/utility_audit.json`): each generated image's nearest training "
                   f"photograph ({audit['train_photos']}) against the test photographs' nearest-training distances; "
-                  f"share closer than the test's {audit['percentile']:g}th percentile:", "",
+                  f"share closer than the {audit['percentile']:g} % quantile of the test's:", "",
                   "| space | generated | below | share [95 %] | test's own share | median distance ÷ test's | "
                   "nearest is its own mask's scan |", "|---|---|---|---|---|---|---|", *rows, ""]
     return lines

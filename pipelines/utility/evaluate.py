@@ -48,6 +48,7 @@ def _plot(p: dict[str, Any], table: dict[str, dict[str, Any]], out) -> None:
         err = np.array([[v["value"] - v["low"], v["high"] - v["value"]] for v in iv]).T
         ax.errorbar(ns, y, yerr=err, marker="o", capsize=3, label=LABELS.get(arm, arm))
     ax.set_xscale("log")
+    ax.minorticks_off()  # only the N that were run are labelled
     ax.set_xticks(C.curve_n(p), [str(n) for n in C.curve_n(p)])
     ax.set_xlabel("real annotated photographs (N)")
     ax.set_ylabel("test mIoU (mean over seeds, 95 % interval)")
