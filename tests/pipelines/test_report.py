@@ -99,3 +99,30 @@ def test_research_note_quotes_the_simulated_rate_for_the_runs_seed_count():
     # a seed count the simulation did not cover is said to be unmeasured, not given another count's rate
     assert "not measured" in report.calibration_note(calib, 4) and "8.8" not in report.calibration_note(calib, 4)
     assert "not measured" in report.calibration_note(None, 3)
+
+
+def test_utility_and_efficiency_tables_on_known_numbers():
+    u = {"test_scans": 20, "seeds": 3, "family_level": 0.9875, "n": {
+        "25": {"real": {"m": 0, "miou": _iv(0.5, 0.45, 0.55)},
+               "real_gen": {"m": 200, "miou": _iv(0.6, 0.55, 0.65), "gain": _iv(0.1, 0.05, 0.15)}},
+        "400": {"real": {"m": 0, "miou": _iv(0.8, 0.75, 0.85)}}},
+        "headline": {"n": 25, "gain": _iv(0.1, 0.05, 0.15), "vs_real_gen_uncontrolled": _iv(0.2, 0.1, 0.3),
+                     "worth": {"worth": 40.0, "low": 12.0, "high": "above_curve", "above": False, "below": False},
+                     "checks": {"gain_above_zero": True, "above_uncontrolled_control": False}}}
+    audit = {"train_photos": 100, "percentile": 1.0, "pixel": {"controlled": {
+        "generated_below": 3, "n_generated": 40, "generated_share": _iv(0.075, 0.02, 0.15), "test_share": 0.01,
+        "median_ratio": 0.9, "source": {"nearest_is_source": _iv(0.25, 0.1, 0.4)}}}}
+    text = "\n".join(report.utility_table(u, None, audit))
+    assert "| 25 | 0.500 | 0.600 (+0.100 [+0.050, +0.150]), M = 200 |" in text
+    assert "| 400 | 0.800 |  |" in text
+    assert "worth +40 [+12, beyond the curve]" in text
+    assert "gain **pass**, above the uncontrolled control fail" in text
+    assert "| pixel | controlled | 3 of 40 | 0.075 [0.020, 0.150] | 0.010 | 0.90 | 0.250 |" in text
+    diff = {**_iv(0.03, 0.01, 0.05), "family": {"low": -0.01, "high": 0.07}}
+    e = {"family_level": 0.9875, "conditions": {"normal": {"k": {
+        "30": {"methods": {"adapter": {"gain": _iv(0.1, 0.08, 0.12)}, "adapter_unet_copy": {"gain": _iv(0.07, 0.05, 0.09)}},
+               "differences": {"adapter - adapter_unet_copy": diff}}}}},
+        "headline": {"checks": {"normal@k30": {"pass": False}}, "passed": 0, "total": 1}}
+    text = "\n".join(report.efficiency_table(e))
+    assert "| 30 | +0.100 [+0.080, +0.120] | +0.070 [+0.050, +0.090] | +0.030 [+0.010, +0.050] | [-0.010, +0.070] |" in text
+    assert "0 of 1 (normal@k30 fail)" in text
