@@ -17,12 +17,14 @@ import sys
 from typing import Any
 
 from ctrlora import generate_cli
-from ctrlora.data import render_cli
+from ctrlora.data import clinic_cli, render_cli
 from ctrlora.models import convert, sizes
 
 COMMANDS: dict[str, tuple[Any, str]] = {
     # name: (module or namespace with add_arguments / run, one-line help)
     "render": (render_cli, "render synthetic dental scans"),
+    "import-clinic": (clinic_cli, "land a clinic's export (photographs, COCO or PNG masks, depth / normal maps, "
+                                  "captions) as clinic scans for ingestion"),
     "sizes": (sizes, "print parameter counts of the base ControlNet and one adapter as JSON"),
     "convert": (convert, "convert published ldm-format CtrLoRA checkpoints"),
     "export": (convert.EXPORT_COMMAND, "write a base folder and adapter folders as published-layout CtrLoRA checkpoints"),

@@ -12,7 +12,7 @@ echo "[bootstrap] setting up $VENV (first run takes a few minutes)"
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q "torch==2.13.0"
-"$VENV/bin/python" -m pip install -q -e ".[ops,studio,dev,downstream]"   # ops: DVC, Prefect, MLflow (the shell); studio: the web page; downstream: MONAI
+"$VENV/bin/python" -m pip install -q -e ".[ops,studio,dev,downstream,clinic]"   # ops: DVC, Prefect, MLflow (the shell); studio: the web page; downstream: MONAI; clinic: pycocotools
 rm -f "$VENV"/.installed-*
 touch "$STAMP"
 echo "[bootstrap] done"

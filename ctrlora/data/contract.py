@@ -9,11 +9,15 @@ the contract rule it enforces in its ``meta``, and each unexpected row points ba
 (scan, file) pair. Null cells mean "not reached" (an earlier rule already failed for that file)
 and are ignored by the expectations, so every broken file reports the first rule it breaks.
 
-Three scan layouts (:func:`scan_layout`): a *rendered* scan (photo, four maps, meta.json, READY);
-a *photo-only* scan, as the accepted store holds a clinic photograph (``photo.png`` at the
-resolution, a ``meta.json`` with ``"kind": "photo"``, READY); and, while ingesting only, a *landed
-photograph* (READY plus one JPEG or PNG of any name and reasonable size, normalised by
-:mod:`ctrlora.data.photos`). A folder holding any of the four maps is a rendered scan.
+Four scan layouts (:func:`scan_layout`): a *clinic* scan, written by the clinic importer
+(:mod:`ctrlora.data.clinic`: ``photo.png``, any subset of ``segmentation.png`` / ``depth.png`` /
+``normal.png`` as its ``meta.json`` declares them, that ``meta.json`` with ``"kind": "clinic"``,
+READY); a *rendered* scan (photo, four maps, meta.json, READY); a *photo-only* scan, as the
+accepted store holds a clinic photograph (``photo.png`` at the resolution, a ``meta.json`` with
+``"kind": "photo"``, READY); and, while ingesting only, a *landed photograph* (READY plus one JPEG
+or PNG of any name and reasonable size, normalised by :mod:`ctrlora.data.photos`). A folder whose
+meta.json says ``"kind": "clinic"`` is a clinic scan; otherwise a folder holding any of the four
+maps is a rendered scan.
 """
 from __future__ import annotations
 
@@ -36,6 +40,9 @@ from ctrlora.data.photos import (MAX_PHOTO_PIXELS, MODE_RULE, PHOTO_KIND, PHOTO_
 from ctrlora.data.scan import IMAGE_FILES, META, READY, REQUIRED_FILES, SCAN_ID_PATTERN
 
 RENDERED_MAPS = tuple(n for n in IMAGE_FILES if n != "photo.png")
+CLINIC_KIND = "clinic"  # meta.json "kind" of a clinic scan
+CLINIC_MAPS = ("segmentation", "depth", "normal")  # the maps a clinic scan may carry (as <name>.png)
+MAX_CLINIC_META_BYTES = 1 << 20  # a larger meta.json is not read to decide the layout
 
 # rule name -> what it means (the names appear in reason.json and validation.json)
 RULES: dict[str, str] = {
@@ -65,7 +72,7 @@ RULES: dict[str, str] = {
     "photo_size": "a landed photograph's shorter side is at least the resolution and its aspect at most 4:1",
 }
 # layouts of a scan folder (see the module docstring)
-RENDERED, PHOTO, LANDED_PHOTO = "rendered", "photo", "landed_photo"
+RENDERED, PHOTO, LANDED_PHOTO, CLINIC = "rendered", "photo", "landed_photo", "clinic"
 
 SCAN_RULES = frozenset({"scan_id_format", "unique_scan_id"})  # about the scan, not one file
 
@@ -172,6 +179,30 @@ def _check_photo_meta(data: bytes, scan_id: str, cfg: ContractConfig) -> tuple[b
     return True, not problems, "; ".join(problems)
 
 
+def _check_clinic_meta(data: bytes, scan_id: str, cfg: ContractConfig) -> tuple[bool, bool | None, str]:
+    """(decodable, meta_ok, detail) of a clinic scan's meta.json (written by the importer)."""
+    try:
+        meta = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return False, None, f"not JSON: {exc}"
+    if not isinstance(meta, dict):
+        return True, False, "meta.json is not an object"
+    problems = []
+    if meta.get("kind") != CLINIC_KIND:
+        problems.append(f"kind {meta.get('kind')!r}, expected {CLINIC_KIND!r}")
+    if meta.get("scan_id") != scan_id:
+        problems.append(f"scan_id {meta.get('scan_id')!r} differs from folder name")
+    if meta.get("resolution") != cfg.resolution:
+        problems.append(f"resolution {meta.get('resolution')!r} != {cfg.resolution}")
+    caption = meta.get("caption")
+    if not (isinstance(caption, str) and caption.strip() and caption.isprintable()):
+        problems.append("caption missing, empty or not one printable line")
+    maps = meta.get("maps")
+    if not (isinstance(maps, list) and all(m in CLINIC_MAPS for m in maps) and len(set(maps)) == len(maps)):
+        problems.append(f"maps {maps!r} is not a list of distinct names from {list(CLINIC_MAPS)}")
+    return True, not problems, "; ".join(problems)
+
+
 def _open_png(path: Path, cfg: ContractConfig, expected_mode: str, row: dict[str, Any]) -> np.ndarray | None:
     """Header first, then the guards, then decode. Fills the row; returns the pixels or None."""
     from PIL import Image
@@ -265,7 +296,11 @@ def _inspect_file(path: Path, name: str, scan_id: str, root_real: str, cfg: Cont
         return None
     row["known"] = name in known
     if not row["known"]:
-        row["detail"] = "file not in the scan layout" + ("" if layout == RENDERED else f" of a {layout.replace('_', ' ')}")
+        if layout == CLINIC:
+            row["detail"] = ("file not in the scan layout of a clinic scan (photo.png, meta.json, READY and the "
+                             "maps its meta.json lists)")
+        else:
+            row["detail"] = "file not in the scan layout" + ("" if layout == RENDERED else f" of a {layout.replace('_', ' ')}")
         return None
     row["size_bytes"] = st.st_size
     if name == READY:
@@ -276,7 +311,7 @@ def _inspect_file(path: Path, name: str, scan_id: str, root_real: str, cfg: Cont
         return None
     row["sha256"] = sha256_file(path)
     if name == META:
-        check = _check_photo_meta if layout == PHOTO else _check_meta
+        check = {PHOTO: _check_photo_meta, CLINIC: _check_clinic_meta}.get(layout, _check_meta)
         row["decodable"], row["meta_ok"], row["detail"] = check(path.read_bytes(), scan_id, cfg)
         return None
     if layout == LANDED_PHOTO:
@@ -284,9 +319,12 @@ def _inspect_file(path: Path, name: str, scan_id: str, root_real: str, cfg: Cont
     return _open_png(path, cfg, IMAGE_FILES[name], row)
 
 
-def _check_maps(arrays: dict[str, np.ndarray], by_name: dict[str, dict[str, Any]], cfg: ContractConfig) -> None:
-    """The checks across a scan's decoded maps: label table, unit normals, and depth / lighting
-    consistent with the segmentation's background."""
+def _check_maps(arrays: dict[str, np.ndarray], by_name: dict[str, dict[str, Any]], cfg: ContractConfig,
+                consistency: bool = True) -> None:
+    """The checks across a scan's decoded maps: label table, unit normals, and (``consistency``:
+    a rendered scan, whose maps come from one scene) depth / lighting consistent with the
+    segmentation's background. A clinic's depth and its annotators' masks come from different
+    hands and need not agree at the outline, so clinic scans skip that last check."""
     seg = arrays.get("segmentation.png")
     if seg is not None:
         bad = np.setdiff1d(np.unique(seg), np.array(sorted(LABELS)))
@@ -300,7 +338,7 @@ def _check_maps(arrays: dict[str, np.ndarray], by_name: dict[str, dict[str, Any]
         by_name["normal.png"]["normals_ok"] = ok
         if not ok:
             by_name["normal.png"]["detail"] = f"{int((err > cfg.normal_tolerance).sum())} normals off unit length (max error {err.max():.3f})"
-    if seg is not None:
+    if seg is not None and consistency:
         fg = seg != BACKGROUND
         if "depth.png" in arrays:
             d = arrays["depth.png"]
@@ -315,12 +353,41 @@ def _check_maps(arrays: dict[str, np.ndarray], by_name: dict[str, dict[str, Any]
                 by_name["lighting.png"]["detail"] = "lighting is not 0 on background"
 
 
+def clinic_meta(scan_dir: Path) -> dict[str, Any] | None:
+    """The meta.json of a clinic scan folder (a JSON object with ``"kind": "clinic"``), else None.
+    Read only when it is a plain file (never through a symlink) of at most
+    :data:`MAX_CLINIC_META_BYTES`; the contract checks it fully later."""
+    path = Path(scan_dir) / META
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_CLINIC_META_BYTES:
+        return None
+    try:
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("kind") == CLINIC_KIND else None
+
+
+def clinic_map_names(meta: dict[str, Any]) -> tuple[str, ...]:
+    """The maps a clinic meta.json declares, in :data:`CLINIC_MAPS` order (unknown names are
+    left out here; the meta.json check reports them)."""
+    maps = meta.get("maps")
+    declared = set(maps) if isinstance(maps, list) and all(isinstance(m, str) for m in maps) else set()
+    return tuple(m for m in CLINIC_MAPS if m in declared)
+
+
 def scan_layout(scan_dir: Path, landed_photos: bool = False) -> str:
-    """:data:`RENDERED` when the folder holds any rendered map (or is not a plain folder), else
-    :data:`LANDED_PHOTO` while ingesting (``landed_photos``), else :data:`PHOTO`."""
+    """:data:`CLINIC` when the folder's meta.json says so; else :data:`RENDERED` when the folder
+    holds any rendered map (or is not a plain folder), else :data:`LANDED_PHOTO` while ingesting
+    (``landed_photos``), else :data:`PHOTO`."""
     scan_dir = Path(scan_dir)
     if os.path.islink(scan_dir) or not os.path.isdir(scan_dir):
         return RENDERED
+    if clinic_meta(scan_dir) is not None:
+        return CLINIC
     if any(os.path.lexists(scan_dir / m) for m in RENDERED_MAPS):
         return RENDERED
     return LANDED_PHOTO if landed_photos else PHOTO
@@ -334,6 +401,10 @@ def _layout_files(scan_dir: Path, layout: str, dir_usable: bool) -> tuple[list[s
         photo = photos[0] if photos else "photo.jpg"  # a missing photograph is reported under this name
         known: tuple[str, ...] = (photo, READY)
         return [photo, READY] + [n for n in entries if n not in known], known
+    if layout == CLINIC:
+        meta = clinic_meta(scan_dir) or {}
+        known = ("photo.png", *(f"{m}.png" for m in clinic_map_names(meta)), META, READY)
+        return list(known) + [n for n in entries if n not in known], known
     known = PHOTO_SCAN_FILES if layout == PHOTO else REQUIRED_FILES
     return list(known) + [n for n in entries if n not in known], known
 
@@ -368,10 +439,10 @@ def inspect_scan(scan_dir: Path, root: Path, cfg: ContractConfig, landed_photos:
                 normalised[scan_id] = pixels
         elif pixels is not None:
             arrays[name] = pixels
-            if layout == PHOTO and name == "photo.png":
+            if layout in (PHOTO, CLINIC) and name == "photo.png":
                 row["content_sha256"] = pixel_sha256(pixels)
-    if layout == RENDERED:
-        _check_maps(arrays, {r["file"]: r for r in rows}, cfg)
+    if layout in (RENDERED, CLINIC):
+        _check_maps(arrays, {r["file"]: r for r in rows}, cfg, consistency=layout == RENDERED)
     if layout == LANDED_PHOTO and rows[0]["present"] is not True:
         rows[0]["detail"] = "no JPEG or PNG photograph (.jpg, .jpeg, .png) in a folder without rendered maps"
     return rows
@@ -379,7 +450,7 @@ def inspect_scan(scan_dir: Path, root: Path, cfg: ContractConfig, landed_photos:
 
 def content_key(row: dict[str, Any]) -> str | None:
     """What the duplicate check compares for a manifest row: ``px:<pixel sha256>`` for the photo of a
-    photo-only scan or a landed photograph, the file's sha256 for a rendered ``photo.png``, else None."""
+    photo-only scan, a clinic scan or a landed photograph, the file's sha256 for a rendered ``photo.png``, else None."""
     if row.get("content_sha256") is not None:
         return "px:" + row["content_sha256"]
     if row["file"] == "photo.png" and row.get("sha256") is not None:

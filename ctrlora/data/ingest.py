@@ -29,6 +29,12 @@ Ingestion of one batch
 4. A quarantine name that is taken gets a numeric suffix (``<id>.1``, ``<id>.2``, ...).
    A quarantined scan folder that is itself a symlink is not entered: a fresh folder
    ``quarantine/<name>/`` receives ``reason.json`` and the link itself as ``scan_link``.
+5. A *clinic scan* (written by :mod:`ctrlora.data.clinic`: photo, any subset of segmentation /
+   depth / normal, a ``"kind": "clinic"`` meta.json) is already normalised when it lands; it is
+   validated and moved byte for byte like a rendered scan, its duplicates found by the hash of its
+   photograph's pixels like a photo-only scan. A photograph the importer itself refuses never
+   lands: :func:`quarantine_files` writes its original files and the same ``reason.json``
+   straight into quarantine.
 """
 from __future__ import annotations
 
@@ -41,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ctrlora.data.contract import (PHOTO, ContractConfig, ContractError, Violation, build_manifest, scan_layout,
+from ctrlora.data.contract import (CLINIC, PHOTO, ContractConfig, ContractError, Violation, build_manifest, scan_layout,
                                    summary_report, validate)
 from ctrlora.data.files import png_bytes, read_png, sha256_file
 from ctrlora.data.photos import NormalisedPhoto, is_photo_name, photo_scan_meta, pixel_sha256
@@ -185,7 +191,7 @@ def _store_index(store: Path) -> tuple[set[str], dict[str, str]]:
         ids.add(name)
         photo = store / name / "photo.png"
         if photo.is_file() and not photo.is_symlink():
-            if scan_layout(store / name) == PHOTO:
+            if scan_layout(store / name) in (PHOTO, CLINIC):
                 hashes.setdefault("px:" + pixel_sha256(read_png(photo, "RGB")), name)
             else:
                 hashes.setdefault(sha256_file(photo), name)
@@ -212,12 +218,45 @@ def _stage_photo(cfg: IngestConfig, scan_dir: Path, photo: NormalisedPhoto) -> P
     return tmp
 
 
-def _quarantine_name(cfg: IngestConfig, scan_id: str, taken: set[str]) -> str:
+def _quarantine_name(quarantine: Path, scan_id: str, taken: set[str]) -> str:
     name, n = scan_id, 0
-    while name in taken or os.path.lexists(cfg.quarantine / name):
+    while name in taken or os.path.lexists(quarantine / name):
         n += 1
         name = f"{scan_id}.{n}"
     taken.add(name)
+    return name
+
+
+def batch_id() -> str:
+    """The ``batch`` of a reason.json: UTC time and process id."""
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.getpid()}"
+
+
+def quarantine_files(quarantine: Path, scan_id: str, files: dict[str, bytes], violations: list[Violation],
+                     batch: str, **extra: Any) -> str:
+    """Quarantine a refused scan that never landed (a photograph of a clinic's export that the
+    importer refuses): ``quarantine/<name>/`` receives ``files`` (relative path -> bytes, e.g. the
+    original photograph and maps, byte for byte) and a ``reason.json`` of the same form ingestion
+    writes (``extra`` keys added). Built in a hidden folder and renamed into place, so a reader sees
+    all of it or nothing; a taken name gets a suffix as in :func:`ingest`. Returns the name."""
+    quarantine = Path(quarantine)
+    quarantine.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-quarantine-{scan_id}-", dir=quarantine))
+    try:
+        for rel, data in files.items():
+            target = tmp / rel
+            if os.path.isabs(rel) or ".." in Path(rel).parts or target.name == "reason.json":
+                raise ValueError(f"{rel}: not a plain relative file name for a quarantine folder")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        name = _quarantine_name(quarantine, scan_id, set())
+        _write_json_atomic(tmp / "reason.json", {"scan_id": scan_id, "quarantined_as": name, "batch": batch,
+                                                 "violations": [v.as_dict() for v in violations], **extra})
+        os.chmod(tmp, 0o755)
+        os.rename(tmp, quarantine / name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return name
 
 
@@ -255,7 +294,7 @@ def ingest(cfg: IngestConfig) -> IngestReport:
     outcome = validate(manifest, cfg.contract)
     report.validation = summary_report(outcome)
 
-    batch = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.getpid()}"
+    batch = batch_id()
     root = Path(cfg.data_root)
     taken: set[str] = set()
     plan: list[dict[str, Any]] = []
@@ -263,7 +302,7 @@ def ingest(cfg: IngestConfig) -> IngestReport:
         sid = path.name
         rel_src = os.path.relpath(path, root)
         if sid in outcome.violations:
-            qname = _quarantine_name(cfg, sid, taken)
+            qname = _quarantine_name(cfg.quarantine, sid, taken)
             viol: list[Violation] = outcome.violations[sid]
             reason = {
                 "scan_id": sid,

@@ -16,8 +16,12 @@ Normalisation rule (:func:`normalise_photo`), in this order:
    RGB; 16-bit gray is scaled to 8 bits (``round(v · 255 / 65535)``) then RGB; an alpha channel is
    dropped only when every pixel is opaque. CMYK (its colours need the ICC profile we strip),
    transparent pixels, 1-bit and 32-bit integer / float images are refused.
-6. **Crop and resize.** The largest centred square (offsets ``(w - s) // 2``, ``(h - s) // 2``)
-   is resized to resolution × resolution with Lanczos.
+6. **Geometry** (:class:`Geometry`), by ``aspect``: ``crop`` (what ingestion does with a landed
+   photograph) resizes the largest centred square (offsets ``(w - s) // 2``, ``(h - s) // 2``) to
+   resolution × resolution with Lanczos; ``pad`` (the clinic importer's default, see
+   :mod:`ctrlora.data.clinic`) resizes the whole photograph so its longer side is the resolution and
+   centres it on a black square (letterbox). The same :class:`Geometry` then places every map of
+   the photograph.
 
 Only the resulting pixels go on: a fresh array, encoded by :func:`ctrlora.data.files.png_bytes`,
 which writes no metadata chunk, so nothing of the file's EXIF, XMP, ICC profile, comments or PNG
@@ -65,10 +69,68 @@ class PhotoRejected(ValueError):
         self.detail = detail
 
 
+ASPECTS = ("pad", "crop")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How an upright image of ``size`` (width, height) becomes resolution × resolution: the
+    region ``box`` (left, top, right, bottom in its pixels) is resized to ``content`` (width,
+    height) and placed at ``offset`` (x, y) of the square; the rest of the square is padding.
+    The photograph and each of its maps go through the same geometry, each with its own
+    resampling filter and padding value (:meth:`apply`)."""
+
+    aspect: str
+    size: tuple[int, int]
+    resolution: int
+    box: tuple[int, int, int, int]
+    content: tuple[int, int]
+    offset: tuple[int, int]
+
+    @classmethod
+    def of(cls, width: int, height: int, resolution: int, aspect: str) -> "Geometry":
+        """``crop``: the largest centred square, resized to fill the square. ``pad``: the whole
+        image, its longer side resized to the resolution (the shorter to the rounded proportional
+        length, at least 1), centred."""
+        if aspect not in ASPECTS:
+            raise ValueError(f"aspect must be one of {ASPECTS}, got {aspect!r}")
+        if aspect == "crop":
+            s = min(width, height)
+            left, top = (width - s) // 2, (height - s) // 2
+            return cls(aspect, (width, height), resolution, (left, top, left + s, top + s),
+                       (resolution, resolution), (0, 0))
+        scale = resolution / max(width, height)
+        cw, ch = max(1, min(resolution, round(width * scale))), max(1, min(resolution, round(height * scale)))
+        return cls(aspect, (width, height), resolution, (0, 0, width, height), (cw, ch),
+                   ((resolution - cw) // 2, (resolution - ch) // 2))
+
+    def apply(self, im: Any, resample: Any, fill: Any) -> Any:
+        """The PIL image ``im`` (of :attr:`size`) placed by this geometry: cropped to
+        :attr:`box`, resized with ``resample`` (skipped when the size already fits), padded with
+        ``fill``."""
+        from PIL import Image
+
+        if im.size != self.size:
+            raise ValueError(f"image of size {im.size[0]}×{im.size[1]}, geometry made for {self.size[0]}×{self.size[1]}")
+        region = im if self.box == (0, 0, *self.size) else im.crop(self.box)
+        if region.size != self.content:
+            region = region.resize(self.content, resample)
+        if self.content == (self.resolution, self.resolution):
+            return region
+        canvas = Image.new(region.mode, (self.resolution, self.resolution), fill)
+        canvas.paste(region, self.offset)
+        return canvas
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"aspect": self.aspect, "size": list(self.size), "resolution": self.resolution,
+                "box": list(self.box), "content": list(self.content), "offset": list(self.offset)}
+
+
 @dataclass(frozen=True)
 class NormalisedPhoto:
     pixels: np.ndarray  # resolution × resolution × 3 uint8
     source: dict[str, Any]  # format, width, height, mode, orientation applied (no metadata values)
+    geometry: Geometry | None = None  # how the decoded upright image was placed (its maps follow it)
 
     @property
     def pixel_sha256(self) -> str:
@@ -134,8 +196,16 @@ def _to_rgb(im, mode: str):
     raise PhotoRejected("photo_mode", f"mode {mode} is not a photograph's pixel format ({MODE_RULE})")
 
 
-def normalise_photo(path: str | Path, resolution: int, max_pixels: int = MAX_PHOTO_PIXELS) -> NormalisedPhoto:
-    """The scan photo of the JPEG / PNG at ``path`` by the module's rule, or :class:`PhotoRejected`."""
+def normalise_photo(path: str | Path, resolution: int, max_pixels: int = MAX_PHOTO_PIXELS, aspect: str = "crop",
+                    draft: bool = True) -> NormalisedPhoto:
+    """The scan photo of the JPEG / PNG at ``path`` by the module's rule, or :class:`PhotoRejected`.
+
+    ``aspect``: ``crop`` or ``pad`` (:class:`Geometry`); the size rule asks the side that is
+    resized to the resolution to be at least the resolution (the shorter side for ``crop``, the
+    longer for ``pad``). ``draft``: let a JPEG decode at a reduced DCT scale; pass ``False`` when
+    maps drawn on the full-size photograph must follow the returned :attr:`NormalisedPhoto.geometry`."""
+    if aspect not in ASPECTS:
+        raise ValueError(f"aspect must be one of {ASPECTS}, got {aspect!r}")
     from PIL import Image, ImageFile, ImageOps
 
     try:
@@ -156,11 +226,12 @@ def normalise_photo(path: str | Path, resolution: int, max_pixels: int = MAX_PHO
             raise PhotoRejected("single_frame", f"{im.format} with {frames} frames (animated or multi-frame); "
                                                 "one still image expected")
         short, long_ = min(width, height), max(width, height)
-        if short < resolution:
-            raise PhotoRejected("photo_size", f"size {width}×{height}: shorter side below {resolution} (never upscaled)")
+        if (short if aspect == "crop" else long_) < resolution:
+            side = "shorter" if aspect == "crop" else "longer"
+            raise PhotoRejected("photo_size", f"size {width}×{height}: {side} side below {resolution} (never upscaled)")
         if long_ > MAX_ASPECT * short:
             raise PhotoRejected("photo_size", f"size {width}×{height}: aspect ratio above {MAX_ASPECT:g}:1")
-        if im.format == "JPEG":
+        if im.format == "JPEG" and draft:
             # let libjpeg decode at 1/2, 1/4 or 1/8 scale while the result stays >= the resolution
             # on both sides (a 12 MP phone photo decodes in a tenth of the time and memory)
             im.draft(im.mode, (resolution, resolution))
@@ -179,16 +250,12 @@ def normalise_photo(path: str | Path, resolution: int, max_pixels: int = MAX_PHO
         source["orientation"] = int(orientation) if orientation in range(1, 9) else 1
         upright = ImageOps.exif_transpose(im)
         rgb = _to_rgb(upright, upright.mode)
-        w, h = rgb.size
-        s = min(w, h)
-        left, top = (w - s) // 2, (h - s) // 2
-        square = rgb.crop((left, top, left + s, top + s))
-        if s != resolution:
-            square = square.resize((resolution, resolution), Image.Resampling.LANCZOS)
-        pixels = np.array(square, dtype=np.uint8)
+        geometry = Geometry.of(rgb.size[0], rgb.size[1], resolution, aspect)
+        # letterbox bars are black, like the dark oral cavity around the teeth
+        pixels = np.array(geometry.apply(rgb, Image.Resampling.LANCZOS, (0, 0, 0)), dtype=np.uint8)
     if pixels.shape != (resolution, resolution, 3):
         raise PhotoRejected("photo_mode", f"normalised to shape {pixels.shape}, expected {(resolution, resolution, 3)}")
-    return NormalisedPhoto(pixels=pixels, source=source)
+    return NormalisedPhoto(pixels=pixels, source=source, geometry=geometry)
 
 
 def photo_scan_meta(scan_id: str, resolution: int, photo: NormalisedPhoto, source_sha256: str) -> dict[str, Any]:
@@ -196,6 +263,13 @@ def photo_scan_meta(scan_id: str, resolution: int, photo: NormalisedPhoto, sourc
     (to trace it in the clinic's export); no value read from the file's metadata is kept."""
     return {"scan_id": scan_id, "kind": PHOTO_KIND, "resolution": resolution, "pixel_sha256": photo.pixel_sha256,
             "normalisation": NORMALISATION, "source": {**photo.source, "sha256": source_sha256}}
+
+
+def photo_scan_id(data: bytes) -> str:
+    """The scan id of a clinic photograph: ``photo-`` + the first 16 hex digits of its file's
+    sha256. Taken from the content, never from the file name (which may carry a patient's name),
+    so the same file gets the same id whichever way it lands."""
+    return "photo-" + hashlib.sha256(data).hexdigest()[:16]
 
 
 def land_photos(src: str | Path, incoming: str | Path) -> dict[str, list[str]]:
@@ -220,7 +294,7 @@ def land_photos(src: str | Path, incoming: str | Path) -> dict[str, list[str]]:
             out["skipped"].append(name)
             continue
         data = path.read_bytes()
-        scan_id = "photo-" + hashlib.sha256(data).hexdigest()[:16]
+        scan_id = photo_scan_id(data)
         if os.path.lexists(incoming / scan_id) or scan_id in out["landed"]:
             out["already_landed"].append(scan_id)
             continue

@@ -7,7 +7,9 @@ temporary sibling folder and renamed into place when complete.
 
 A photo-only scan (a clinic photograph, see :mod:`ctrlora.data.photos`) gains the derived
 conditions only; the rendered-only ones (segmentation, lighting, normal, depth) have no image and
-no pair row for it. Its caption is :data:`ctrlora.data.photos.PHOTO_CAPTION`.
+no pair row for it. Its caption is :data:`ctrlora.data.photos.PHOTO_CAPTION`. A clinic scan
+(:mod:`ctrlora.data.clinic`) gains the derived conditions plus those of the maps it carries, and
+its caption is the one its meta.json records.
 """
 from __future__ import annotations
 
@@ -22,13 +24,13 @@ from typing import Any
 
 from ctrlora.data.captions import caption_from_meta
 from ctrlora.data.conditions import CONDITIONS, encode_u8
-from ctrlora.data.contract import (PHOTO, ContractConfig, ContractError, build_manifest, scan_layout, summary_report,
-                                   validate)
-from ctrlora.data.files import png_bytes, swap_into_place
+from ctrlora.data.contract import (CLINIC, PHOTO, RENDERED, ContractConfig, ContractError, build_manifest, clinic_map_names,
+                                   clinic_meta, scan_layout, summary_report, validate)
+from ctrlora.data.files import png_bytes, read_png, swap_into_place
 from ctrlora.data.hashing import dvc_dir_md5
 from ctrlora.data.ingest import pending_journal
 from ctrlora.data.photos import PHOTO_CAPTION
-from ctrlora.data.scan import load_scan
+from ctrlora.data.scan import IMAGE_FILES, load_scan
 
 
 @dataclass(frozen=True)
@@ -100,10 +102,12 @@ def _scan_dirs(sources: tuple[Path, ...]) -> tuple[list[Path], dict[str, int]]:
     return dirs, counts
 
 
-def conditions_of(layout: str, conditions: tuple[str, ...]) -> tuple[str, ...]:
+def conditions_of(layout: str, conditions: tuple[str, ...], maps: tuple[str, ...] = ()) -> tuple[str, ...]:
     """The conditions a scan of ``layout`` has: all for a rendered scan, the derived ones for a
-    photo-only scan."""
-    return tuple(c for c in conditions if layout != PHOTO or CONDITIONS[c].source == "derived")
+    photo-only scan, the derived ones and those of its ``maps`` for a clinic scan."""
+    if layout == RENDERED:
+        return tuple(conditions)
+    return tuple(c for c in conditions if CONDITIONS[c].source == "derived" or (layout == CLINIC and c in maps))
 
 
 def _write_scan_outputs(job: tuple[str, str, str, tuple[str, ...], str]) -> tuple[str, str, str, tuple[str, ...]]:
@@ -111,13 +115,18 @@ def _write_scan_outputs(job: tuple[str, str, str, tuple[str, ...], str]) -> tupl
     Returns (id, photo sha, caption, the conditions written)."""
     scan_dir, tmp_out, _split, conditions, layout = job
     photo_only = layout == PHOTO
-    scan = load_scan(Path(scan_dir), rendered=not photo_only)
+    clinic = layout == CLINIC
+    scan = load_scan(Path(scan_dir), rendered=not (photo_only or clinic))
+    if clinic:  # only the maps it carries: the rendered conditions of ``conditions`` (see conditions_of)
+        for c in conditions:
+            if CONDITIONS[c].source == "rendered":
+                setattr(scan, c, read_png(Path(scan_dir) / f"{c}.png", IMAGE_FILES[f"{c}.png"]))
     out = Path(tmp_out)
     photo_bytes = (Path(scan_dir) / "photo.png").read_bytes()
     (out / "photos" / f"{scan.scan_id}.png").write_bytes(photo_bytes)
     for c in conditions:
         (out / "conditions" / c / f"{scan.scan_id}.png").write_bytes(png_bytes(encode_u8(c, scan), "RGB"))
-    caption = PHOTO_CAPTION if photo_only else caption_from_meta(scan.meta)
+    caption = PHOTO_CAPTION if photo_only else scan.meta["caption"] if clinic else caption_from_meta(scan.meta)
     return scan.scan_id, hashlib.sha256(photo_bytes).hexdigest(), caption, conditions
 
 
@@ -164,7 +173,7 @@ def _write_pairs(folder: Path, condition: str, results: list[tuple[str, str, str
                  splits: dict[str, str]) -> None:
     with open(folder / "pairs.jsonl", "w") as f:
         for sid, sha, caption, written in results:
-            if condition not in written:  # a photo-only scan has no rendered-only condition
+            if condition not in written:  # a photo-only or clinic scan lacks some rendered conditions
                 continue
             f.write(json.dumps({
                 "scan_id": sid, "split": splits[sid], "photo": f"photos/{sid}.png",
@@ -202,7 +211,8 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
         jobs = []
         for d in sorted(dirs, key=lambda p: p.name):
             layout = scan_layout(d)
-            jobs.append((str(d), str(tmp), splits[d.name], conditions_of(layout, tuple(cfg.conditions)), layout))
+            maps = clinic_map_names(clinic_meta(d) or {}) if layout == CLINIC else ()
+            jobs.append((str(d), str(tmp), splits[d.name], conditions_of(layout, tuple(cfg.conditions), maps), layout))
         results = _write_all_scans(jobs, cfg.workers, cfg.progress)
         for c in cfg.conditions:
             _write_pairs(tmp / "conditions" / c, c, results, splits)
