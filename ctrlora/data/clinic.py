@@ -50,7 +50,7 @@ from ctrlora.data.files import png_bytes
 from ctrlora.data.ingest import batch_id, quarantine_files
 from ctrlora.data.labels import LABEL_IDS, LABELS
 from ctrlora.data.photos import (ASPECTS, MAX_PHOTO_PIXELS, PHOTO_CAPTION, Geometry, NormalisedPhoto, PhotoRejected,
-                                 is_photo_name, normalise_photo, photo_scan_id)
+                                 is_photo_name, load_strictly, normalise_photo, photo_scan_id)
 from ctrlora.data.scan import META, READY, meta_bytes
 
 PHOTOS_DIR = "photos"
@@ -241,7 +241,7 @@ def _caption_row(name: str, caption: str) -> bytes:
 def _open_map(path: Path, rel: str, size: tuple[int, int]) -> Any:
     """The decoded PIL image of a map: a regular single-frame PNG of the photograph's upright size
     (the size is checked from the header, before any pixel is decoded)."""
-    from PIL import Image, ImageFile
+    from PIL import Image
 
     if path.is_symlink() or not path.is_file():
         raise Refused(rel, "map_format", "not a plain file")
@@ -259,16 +259,10 @@ def _open_map(path: Path, rel: str, size: tuple[int, int]) -> Any:
     if int(getattr(im, "n_frames", 1)) != 1:
         im.close()
         raise Refused(rel, "single_frame", "animated PNG; one still image expected")
-    lenient = ImageFile.LOAD_TRUNCATED_IMAGES
     try:
-        ImageFile.LOAD_TRUNCATED_IMAGES = False
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im.load()
+        load_strictly(im)
     except Exception as exc:  # noqa: BLE001
         raise Refused(rel, "decodable", f"decoding failed: {type(exc).__name__}: {exc}") from None
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = lenient
     return im
 
 

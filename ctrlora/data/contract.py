@@ -161,39 +161,41 @@ def _check_meta(data: bytes, scan_id: str, cfg: ContractConfig) -> tuple[bool, b
     return True, not problems, "; ".join(problems)
 
 
-def _check_photo_meta(data: bytes, scan_id: str, cfg: ContractConfig) -> tuple[bool, bool | None, str]:
+Verdict = tuple[bool, bool | None, str]  # (decodable, meta_ok, detail) of a meta.json
+
+
+def _ingested_meta(data: bytes, scan_id: str, cfg: ContractConfig, kind: str,
+                   kind_hint: str = "") -> tuple[Verdict | None, dict[str, Any], list[str]]:
+    """The checks a meta.json written by ingestion or the importer shares: ``(verdict, meta,
+    problems)``; ``verdict`` is final when the file is not a JSON object, else ``None`` and
+    ``problems`` lists a wrong ``kind``, ``scan_id`` or ``resolution``."""
+    try:
+        meta = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return (False, None, f"not JSON: {exc}"), {}, []
+    if not isinstance(meta, dict):
+        return (True, False, "meta.json is not an object"), {}, []
+    problems = []
+    if meta.get("kind") != kind:
+        problems.append(f"kind {meta.get('kind')!r}, expected {kind!r}{kind_hint}")
+    if meta.get("scan_id") != scan_id:
+        problems.append(f"scan_id {meta.get('scan_id')!r} differs from folder name")
+    if meta.get("resolution") != cfg.resolution:
+        problems.append(f"resolution {meta.get('resolution')!r} != {cfg.resolution}")
+    return None, meta, problems
+
+
+def _check_photo_meta(data: bytes, scan_id: str, cfg: ContractConfig) -> Verdict:
     """(decodable, meta_ok, detail) of a photo-only scan's meta.json (written by ingestion)."""
-    try:
-        meta = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return False, None, f"not JSON: {exc}"
-    if not isinstance(meta, dict):
-        return True, False, "meta.json is not an object"
-    problems = []
-    if meta.get("kind") != PHOTO_KIND:
-        problems.append(f"kind {meta.get('kind')!r}, expected {PHOTO_KIND!r} in a folder without rendered maps")
-    if meta.get("scan_id") != scan_id:
-        problems.append(f"scan_id {meta.get('scan_id')!r} differs from folder name")
-    if meta.get("resolution") != cfg.resolution:
-        problems.append(f"resolution {meta.get('resolution')!r} != {cfg.resolution}")
-    return True, not problems, "; ".join(problems)
+    verdict, _, problems = _ingested_meta(data, scan_id, cfg, PHOTO_KIND, " in a folder without rendered maps")
+    return verdict or (True, not problems, "; ".join(problems))
 
 
-def _check_clinic_meta(data: bytes, scan_id: str, cfg: ContractConfig) -> tuple[bool, bool | None, str]:
+def _check_clinic_meta(data: bytes, scan_id: str, cfg: ContractConfig) -> Verdict:
     """(decodable, meta_ok, detail) of a clinic scan's meta.json (written by the importer)."""
-    try:
-        meta = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return False, None, f"not JSON: {exc}"
-    if not isinstance(meta, dict):
-        return True, False, "meta.json is not an object"
-    problems = []
-    if meta.get("kind") != CLINIC_KIND:
-        problems.append(f"kind {meta.get('kind')!r}, expected {CLINIC_KIND!r}")
-    if meta.get("scan_id") != scan_id:
-        problems.append(f"scan_id {meta.get('scan_id')!r} differs from folder name")
-    if meta.get("resolution") != cfg.resolution:
-        problems.append(f"resolution {meta.get('resolution')!r} != {cfg.resolution}")
+    verdict, meta, problems = _ingested_meta(data, scan_id, cfg, CLINIC_KIND)
+    if verdict:
+        return verdict
     caption = meta.get("caption")
     if not (isinstance(caption, str) and caption.strip() and caption.isprintable()):
         problems.append("caption missing, empty or not one printable line")

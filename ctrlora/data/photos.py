@@ -169,6 +169,21 @@ def png_metadata_chunks(data: bytes) -> list[str]:
     return found
 
 
+def load_strictly(im: Any) -> None:
+    """Decode a PIL image fully, strictly: a truncated file or a decompression bomb raises
+    (``ImageFile.LOAD_TRUNCATED_IMAGES`` off for the call, the bomb warning an error)."""
+    from PIL import Image, ImageFile
+
+    lenient = ImageFile.LOAD_TRUNCATED_IMAGES
+    try:
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im.load()
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = lenient
+
+
 def _to_rgb(im, mode: str):
     """Apply :data:`MODE_RULE`; returns an RGB image or raises :class:`PhotoRejected`."""
     from PIL import Image
@@ -206,7 +221,7 @@ def normalise_photo(path: str | Path, resolution: int, max_pixels: int = MAX_PHO
     maps drawn on the full-size photograph must follow the returned :attr:`NormalisedPhoto.geometry`."""
     if aspect not in ASPECTS:
         raise ValueError(f"aspect must be one of {ASPECTS}, got {aspect!r}")
-    from PIL import Image, ImageFile, ImageOps
+    from PIL import Image, ImageOps
 
     try:
         im = Image.open(path)  # header only
@@ -235,16 +250,10 @@ def normalise_photo(path: str | Path, resolution: int, max_pixels: int = MAX_PHO
             # let libjpeg decode at 1/2, 1/4 or 1/8 scale while the result stays >= the resolution
             # on both sides (a 12 MP phone photo decodes in a tenth of the time and memory)
             im.draft(im.mode, (resolution, resolution))
-        lenient = ImageFile.LOAD_TRUNCATED_IMAGES
         try:
-            ImageFile.LOAD_TRUNCATED_IMAGES = False
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                im.load()
+            load_strictly(im)
         except Exception as exc:  # noqa: BLE001
             raise PhotoRejected("decodable", f"decoding failed: {type(exc).__name__}: {exc}") from None
-        finally:
-            ImageFile.LOAD_TRUNCATED_IMAGES = lenient
         source = {"format": im.format, "width": width, "height": height, "mode": im.mode}
         orientation = im.getexif().get(EXIF_ORIENTATION, 1)
         source["orientation"] = int(orientation) if orientation in range(1, 9) else 1

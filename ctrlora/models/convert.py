@@ -33,6 +33,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from ctrlora.data.files import sha256_file
+
 LDM_PREFIX = "control_model."
 LORA_DOWN, LORA_UP = ".lora_layer.down.weight", ".lora_layer.up.weight"
 
@@ -769,16 +771,6 @@ def _write_published(tensors: Mapping[str, Any], path: Path, fmt: str) -> None:
         torch.save(plain, str(path))
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _model_card(files: list[dict], base_dir: Path, base_hash_: str, fmt: str, overrides: dict) -> str:
     """README.md of an export folder: what each file is, how to load it."""
     adapters_ = [f for f in files if f["kind"] == "adapter"]
@@ -872,7 +864,7 @@ def run_export(args) -> int:
         _write_published(base_sd, tmp / f"base.{fmt}", fmt)
         files.append({"kind": "base", "file": f"base.{fmt}", "source": str(args.base), "tensors": len(base_sd),
                       "params": int(sum(v.numel() for v in base_sd.values())), "stale_rank": stale_rank,
-                      "stale_tensors": n_stale, "sha256": _sha256(tmp / f"base.{fmt}")})
+                      "stale_tensors": n_stale, "sha256": sha256_file(tmp / f"base.{fmt}")})
         del base_sd
         for cond, folder, config in named:
             sd = export_adapter(model, folder, expected_base_hash=bh)
@@ -880,7 +872,7 @@ def run_export(args) -> int:
             files.append({"kind": "adapter", "file": f"{cond}.{fmt}", "condition": cond, "source": str(folder),
                           "rank": int(config["rank"]), "alpha": float(config.get("alpha", config["rank"])),
                           "tensors": len(sd), "params": int(sum(v.numel() for v in sd.values())),
-                          "sha256": _sha256(tmp / f"{cond}.{fmt}")})
+                          "sha256": sha256_file(tmp / f"{cond}.{fmt}")})
         (tmp / "ldm_config.json").write_text(json.dumps({"controlnet_kwargs": ldm_kwargs, "ctrlora_config": overrides},
                                                         indent=1) + "\n")
         (tmp / "README.md").write_text(_model_card(files, Path(args.base), bh, fmt, overrides))

@@ -13,7 +13,6 @@ from is recorded in ``<paths.base>/base_source.json`` (source, the checkpoint's 
 the converted base's hash) — never the checkpoint's path or file name, which are machine-specific."""
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import sys
@@ -23,6 +22,7 @@ from typing import Any
 import pipelines  # noqa: F401  (tool defaults)
 import torch
 
+from ctrlora.data.files import sha256_file
 from pipelines.settings import BASE_ADAPTERS, REPO_ROOT
 from pipelines.stages.common import (artefact_paths, checkpoint_dir, clear_checkpoints, main_process,
                                      read_params, resolve_backbone, timed_stage, write_curve)
@@ -53,14 +53,6 @@ def imported_checkpoint(p: dict[str, Any]) -> Path:
         raise ValueError(f"params train_base.imported: {path}: unsupported checkpoint format {path.suffix!r} "
                          f"(use .safetensors or .ckpt)")
     return path
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def import_base(path: Path, unet) -> tuple[Any, dict[str, Any]]:
@@ -164,7 +156,7 @@ def _main_imported(p: dict[str, Any], paths: dict[str, Any]) -> int:
         for c in conditions:
             save_adapter(controlnet, c, out / BASE_ADAPTERS / c, base_hash=bh,
                          extra={"stage": "train_base", "base_source": "imported", "steps": cfg.train.max_steps})
-        record = {"source": "imported", "checkpoint_sha256": _sha256(ckpt_file),
+        record = {"source": "imported", "checkpoint_sha256": sha256_file(ckpt_file),
                   "checkpoint_format": ckpt_file.suffix.lstrip("."), "base_hash": bh, **facts,
                   "conditions": conditions}
         (out / SOURCE_RECORD).write_text(json.dumps(record, indent=1) + "\n")
