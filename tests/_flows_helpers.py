@@ -91,6 +91,11 @@ prepare:
 flows:
   retries: 0
   retry_delay_seconds: 0
+  prepare_stage: prepare
+schedule:
+  cron: null
+  interval: 86400
+  poll_seconds: 10
 register:
   gate: {min_delta: 0}
 """

@@ -37,7 +37,7 @@ from .stats import Interval, bootstrap_diff, bootstrap_gain_ratio
 
 __all__ = ["EvalData", "EvalModels", "SamplingConfig", "EvalConfig", "load_split", "load_models",
            "get_detectors", "load_detectors", "generate", "per_scan_fidelity", "generate_pass", "score_pass", "summarize_pass",
-           "run_evaluation", "guidance_key", "json_ready"]
+           "GenerationJob", "generation_jobs", "pass_controls", "run_job", "run_evaluation", "guidance_key", "json_ready"]
 
 UNCONTROLLED, COMBINED = "uncontrolled", "combined"
 
@@ -99,20 +99,53 @@ def guidance_key(g: float) -> str:
 
 
 # ---------------------------------------------------------------------------- generation
+Controls = dict[str, tuple[str, float, str]]  # condition -> (data key, residual weight, adapter)
+
+
+@dataclass(frozen=True)
+class GenerationJob:
+    """One pass of generation: the first ``n_scans`` test scans at ``guidance`` under ``controls``
+    (empty: no control); ``model`` names the images (a condition, ``uncontrolled``, ``combined``)."""
+
+    guidance: float
+    n_scans: int
+    model: str
+    controls: Controls
+
+
+# runs a list of jobs and returns their images in job order: how the stage spreads generation over
+# processes; the default runs them one after the other with the run's own pipeline
+JobRunner = Callable[[list[GenerationJob]], list[np.ndarray]]
+
+
+def pass_controls(cfg: EvalConfig) -> dict[str, Controls]:
+    """What one guidance scale generates: ``uncontrolled``, each condition through its own adapter
+    (at ``cfg.weight(c)``), and ``combined`` (the combination's adapters and weights)."""
+    out: dict[str, Controls] = {UNCONTROLLED: {}}
+    out.update({c: {c: (c, cfg.weight(c), c)} for c in cfg.conditions})
+    if cfg.combined:
+        out[COMBINED] = {c: (c, float(w), c) for c, w in cfg.combined.items()}
+    return out
+
+
+def generation_jobs(cfg: EvalConfig, n_scans: int) -> list[GenerationJob]:
+    """Every job of the run, pass by pass (the gate first)."""
+    return [GenerationJob(g, n, model, controls) for g, n in cfg.passes(n_scans)
+            for model, controls in pass_controls(cfg).items()]
+
+
+def run_job(pipe, data: EvalData, job: GenerationJob, sampling: SamplingConfig, progress: bool = False) -> np.ndarray:
+    """The images of one job (``data`` holds at least its scans; scan i gets seed + i)."""
+    s = replace(sampling, guidance_scale=float(job.guidance))
+    return generate(pipe, data.subset(job.n_scans), job.controls, s, desc=f"generate {job.model}@{job.guidance:g}",
+                    progress=progress)
+
+
 def generate_pass(pipe, data: EvalData, cfg: EvalConfig, guidance: float,
                   progress: bool = True) -> dict[str, np.ndarray]:
-    """Every image one guidance scale needs: ``uncontrolled``, each condition through its own
-    adapter (at ``cfg.weight(c)``), and ``combined`` (the combination's adapters and weights)."""
-    s = replace(cfg.sampling, guidance_scale=float(guidance))
-    tag = f"@{guidance:g}"
-    images = {UNCONTROLLED: generate(pipe, data, {}, s, desc=f"generate uncontrolled{tag}", progress=progress)}
-    for c in cfg.conditions:
-        images[c] = generate(pipe, data, {c: (c, cfg.weight(c), c)}, s, desc=f"generate {c}{tag}",
-                             progress=progress)
-    if cfg.combined:
-        images[COMBINED] = generate(pipe, data, {c: (c, w, c) for c, w in cfg.combined.items()}, s,
-                                    desc=f"generate combined{tag}", progress=progress)
-    return images
+    """Every image one guidance scale needs (see :func:`pass_controls`), on all of ``data``."""
+    return {model: run_job(pipe, data, GenerationJob(guidance, len(data), model, controls), cfg.sampling, progress)
+            for model, controls in pass_controls(cfg).items()}
 
 
 # ---------------------------------------------------------------------------- scoring
@@ -221,24 +254,36 @@ def per_scan_rows(scores: PassScores, data: EvalData, guidance: float) -> list[s
 # ---------------------------------------------------------------------------- the run
 def run_evaluation(models: EvalModels, test: EvalData, detectors: Mapping[str, Any], cfg: EvalConfig,
                    reports_dir: str | Path | None = None, progress: bool = True,
-                   log: Callable[[str], None] = print) -> dict[str, Any]:
+                   log: Callable[[str], None] = print, runner: JobRunner | None = None) -> dict[str, Any]:
     """Generate, score and check every guidance pass (the gate first, on every scan); returns the
     ``metrics/evaluate.json`` dict and, with ``reports_dir``, writes the grids (the gate's at the
-    top, other scales' under ``guidance_<g>/``) and ``per_scan.csv`` there."""
+    top, other scales' under ``guidance_<g>/``) and ``per_scan.csv`` there. ``runner`` generates
+    the jobs of :func:`generation_jobs` (e.g. over several processes that load the same models
+    and scans); by default this process does, with ``models``, on the GPU when there is one."""
+    from ctrlora.device import default_device
     from ctrlora.sampling import CtrLoRAPipeline
 
     missing = [c for c in cfg.new_conditions if c not in models.adapter_params]
     if missing:
         raise ValueError(f"no adapter sizes for new conditions {missing}")
-    pipe = CtrLoRAPipeline.from_components(models.backbone, models.controlnet)
-    pipe.set_progress_bar_config(disable=True)
+    jobs = generation_jobs(cfg, len(test))
+    t = time.perf_counter()
+    if runner is None:
+        # the models move with the pipeline (the seeds' noise is drawn on the CPU either way)
+        pipe = CtrLoRAPipeline.from_components(models.backbone, models.controlnet).to(default_device())
+        pipe.set_progress_bar_config(disable=True)
+        made = [run_job(pipe, test, job, cfg.sampling, progress) for job in jobs]
+    else:
+        made = runner(jobs)
+    if len(made) != len(jobs):
+        raise RuntimeError(f"the generation runner returned {len(made)} results for {len(jobs)} jobs")
+    by_job = {(job.guidance, job.model): im for job, im in zip(jobs, made)}
     reports = Path(reports_dir) if reports_dir else None
-    passes, csv, timing = {}, ["guidance,model,condition,scan_id,fidelity"], {}
+    timing = {"generate": round(time.perf_counter() - t, 1)}
+    passes, csv = {}, ["guidance,model,condition,scan_id,fidelity"]
     for g, n in cfg.passes(len(test)):
         data, gate, key = test.subset(n), g == cfg.gate_guidance, guidance_key(g)
-        t = time.perf_counter()
-        images = generate_pass(pipe, data, cfg, g, progress)
-        timing[f"generate_{key}"] = round(time.perf_counter() - t, 1)
+        images = {model: by_job[(g, model)] for model in pass_controls(cfg)}
         t = time.perf_counter()
         scores = score_pass(images, data, detectors, cfg)
         passes[key] = summarize_pass(scores, cfg, models, g, gate)

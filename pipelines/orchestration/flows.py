@@ -24,8 +24,8 @@ Commands::
 ``DeploymentEventTrigger`` on the event ``dental.scans.landed`` that ``watch`` emits. Both need a
 Prefect server both processes talk to (``PREFECT_API_URL``); see docs/mlops.md.
 
-Params (all optional, defaults below): ``flows: {retries: 2, retry_delay_seconds: 30,
-prepare_stage: prepare}``, ``schedule: {cron: null, interval: 86400, poll_seconds: 10}``.
+Params (each key required; the values live only in params.yaml): ``flows: {retries,
+retry_delay_seconds, prepare_stage}``, ``schedule: {cron, interval, poll_seconds}``.
 """
 from __future__ import annotations
 
@@ -47,8 +47,8 @@ from pipelines.settings import INCOMING, PATHS, REPO_ROOT, load_params
 EVENT = "dental.scans.landed"
 RESOURCE_ID = "ctrlora.incoming"
 READY = "READY"
-DEFAULT_FLOWS: dict[str, Any] = {"retries": 2, "retry_delay_seconds": 30, "prepare_stage": "prepare"}
-DEFAULT_SCHEDULE: dict[str, Any] = {"cron": None, "interval": 86400, "poll_seconds": 10}
+FLOWS_KEYS = ("retries", "retry_delay_seconds", "prepare_stage")
+SCHEDULE_KEYS = ("cron", "interval", "poll_seconds")
 
 
 class StageFailed(RuntimeError):
@@ -61,12 +61,25 @@ class StageFailed(RuntimeError):
 
 # --------------------------------------------------------------------------- params / DVC helpers
 
+def _section(root: Path, name: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    """params.yaml ``name`` of the repo at ``root``, with exactly ``keys`` (params states every
+    value; there is no second default here)."""
+    section = load_params(root).get(name)
+    if not isinstance(section, dict):
+        raise KeyError(f"{root / 'params.yaml'}: no `{name}` section (it needs {list(keys)})")
+    missing, unknown = sorted(set(keys) - set(section)), sorted(set(section) - set(keys))
+    if missing or unknown:
+        raise KeyError(f"{root / 'params.yaml'} `{name}`: missing {missing}, unknown {unknown}; "
+                       f"the section holds exactly {list(keys)}")
+    return dict(section)
+
+
 def flows_params(root: Path) -> dict[str, Any]:
-    return {**DEFAULT_FLOWS, **(load_params(root).get("flows") or {})}
+    return _section(root, "flows", FLOWS_KEYS)
 
 
 def schedule_params(root: Path) -> dict[str, Any]:
-    return {**DEFAULT_SCHEDULE, **(load_params(root).get("schedule") or {})}
+    return _section(root, "schedule", SCHEDULE_KEYS)
 
 
 def repo_paths(root: Path) -> dict[str, Any]:

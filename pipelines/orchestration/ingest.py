@@ -10,13 +10,11 @@ import os
 import sys
 from pathlib import Path
 
-import yaml
-
 import pipelines  # noqa: F401  (tool defaults)
 
 from ctrlora.data.contract import ContractConfig
 from ctrlora.data.ingest import IngestConfig, ingest
-from pipelines.settings import PARAMS_ENV, PARAMS_FILE, PATHS, REPO_ROOT, params_path, read_params
+from pipelines.settings import PARAMS_ENV, PARAMS_FILE, REPO_ROOT, params_path, read_params
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.data is not None:
         cfg = IngestConfig.under(args.data, contract)
     else:
-        paths = {**PATHS, **((yaml.safe_load(params_file.read_text()) or {}).get("paths") or {})}
+        paths = read_params("paths", path=params_file)
         cfg = IngestConfig(*(args.repo / paths[k] for k in ("data", "incoming", "scans", "quarantine")), contract)
     report = ingest(cfg)
     if args.json:

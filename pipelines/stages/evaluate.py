@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pipelines  # noqa: F401  (tool defaults)
@@ -23,22 +24,68 @@ TIMING_LOG = TIMINGS_FILE.parent / "evaluate_seconds.json"  # the last run's tim
 
 
 def eval_config(p: dict[str, Any], base_conditions: list[str], new_conditions: list[str]):
-    """The run's :class:`~ctrlora.evaluation.run.EvalConfig` from the ``evaluate`` params."""
+    """The run's :class:`~ctrlora.evaluation.run.EvalConfig` from the ``evaluate`` params (every
+    key stated there: a missing one is an error, never a silent library default)."""
     from ctrlora.evaluation import run as evaluation
 
-    sampling = {k: v for k, v in p["sampling"].items() if k != "guidance_scale"}
-    boot = p.get("bootstrap") or {}
     try:
+        sampling = {k: v for k, v in p["sampling"].items() if k != "guidance_scale"}
         return evaluation.EvalConfig(
-            base_conditions, new_conditions, combined={str(k): float(v) for k, v in (p.get("combined") or {}).items()},
-            condition_weights={str(k): float(v) for k, v in (p.get("condition_weights") or {}).items()},
-            sampling=evaluation.SamplingConfig(**sampling), guidance=list(p.get("guidance", [1.0])),
-            gate_guidance=float(p.get("gate_guidance", 1.0)),
-            other_guidance_max_scans=p.get("other_guidance_max_scans"),
-            n_boot=int(boot.get("n_boot", 2000)), bootstrap_seed=int(boot.get("seed", 0)),
-            grid_rows=int(p.get("grid_rows", 8)))
-    except ValueError as e:
+            base_conditions, new_conditions, combined={str(k): float(v) for k, v in (p["combined"] or {}).items()},
+            condition_weights={str(k): float(v) for k, v in (p["condition_weights"] or {}).items()},
+            sampling=evaluation.SamplingConfig(**sampling), guidance=list(p["guidance"]),
+            gate_guidance=float(p["gate_guidance"]), other_guidance_max_scans=p["other_guidance_max_scans"],
+            n_boot=int(p["bootstrap"]["n_boot"]), bootstrap_seed=int(p["bootstrap"]["seed"]),
+            grid_rows=int(p["grid_rows"]))
+    except KeyError as e:
+        raise SystemExit(f"params.yaml evaluate: missing key {e}") from e
+    except (TypeError, ValueError) as e:
         raise SystemExit(f"params.yaml evaluate: {e}") from e
+
+
+# ---------------------------------------------------------------------------- generation over processes
+# Each worker loads the models and the test scans once (spawned processes share nothing), then
+# generates whole jobs: one pass of one model at one guidance scale. Two one-thread processes get
+# more done on two cores than one two-thread process; images do not depend on which process made
+# them, only on the thread count (float order), which params fixes.
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(needs: tuple[str, ...], threads: int) -> None:
+    from ctrlora.evaluation import run as evaluation
+    from ctrlora.sampling import CtrLoRAPipeline
+
+    torch.set_num_threads(int(threads))
+    spec = json.loads(needs[0])
+    models = evaluation.load_models(Path(spec["backbone"]), Path(spec["base"]),
+                                    {c: Path(a) for c, a in spec["adapters"].items()})
+    test = evaluation.load_split(Path(spec["prepared"]), "test", spec["conditions"],
+                                 [Path(x) for x in spec["sources"]], spec["max_scans"], False)
+    pipe = CtrLoRAPipeline.from_components(models.backbone, models.controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    _WORKER.update(pipe=pipe, test=test, sampling=evaluation.SamplingConfig(**spec["sampling"]))
+
+
+def _worker_job(job):
+    from ctrlora.evaluation import run as evaluation
+
+    return evaluation.run_job(_WORKER["pipe"], _WORKER["test"], job, _WORKER["sampling"])
+
+
+def process_runner(spec: dict[str, Any], workers: int, threads: int):
+    """A job runner over ``workers`` spawned processes of ``threads`` torch threads each."""
+    from pipelines.workers import pool_map
+
+    def run(jobs):
+        # the largest jobs first, so the last ones to finish are short
+        order = sorted(range(len(jobs)), key=lambda i: -jobs[i].n_scans * (2 if jobs[i].guidance > 1 else 1))
+        done = pool_map(_worker_job, [jobs[i] for i in order], [json.dumps(spec)], workers, threads, _worker_init)
+        out: list[Any] = [None] * len(jobs)
+        for i, im in zip(order, done):
+            out[i] = im
+        return out
+
+    return run
 
 
 def print_bar(bar: dict[str, Any]) -> None:
@@ -57,17 +104,27 @@ def main() -> int:
     base_conditions = list(allp["train_base"]["conditions"])
     new_conditions = list(allp["train_adapter"]["conditions"])
     cfg = eval_config(p, base_conditions, new_conditions)
-    if p.get("threads"):
-        torch.set_num_threads(int(p["threads"]))
-    progress = bool(p.get("progress", True))
+    workers, threads, progress = int(p["workers"]), int(p["threads"]), bool(p["progress"])
+    if workers > 1 and torch.cuda.is_available():
+        workers = 1  # one GPU: one generating process
+    torch.set_num_threads(workers * threads)  # this process: loading and scoring
     with timed_stage("evaluate"):
         t = time.perf_counter()
         adapters = {c: paths["base"] / BASE_ADAPTERS / c for c in base_conditions}
         adapters.update({c: paths["adapters"] / c for c in new_conditions})
-        models = evaluation.load_models(resolve_backbone(paths["backbone"]), paths["base"], adapters)
+        backbone = resolve_backbone(paths["backbone"])
+        models = evaluation.load_models(backbone, paths["base"], adapters)
         sources = [paths["rendered"], paths["scans"]]  # the scans prepare read: their raw label maps
-        test = evaluation.load_split(paths["prepared"], "test", cfg.conditions, sources, p.get("max_scans"),
+        test = evaluation.load_split(paths["prepared"], "test", cfg.conditions, sources, p["max_scans"],
                                      progress)
+        runner = None
+        if workers > 1:
+            spec = {"backbone": str(backbone), "base": str(paths["base"]),
+                    "adapters": {c: str(a) for c, a in adapters.items()}, "prepared": str(paths["prepared"]),
+                    "conditions": cfg.conditions, "sources": [str(x) for x in sources], "max_scans": p["max_scans"],
+                    "sampling": {k: v for k, v in p["sampling"].items() if k != "guidance_scale"}}
+            runner = process_runner(spec, workers, threads)
+            print(f"[evaluate] generating over {workers} processes of {threads} thread(s)", flush=True)
         t_load = time.perf_counter() - t
         print(f"[evaluate] {len(test)} test scans ({t_load:.1f} s)", flush=True)
         t = time.perf_counter()
@@ -79,7 +136,7 @@ def main() -> int:
         t_det = time.perf_counter() - t
         print(f"[evaluate] detectors ready ({t_det:.1f} s)", flush=True)
         metrics = evaluation.run_evaluation(models, test, detectors, cfg, paths["reports"]["evaluate"],
-                                            progress=progress)
+                                            progress=progress, runner=runner)
         # wall times go to the (untracked) log, not the metrics: the metrics file holds only what the
         # models and data determine, so an identical rerun writes it byte for byte (and DVC agrees)
         timing = {"load": round(t_load, 1), "detectors": round(t_det, 1), **metrics.pop("timing_seconds")}

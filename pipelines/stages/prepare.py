@@ -22,7 +22,7 @@ def _run(p: dict, paths: dict) -> int:
     result = prepare(PrepareConfig(
         sources=(paths["rendered"], paths["scans"]), out=paths["prepared"], data_root=paths["data"],
         test_fraction=float(p["test_fraction"]),
-        validation_fraction=float(p.get("validation_fraction", 0.0)), conditions=tuple(p["conditions"]),
+        validation_fraction=float(p["validation_fraction"]), conditions=tuple(p["conditions"]),
         contract=ContractConfig(resolution=int(p["resolution"])), workers=int(p["workers"])))
     print(json.dumps({"scans": result.scans, "train": result.train, "validation": result.validation, "test": result.test,
                       "seconds": result.seconds, "sources": result.sources, "hashes": result.hashes}, indent=1))

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     p, paths = read_params("train_adapter"), artefact_paths()
     out = paths["adapters"] / condition
     with timed_stage(f"train_adapter@{condition}"):
-        torch.manual_seed(int(p["train"].get("seed", 0)))
+        torch.manual_seed(int(p["train"]["seed"]))
         bb = load_backbone(resolve_backbone(paths["backbone"]))
         cache = load_embed_cache(paths["embed"], [condition])
         controlnet = CtrLoRAControlNet.from_pretrained(paths["base"])
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         ckpt = checkpoint_dir(f"train_adapter_{condition}", p)
         cfg = ControlNetTrainConfig(TrainConfig.from_dict(p["train"]), prompt_dropout=float(p["prompt_dropout"]))
         result = train_condition(controlnet, bb.unet, bb.scheduler, cache, condition, cfg, mode="adapter",
-                                 checkpoint_dir=ckpt, max_pairs=p.get("max_pairs"))
+                                 checkpoint_dir=ckpt, max_pairs=p["max_pairs"])
         if not main_process():
             return 0
         if out.exists():

@@ -33,7 +33,7 @@ SOURCE_RECORD = "base_source.json"  # written in imported mode only (trained mod
 
 def base_source(p: dict[str, Any]) -> str:
     """``train_base.source`` (default ``trained``), checked."""
-    source = p.get("source", "trained")
+    source = p["source"]
     if source not in SOURCES:
         raise ValueError(f"params train_base.source must be one of {list(SOURCES)}, got {source!r}")
     return str(source)
@@ -42,7 +42,7 @@ def base_source(p: dict[str, Any]) -> str:
 def imported_checkpoint(p: dict[str, Any]) -> Path:
     """``train_base.imported`` resolved against the repo root (an absolute path stays as it is),
     checked to be an existing ``.safetensors`` / ``.ckpt`` file; errors name the setting and file."""
-    raw = p.get("imported")
+    raw = p["imported"]
     if not raw:
         raise ValueError("params train_base.source is 'imported' but train_base.imported is not set "
                          "(give the published-layout base checkpoint, .safetensors or .ckpt)")
@@ -92,7 +92,7 @@ def _main_trained(p: dict[str, Any], paths: dict[str, Any]) -> int:
     out = paths["base"]
     conditions = list(p["conditions"])
     with timed_stage("train_base"):
-        torch.manual_seed(int(p["train"].get("seed", 0)))
+        torch.manual_seed(int(p["train"]["seed"]))
         bb = load_backbone(resolve_backbone(paths["backbone"]))
         cache = load_embed_cache(paths["embed"], conditions)
         controlnet = CtrLoRAControlNet.from_unet(bb.unet, condition_embedding="vae")
@@ -101,7 +101,7 @@ def _main_trained(p: dict[str, Any], paths: dict[str, Any]) -> int:
         ckpt = checkpoint_dir("train_base", p)
         cfg = ControlNetTrainConfig(TrainConfig.from_dict(p["train"]), prompt_dropout=float(p["prompt_dropout"]))
         result = train_base(controlnet, bb.unet, bb.scheduler, cache, conditions, cfg, checkpoint_dir=ckpt,
-                            shares=p.get("condition_shares"))
+                            shares=p["condition_shares"])
         if not main_process():
             return 0
         if out.exists():
@@ -127,7 +127,7 @@ def _main_imported(p: dict[str, Any], paths: dict[str, Any]) -> int:
     conditions = list(p["conditions"])
     ckpt_file = imported_checkpoint(p)  # checked before anything loads or trains
     with timed_stage("train_base"):
-        torch.manual_seed(int(p["train"].get("seed", 0)))
+        torch.manual_seed(int(p["train"]["seed"]))
         bb = load_backbone(resolve_backbone(paths["backbone"]))
         controlnet, facts = import_base(ckpt_file, bb.unet)
         cache = load_embed_cache(paths["embed"], conditions)
@@ -142,7 +142,7 @@ def _main_imported(p: dict[str, Any], paths: dict[str, Any]) -> int:
             ckpt = checkpoint_dir(f"train_base_{c}", p)
             ckpts.append(ckpt)
             result = train_condition(controlnet, bb.unet, bb.scheduler, cache, c, cfg, mode="adapter",
-                                     checkpoint_dir=ckpt, max_pairs=p.get("imported_max_pairs"))
+                                     checkpoint_dir=ckpt, max_pairs=p["imported_max_pairs"])
             history += [{**r, "step": int(r["step"]) + offset, f"loss/{c}": r["loss"]}
                         for r in result.history if "loss" in r]
             offset += cfg.train.max_steps

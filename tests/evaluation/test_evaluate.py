@@ -200,6 +200,13 @@ def _save_tiny_models(root: Path, base_conditions, new_conditions):
     return dirs
 
 
+_DETECTORS: dict = {}  # the tiny run's detectors, by its root
+
+
+def _detectors(root):
+    return _DETECTORS[str(root)]
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     from ctrlora.evaluation.detectors import DetectorConfig, train_detector
@@ -225,6 +232,7 @@ def tiny_run(tmp_path_factory):
                       tuple(conditions[c][1] for c in sorted(conditions))))
         return real_generate(pipe, data, conditions, s, **kw)
 
+    _DETECTORS[str(root)] = detectors
     evaluation.generate = counting_generate
     try:
         m = evaluation.run_evaluation(models, test, detectors, cfg, root / "reports", progress=False, log=lambda s: None)
@@ -343,3 +351,28 @@ def test_generation_is_per_scan_seeded():
     assert a.dtype == np.uint8 and a.shape == (3, SIZE, SIZE, 3)
     # batched BLAS may round one 8-bit level differently; the seeds (noise) are the same
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+def test_a_job_runner_gives_the_run_it_replaces(tiny_run):
+    """Generation handed to a runner (as the stage hands it to worker processes; here jobs run in
+    reverse order in this process) yields the same metrics as the run's own sequential loop."""
+    from ctrlora.sampling import CtrLoRAPipeline
+
+    m, models, cfg, root, _ = tiny_run
+    pipe = CtrLoRAPipeline.from_components(models.backbone, models.controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    test = _tiny_data(4, 2)
+    seen: list = []
+
+    def runner(jobs):
+        seen.extend(jobs)
+        return [evaluation.run_job(pipe, test, j, cfg.sampling) for j in jobs[::-1]][::-1]
+
+    again = evaluation.run_evaluation(models, test, _detectors(root), cfg, None, progress=False, log=lambda s: None,
+                                      runner=runner)
+    assert [(j.guidance, j.n_scans, j.model) for j in seen] == [
+        (g, n, model) for g, n in cfg.passes(4) for model in ["uncontrolled", "segmentation", "canny", "lighting",
+                                                               "combined"]]
+    strip = lambda d: {k: v for k, v in d.items() if k != "timing_seconds"}  # noqa: E731
+    assert json.dumps(evaluation.json_ready(strip(again)), sort_keys=True) == json.dumps(
+        evaluation.json_ready(strip(m)), sort_keys=True)
