@@ -14,11 +14,14 @@
 #                  trained base vs a UNet-copy ControlNet vs a full fine-tune (after the production graph;
 #                  docs/efficiency.md; ~1 h on 2 cores)
 #   make report    rewrite the README's result tables from the committed metrics files
+#   make retrain-demo  land LAND=40 new rendered scans in data/incoming (seed LAND_SEED=7) and run the
+#                  retrain flow once, as a clinic's landing would (after `make repro`); its wall times
+#                  go to reports/retrain_times.json and the README
 SHELL := /bin/bash
 VENV := .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup repro foundation test test-sd15 test-multiprocess servers-e2e research utility efficiency report
+.PHONY: setup repro foundation test test-sd15 test-multiprocess servers-e2e research utility efficiency report retrain-demo
 setup:
 	@scripts/bootstrap.sh
 
@@ -56,6 +59,15 @@ efficiency: setup
 	python -m pipelines.orchestration.report
 
 report: setup
+	python -m pipelines.orchestration.report
+
+LAND ?= 40
+LAND_SEED ?= 7
+retrain-demo: setup
+	rm -rf .landing && ctrlora render --out .landing --n $(LAND) --seed $(LAND_SEED) --no-progress
+	for d in .landing/*/; do id=$$(basename $$d); mv $$d data/incoming/$$id && touch data/incoming/$$id/READY; done
+	rm -rf .landing
+	python -m pipelines.orchestration.flows retrain
 	python -m pipelines.orchestration.report
 
 studio: setup

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -240,8 +241,10 @@ def pipeline(repo_root: str = ".", register_models: bool = True, retries: int | 
         results.append(runner(str(root), stage))  # raises StageFailed after the last retry
     ran = [r["stage"] for r in results if r["status"] != "unchanged"]
     logger.info("stages that ran: %s", ", ".join(ran) if ran else "none (everything up to date)")
+    start = time.perf_counter()
     registered = register_task(str(root)) if register_models else []
-    return {"stages": results, "registered": registered}
+    seconds = round(time.perf_counter() - start, 2)
+    return {"stages": results, "registered": registered, "register_seconds": seconds}
 
 
 @task(name="catch-up-check", cache_policy=NO_CACHE)
@@ -262,9 +265,12 @@ def retrain_on_new_scans(repo_root: str = ".", run_pipeline: bool = True) -> dic
     incoming = str(repo_paths(root)["incoming"])
     landed = complete_scans(root / incoming)
     report = None
+    timing: dict[str, float] = {}
     if landed:
         logger.info("%d complete scan(s) landed: %s", len(landed), ", ".join(landed))
+        start = time.perf_counter()
         report = ingest_task(str(root))
+        timing["ingest"] = round(time.perf_counter() - start, 2)
         logger.info("ingest: accepted %s, quarantined %s", report.get("accepted"),
                     report.get("quarantined"))
     elif not catch_up_task(str(root)):
@@ -274,9 +280,11 @@ def retrain_on_new_scans(repo_root: str = ".", run_pipeline: bool = True) -> dic
         return {"status": "no-new-scans", "message": msg, "scans": []}
     before = dataset_hashes(root)
     cfg = flows_params(root)
+    start = time.perf_counter()
     repro_target.with_options(retries=int(cfg["retries"]),
                               retry_delay_seconds=float(cfg["retry_delay_seconds"]))(
         str(root), str(cfg["prepare_stage"]))
+    timing["prepare"] = round(time.perf_counter() - start, 2)
     after = dataset_hashes(root)
     changed = sorted(c for c in after if before.get(c) != after[c])
     behind = catch_up_task(str(root))  # after prepare: what the later stages have not run on
@@ -291,7 +299,24 @@ def retrain_on_new_scans(repo_root: str = ".", run_pipeline: bool = True) -> dic
     result = pipeline(str(root)) if run_pipeline else None
     return {"status": "retrained" if run_pipeline else "changed", "changed": changed,
             "hashes": {c: {"before": before.get(c), "after": after[c]} for c in changed},
-            "catch_up": behind, "scans": landed, "ingest": report, "pipeline": result}
+            "catch_up": behind, "scans": landed, "ingest": report, "pipeline": result, "timing": timing}
+
+
+def retrain_times(out: dict[str, Any], total: float) -> dict[str, Any] | None:
+    """The wall-time record of one retrain (``paths.retrain_times``, the README's table): ingest,
+    prepare, each DVC stage that ran (DVC's own overhead included), registration, the rest
+    (Prefect, hashing) and the total; None when nothing was retrained."""
+    pipe = out.get("pipeline")
+    if not pipe:
+        return None
+    rows = [{"stage": "ingest", "seconds": out["timing"].get("ingest", 0.0)},
+            {"stage": "prepare", "seconds": out["timing"]["prepare"]}]
+    rows += [{"stage": r["stage"], "seconds": r["seconds"]} for r in pipe["stages"] if r["status"] != "unchanged"]
+    rows.append({"stage": "register (gate comparisons included)", "seconds": pipe["register_seconds"]})
+    rest = total - sum(r["seconds"] for r in rows)
+    rows.append({"stage": "other (Prefect, DVC checks of unchanged stages, hashing)", "seconds": round(rest, 2)})
+    return {"stages": rows, "total_seconds": round(total, 1), "landed": len(out.get("scans") or []),
+            "machine": f"{os.cpu_count()} CPUs, {platform.machine()}, torch threads per stage from params"}
 
 
 # --------------------------------------------------------------------------- serve / watch
@@ -377,8 +402,19 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(pipeline(str(root)), indent=1, default=str))
         return 0
     if args.cmd == "retrain":
+        start = time.perf_counter()
         out = retrain_on_new_scans(str(root))
+        total = time.perf_counter() - start
         print(out.get("message") or json.dumps(out, indent=1, default=str))
+        record = retrain_times(out, total)
+        if record is not None:
+            target = root / repo_paths(root)["retrain_times"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(json.dumps(record, indent=1) + "\n")
+            print("\nretrain wall time per part:")
+            for row in record["stages"]:
+                print(f"  {row['stage']:<58} {row['seconds']:8.1f} s")
+            print(f"  {'total':<58} {total:8.1f} s  -> {target}")
         return 0
     sched = schedule_params(root)
     if args.cmd == "serve":

@@ -24,7 +24,7 @@ from pipelines.settings import PATHS, REPO_ROOT, REPRO_TIMES
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 FILES = {"backbone": PATHS["metrics"]["backbone"], "evaluate": PATHS["metrics"]["evaluate"],
          "research": PATHS["metrics"]["research"], "sweep": PATHS["metrics"]["research_selection"],
-         "times": REPRO_TIMES,
+         "times": REPRO_TIMES, "retrain_times": PATHS["retrain_times"],
          "utility": PATHS["metrics"]["utility"], "utility_selection": PATHS["metrics"]["utility_selection"],
          "audit": PATHS["metrics"]["utility_audit"], "efficiency": PATHS["metrics"]["efficiency"],
          # how often the research rule passes a true zero difference (benchmarks/seed_bootstrap_calibration.py)
@@ -389,6 +389,16 @@ def times_table(t: dict) -> list[str]:
     return lines
 
 
+def retrain_table(t: dict) -> list[str]:
+    rows = t.get("stages", [])
+    lines = [f"Wall time of a retrain after {t.get('landed', '?')} scans landed (`python -m pipelines.orchestration.flows "
+             f"retrain`; `{PATHS['retrain_times']}`, {t.get('machine', '')}):", "",
+             "| part | s |", "|---|---|"]
+    lines += [f"| {r['stage']} | {r['seconds']:.0f} |" for r in rows]
+    lines += [f"| **retrain total** (landing to registered versions) | **{t['total_seconds']:.0f}** |", ""]
+    return lines
+
+
 def render(root: Path = REPO_ROOT) -> str:
     d = _load(root)
     lines = [BEGIN, "<!-- written by `python -m pipelines.orchestration.report` from the files named below; do not edit -->", ""]
@@ -404,6 +414,8 @@ def render(root: Path = REPO_ROOT) -> str:
         lines += efficiency_table(d["efficiency"])
     if d["times"]:
         lines += times_table(d["times"])
+    if d["retrain_times"]:
+        lines += retrain_table(d["retrain_times"])
     if len(lines) == 3:
         lines += ["(no metrics yet: run `make repro`)", ""]
     return "\n".join(lines + [END])

@@ -126,3 +126,21 @@ def test_utility_and_efficiency_tables_on_known_numbers():
     text = "\n".join(report.efficiency_table(e))
     assert "| 30 | +0.100 [+0.080, +0.120] | +0.070 [+0.050, +0.090] | +0.030 [+0.010, +0.050] | [-0.010, +0.070] |" in text
     assert "0 of 1 (normal@k30 fail)" in text
+
+
+def test_retrain_record_and_table_on_known_numbers():
+    from pipelines.orchestration.flows import retrain_times
+
+    out = {"scans": ["a", "b", "c"], "timing": {"ingest": 2.0, "prepare": 20.0},
+           "pipeline": {"stages": [{"stage": "render", "status": "unchanged", "seconds": 1.5},
+                                   {"stage": "embed", "status": "ran", "seconds": 10.0},
+                                   {"stage": "train_base", "status": "ran", "seconds": 170.0}],
+                        "register_seconds": 30.0}}
+    rec = retrain_times(out, total=240.0)
+    parts = {r["stage"]: r["seconds"] for r in rec["stages"]}
+    assert parts["ingest"] == 2.0 and parts["embed"] == 10.0 and "render" not in parts  # unchanged: in "other"
+    assert rec["landed"] == 3 and rec["total_seconds"] == 240.0
+    assert sum(parts.values()) == pytest.approx(240.0)  # the rest is named, not lost
+    lines = report.retrain_table(rec)
+    assert "after 3 scans landed" in lines[0] and "| train_base | 170 |" in lines and "**240**" in lines[-2]
+    assert retrain_times({"scans": [], "timing": {}, "pipeline": None}, 5.0) is None
