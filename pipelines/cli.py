@@ -5,7 +5,10 @@
                              [--force --reason TEXT]         (or by hand, the reason recorded)
     ctrlora-ops registry rollback CONDITION                 champion back to the previous one
     ctrlora-ops registry resolve models:/ctrlora-<c>@champion [--dst DIR]
+    ctrlora-ops registry combine C1 C2 ... [--weight C=W]   the champions of C1, C2 ... as one
+                                                            model ctrlora+<c1>+<c2>..., to serve
     ctrlora-ops generate ...                                ``ctrlora generate`` + models:/ adapters
+                             [--combination models:/ctrlora+<c1>+<c2>@champion]
     ctrlora-ops studio [--port 7860]                        local web page: compose, compare, promote
     ctrlora-ops benchmark freeze | bump --reason R | show   the frozen benchmark the gate uses
 
@@ -13,7 +16,9 @@ The tracking store comes from ``MLFLOW_TRACKING_URI`` (default: ``sqlite:///mlfl
 repo, see :mod:`pipelines.settings`). ``generate`` takes everything ``ctrlora generate`` takes;
 an adapter may also be a registry URI (``models:/ctrlora-<c>@alias`` or
 ``models:/ctrlora-<c>/<version>``), which is downloaded and brings the backbone and base it was
-registered with, so ``--backbone`` / ``--base`` may then be left out.
+registered with, so ``--backbone`` / ``--base`` may then be left out. ``--combination`` takes a
+registered combination (:mod:`pipelines.registry.combination`): its adapters serve the
+``--condition`` images that name them, with its recipe's weights and sampler.
 """
 from __future__ import annotations
 
@@ -48,31 +53,68 @@ def _add_registry(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("rollback", help="move alias champion back to the previous champion")
     p.add_argument("condition")
     p = sub.add_parser("resolve", help="download a models:/ URI and print its local directories")
-    p.add_argument("uri", help="models:/ctrlora-<condition>@<alias> or models:/ctrlora-<c>/<version>")
+    p.add_argument("uri", help="models:/ctrlora-<condition>@<alias> or models:/ctrlora-<c>/<version> "
+                               "(or a combination, models:/ctrlora+<c1>+<c2>@<alias>)")
     p.add_argument("--dst", type=Path, default=None, help="download into this folder")
+    p = sub.add_parser("combine", help="register the champions of several conditions as one model "
+                                       "ctrlora+<c1>+<c2>... (its champion), to serve and generate with")
+    p.add_argument("conditions", nargs="+", metavar="CONDITION")
+    p.add_argument("--weight", action="append", default=[], metavar="CONDITION=WEIGHT",
+                   help="residual weight of a condition (default: params evaluate.combined when it names "
+                        "exactly these conditions, else each version's recipe); repeatable")
+    p.add_argument("--repo", type=Path, default=REPO_ROOT,
+                   help=f"project whose {PARAMS_FILE} 'evaluate' is read (default: {REPO_ROOT})")
 
 
-def _print_rows(rows: list[dict]) -> None:
-    if not rows:
+def _print_rows(rows: list[dict], combinations: list[dict]) -> None:
+    if not rows and not combinations:
         print("no ctrlora-* models registered")
         return
-    print(f"{'model':<24} {'ver':>4} {'aliases':<20} {'dataset_hash':<14} {'metrics':<28} gate")
+    if rows:
+        print(f"{'model':<24} {'ver':>4} {'aliases':<20} {'dataset_hash':<14} {'metrics':<28} gate")
     for r in rows:
         metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(r["metrics"].items())[:3])
         print(f"{r['model']:<24} {r['version']:>4} {','.join(r['aliases']) or '-':<20} "
               f"{(r['dataset_hash'] or '-')[:12]:<14} {metrics:<28} "
               f"{r['gate'] or '-'}: {r['gate_reason'] or ''}")
+    if combinations:
+        print(f"\n{'combination':<36} {'ver':>4} {'aliases':<20} built from (weight)")
+    for r in combinations:
+        weights = (r.get("recipe") or {}).get("weights") or {}
+        built = ", ".join(f"{u[len(URI_SCHEME):]} ({weights.get(c, '?')})" for c, u in sorted(r["sources"].items()))
+        print(f"{r['model']:<36} {r['version']:>4} {','.join(r['aliases']) or '-':<20} {built}")
 
 
 def _run_registry(args) -> int:
+    from pipelines.registry import combination
     from pipelines.registry import models as registry
     from pipelines.registry.register import register_params
 
     action = args.registry_command
     try:
         if action == "list":
-            rows = registry.list_models()
-            print(json.dumps(rows, indent=1)) if args.json else _print_rows(rows)
+            rows, combos = registry.list_models(), combination.list_combinations()
+            if args.json:  # one list: adapter versions, then combination versions ("conditions")
+                print(json.dumps(rows + combos, indent=1))
+            else:
+                _print_rows(rows, combos)
+            return 0
+        if action == "combine":
+            weights = {}
+            for item in args.weight:
+                cond, sep, value = item.partition("=")
+                if not sep or not cond.strip():
+                    raise registry.RegistryError(f"--weight {item!r}: expected CONDITION=WEIGHT")
+                weights[cond.strip()] = value
+            built = combination.combine(args.conditions, root=args.repo, weights=weights)
+            verb = "registered" if built.created else "already registered (same adapters and recipe)"
+            print(f"{built.model_name} v{built.version} {verb}; champion (was "
+                  f"{'v' + built.previous_champion if built.previous_champion else 'none'})")
+            for c, uri in sorted(built.sources.items()):
+                print(f"  {c}: {uri}, weight {built.recipe['weights'][c]:g}")
+            print(f"  sampler: {built.recipe['scheduler']}, {built.recipe['steps']} steps, guidance "
+                  f"{built.recipe['guidance_scale']:g}; weights from {built.weights_source}")
+            print(f"  serve: mlflow models serve -m models:/{built.model_name}@champion --env-manager local")
             return 0
         if action == "promote":
             from pipelines.registry.frozen_benchmark import gate_for
@@ -96,6 +138,12 @@ def _run_registry(args) -> int:
         if action == "rollback":
             res = registry.rollback(args.condition)
             print(f"{registry.model_name(args.condition)}: champion v{res.previous} -> v{res.version}")
+            return 0
+        if combination.is_combination(args.uri[len(URI_SCHEME):]):
+            combo = combination.resolve_combination_uri(args.uri, args.dst)
+            print(json.dumps({"model": combo.model_name, "version": combo.version, "backbone": str(combo.backbone),
+                              "base": str(combo.base), "adapters": {k: str(v) for k, v in combo.adapters.items()},
+                              "recipe": combo.recipe}, indent=1))
             return 0
         r = registry.resolve_adapter_uri(args.uri, args.dst)
         print(json.dumps({"model": r.model_name, "version": r.version, "condition": r.condition,
@@ -122,6 +170,36 @@ def _same_part(resolved: list, attr: str, flag: str) -> Path:
     return getattr(first, attr)
 
 
+def _use_combination(args, adapters: dict, downloads: list, resolved: list, sources: dict,
+                     items: list, recipes: list) -> None:
+    """``--combination URI``: its adapters serve the ``--condition`` images that name them (an
+    ``--adapter`` of the same name wins), at its recipe's weights; its recipe decides the sampler;
+    the conditions are put in its order (the order the pipeline draws their noise in, as the
+    served model does)."""
+    from ctrlora.models.adapters import BASE_NAME
+    from pipelines.registry.combination import resolve_combination_uri
+
+    uri = args.combination
+    try:
+        combo = resolve_combination_uri(uri)
+    except Exception as exc:  # MLflow / registry errors: report them plainly
+        raise generate_cli.GenerateError(f"--combination {uri}: {exc}") from exc
+    downloads.append(combo.local_dir)
+    resolved.append((uri, combo))
+    recipes.append(combo.recipe)
+    conditions = generate_cli.parse_pairs(args.condition, "condition")
+    unknown = sorted(set(conditions) - set(combo.adapters) - set(adapters) - {BASE_NAME})
+    if unknown:
+        raise generate_cli.GenerateError(f"condition(s) {unknown}: not in {combo.model_name} v{combo.version} "
+                                         f"(it has {list(combo.adapters)}) and no --adapter names them")
+    for name in conditions:
+        if name in combo.adapters and name not in adapters:
+            items.append(f"{name}={combo.adapters[name]}:{combo.recipe['weights'][name]}")
+            sources[name] = f"{uri} ({name})"
+    rank = {c: i for i, c in enumerate(combo.adapters)}
+    args.condition = sorted(args.condition, key=lambda item: rank.get(item.partition("=")[0].strip(), len(rank)))
+
+
 def _resolve_uris(args, downloads: list) -> dict[str, str]:
     """Replace ``models:/`` adapters in ``args`` by downloaded folders (appended to
     ``downloads``), fill in ``--backbone`` / ``--base`` from them; returns how ``generate.json``
@@ -130,7 +208,12 @@ def _resolve_uris(args, downloads: list) -> dict[str, str]:
 
     generate_cli.check_images(generate_cli.parse_pairs(args.condition, "condition"))
     adapters = generate_cli.parse_pairs(args.adapter, "adapter")
-    resolved, sources, items, recipes = [], {}, [], []
+    resolved: list = []
+    sources: dict[str, str] = {}
+    items: list[str] = []
+    recipes: list[dict] = []
+    if getattr(args, "combination", None):
+        _use_combination(args, adapters, downloads, resolved, sources, items, recipes)
     for name, (where, weight) in adapters.items():
         if where.startswith(URI_SCHEME):
             try:
@@ -147,8 +230,8 @@ def _resolve_uris(args, downloads: list) -> dict[str, str]:
                     weight = float(recipe["weight"])
         items.append(f"{name}={where}" + ("" if weight is None else f":{weight}"))
     args.adapter = items
-    # steps, guidance and sampler the user left unset: the first registry version's recipe (how
-    # it was evaluated), else the library command's defaults
+    # steps, guidance and sampler the user left unset: the combination's recipe, else the first
+    # registry version's (how it was evaluated), else the library command's defaults
     first = recipes[0] if recipes else {}
     for attr, key in (("steps", "steps"), ("guidance", "guidance_scale"), ("scheduler", "scheduler")):
         if getattr(args, attr, None) is None:
@@ -201,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(_run=benchmark.run)
     p = sub.add_parser("generate", help="ctrlora generate, with models:/ registry URIs as adapters")
     generate_cli.add_arguments(p, parts_required=False)
+    p.add_argument("--combination", default=None, metavar="URI",
+                   help="a registered combination, models:/ctrlora+<c1>+<c2>@champion: its adapters serve the "
+                        "--condition images that name them, with its recipe's weights and sampler")
     # unset unless given: a registered version's recipe fills them (see _resolve_uris)
     p.set_defaults(_run=_run_generate, steps=None, guidance=None, scheduler=None)
     p = sub.add_parser("studio", help="local web page: compose conditions, compare versions, promote")

@@ -7,6 +7,7 @@
 * :mod:`.gate` -- the promotion rule (pure functions, no MLflow);
 * :mod:`.frozen_benchmark` -- the frozen benchmark and the paired comparison on it;
 * :mod:`.pyfunc`, :mod:`.pyfunc_model` -- the registered model class and its models-from-code file;
+* :mod:`.combination` -- ``ctrlora+<c1>+<c2>...`` models: several champions served as one;
 * :mod:`.dvclock` -- the one reader of the hashes DVC recorded in ``dvc.lock``.
 
 Importing this package imports none of them (MLflow loads only where a module needs it)."""

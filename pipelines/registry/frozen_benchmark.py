@@ -41,8 +41,8 @@ scores both with the frozen re-detectors (the evaluation library's ``run_scores`
 research graph scores with too), takes the paired bootstrap of the per-scan differences
 (``bootstrap_diff``) and decides with :func:`pipelines.registry.gate.paired_decision`.
 
-Params (``register.benchmark``): ``max_scans`` (scans in a new version), ``sampling``,
-``bootstrap``, ``grid_rows``.
+Params (``register.benchmark``, every key required: :data:`BENCHMARK_KEYS`): ``max_scans`` (scans
+in a new version), ``sampling``, ``bootstrap``, ``grid_rows``.
 """
 from __future__ import annotations
 
@@ -60,13 +60,9 @@ from typing import Any, Mapping
 
 from ctrlora.data.files import sha256_file
 
-DEFAULT_BENCHMARK: dict[str, Any] = {
-    "max_scans": 32,
-    "sampling": {"steps": 10, "scheduler": "dpm_karras", "guidance_scale": 1.0, "batch_size": 32,
-                 "seed": 1000},
-    "bootstrap": {"n_boot": 2000, "seed": 0},
-    "grid_rows": 8,
-}
+# What params.yaml ``register.benchmark`` must state (the values are stated there only).
+BENCHMARK_KEYS = ("max_scans", "sampling.steps", "sampling.scheduler", "sampling.guidance_scale",
+                  "sampling.batch_size", "sampling.seed", "bootstrap.n_boot", "bootstrap.seed", "grid_rows")
 LEVEL = 0.95
 SPLIT = "validation"   # promotion is model selection: never the test split
 LABEL_FILE = "segmentation.png"
@@ -78,18 +74,23 @@ class BenchmarkError(RuntimeError):
 
 # ---------------------------------------------------------------------------- params and places
 def benchmark_params(root: Path) -> dict[str, Any]:
-    """params.yaml ``register.benchmark`` over :data:`DEFAULT_BENCHMARK`."""
+    """params.yaml ``register.benchmark``, every key of :data:`BENCHMARK_KEYS` present (a missing
+    one is an error naming it: params.yaml is the one statement of these settings)."""
     from pipelines.settings import load_params
 
-    section = (load_params(root).get("register") or {}).get("benchmark") or {}
-    out = json.loads(json.dumps(DEFAULT_BENCHMARK))
-    for key, value in section.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key].update(value)
-        else:
-            out[key] = value
+    source = Path(root) / "params.yaml"
+    section = (load_params(root).get("register") or {}).get("benchmark")
+    if not isinstance(section, Mapping):
+        raise BenchmarkError(f"{source}: register.benchmark is missing (the settings of a new benchmark version)")
+    for key in BENCHMARK_KEYS:
+        node: Any = section
+        for part in key.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                raise BenchmarkError(f"{source}: register.benchmark.{key} is missing")
+            node = node[part]
+    out = json.loads(json.dumps(dict(section)))
     if not isinstance(out["max_scans"], int) or out["max_scans"] < 2:
-        raise BenchmarkError(f"{root / 'params.yaml'}: register.benchmark.max_scans must be an "
+        raise BenchmarkError(f"{source}: register.benchmark.max_scans must be an "
                              f"integer >= 2 (a paired interval needs scans), got {out['max_scans']!r}")
     return out
 

@@ -47,6 +47,7 @@ HISTORY_TAG = "champion_history"
 ARTIFACTS = ("backbone", "base", "adapter")  # what a resolved version brings
 PARTS = ("backbone", "base")                 # logged once per content hash, referenced by versions
 PARTS_FILE = "parts.json"                    # a version's reference to its parts
+ADAPTERS_KEY = "adapters"                    # parts.json of a combination: {condition: reference}
 PART_TAG, HASH_TAG = "ctrlora.part", "ctrlora.content_hash"
 PARTS_CACHE_ENV = "CTRLORA_PARTS_CACHE"      # where fetched parts are kept (default: temp dir)
 
@@ -130,6 +131,14 @@ def fetch_parts(parts_file: str | Path) -> dict[str, Path]:
     if missing:
         raise RegistryError(f"{parts_file}: no reference for {missing}")
     return {k: fetch_part(refs[k]) for k in PARTS}
+
+
+def fetch_adapters(parts_file: str | Path) -> dict[str, Path]:
+    """``{condition: dir}`` of the adapters a version's ``parts.json`` references (a combination
+    of conditions, :mod:`pipelines.registry.combination`); ``{}`` for a one-condition version,
+    which holds its adapter itself."""
+    refs = json.loads(Path(parts_file).read_text()).get(ADAPTERS_KEY) or {}
+    return {str(c): fetch_part(ref) for c, ref in sorted(refs.items())}
 
 
 def model_name(condition: str) -> str:
@@ -277,10 +286,10 @@ def _version_for_uri(client: MlflowClient, uri: str):
     raise ValueError(f"{uri!r}: expected models:/<name>@<alias> or models:/<name>/<version>")
 
 
-def resolve_adapter_uri(uri: str, dst_path: str | Path | None = None) -> ResolvedModel:
-    """``models:/ctrlora-<c>@alias`` (or ``models:/ctrlora-<c>/<version>``) → local directories
-    of backbone, base and adapter (the model's artifacts are downloaded to ``dst_path`` or a
-    new temporary directory, which the caller removes: :attr:`ResolvedModel.local_dir`)."""
+def download_version(uri: str, dst_path: str | Path | None = None) -> tuple[str, Any, Path, dict[str, Path]]:
+    """``models:/<name>@<alias>`` or ``models:/<name>/<version>`` → (name, model version, local
+    model directory, ``{artifact: local path}``), the model's files downloaded to ``dst_path`` or
+    a new temporary directory, which the caller removes; parts are not fetched."""
     client = MlflowClient()
     name, mv = _version_for_uri(client, uri)
     if dst_path is None:
@@ -289,8 +298,18 @@ def resolve_adapter_uri(uri: str, dst_path: str | Path | None = None) -> Resolve
                                                      dst_path=str(dst_path)))
     mlmodel = yaml.safe_load((local / "MLmodel").read_text())
     arts = mlmodel["flavors"]["python_function"].get("artifacts") or {}
-    paths = {k: local / v["path"] for k, v in arts.items()}
+    return name, mv, local, {k: local / v["path"] for k, v in arts.items()}
+
+
+def resolve_adapter_uri(uri: str, dst_path: str | Path | None = None) -> ResolvedModel:
+    """``models:/ctrlora-<c>@alias`` (or ``models:/ctrlora-<c>/<version>``) → local directories
+    of backbone, base and adapter (the model's artifacts are downloaded to ``dst_path`` or a
+    new temporary directory, which the caller removes: :attr:`ResolvedModel.local_dir`)."""
+    name, mv, local, paths = download_version(uri, dst_path)
     if "parts" in paths:  # backbone and base stored once, referenced
+        if json.loads(paths["parts"].read_text()).get(ADAPTERS_KEY):
+            raise RegistryError(f"{uri}: a combination of conditions, not one adapter "
+                                "(pipelines.registry.combination.resolve_combination_uri)")
         paths.update(fetch_parts(paths["parts"]))
     missing = [k for k in ARTIFACTS if k not in paths]
     if missing:

@@ -22,7 +22,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from ctrlora.models.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from pipelines.registry.dvclock import LOCK_FILE, dataset_hash_from_lock, lock_hash
@@ -45,16 +45,34 @@ def register_params(root: Path) -> dict[str, Any]:
     return {**section, "gate": gate_config(section.get("gate"))}
 
 
-def sampling_recipe(root: Path, condition: str) -> dict[str, Any] | None:
-    """How ``condition``'s version was evaluated (params.yaml ``evaluate``: sampler, steps, the
-    gating guidance, the condition's residual weight, 1 where unset as in the evaluation); what
-    serving samples with unless told otherwise. None when the params have no evaluation."""
-    ev = load_params(root).get("evaluate") or {}
-    if "sampling" not in ev:
+def required(section: Mapping[str, Any], key: str, where: str) -> Any:
+    """``section[a][b]...`` for ``key = "a.b..."``; a missing key is an error naming it
+    (``where``: the file and section it should be in)."""
+    node: Any = section
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            raise ValueError(f"{where}.{key} is missing")
+        node = node[part]
+    return node
+
+
+def evaluate_params(root: Path) -> dict[str, Any]:
+    """params.yaml section ``evaluate`` of the project at ``root`` (``{}`` when absent)."""
+    return dict(load_params(root).get("evaluate") or {})
+
+
+def sampling_recipe(evaluate: Mapping[str, Any], condition: str,
+                    where: str = "params.yaml evaluate") -> dict[str, Any] | None:
+    """How ``condition``'s version was evaluated (params ``evaluate``, read once by the caller:
+    the sampler, its steps, the gating guidance and the condition's residual weight, 1 where
+    ``condition_weights`` names no weight, as in the evaluation); what serving samples with
+    unless told otherwise. None when the params have no evaluation sampling."""
+    if "sampling" not in evaluate:
         return None
-    return {"scheduler": str(ev["sampling"]["scheduler"]), "steps": int(ev["sampling"]["steps"]),
-            "guidance_scale": float(ev.get("gate_guidance", 1.0)),
-            "weight": float((ev.get("condition_weights") or {}).get(condition, 1.0))}
+    return {"scheduler": str(required(evaluate, "sampling.scheduler", where)),
+            "steps": int(required(evaluate, "sampling.steps", where)),
+            "guidance_scale": float(required(evaluate, "gate_guidance", where)),
+            "weight": float((evaluate.get("condition_weights") or {}).get(condition, 1.0))}
 
 
 def find_adapters(root: Path) -> list[Candidate]:
@@ -89,7 +107,8 @@ def missing_outputs(root: Path) -> list[str]:
 
 
 def _register_one(root: Path, cand: Candidate, metrics_all: dict, commit: str,
-                  gate: dict[str, Any], dry_run: bool, log, judge=None):
+                  gate: dict[str, Any], dry_run: bool, log, judge=None,
+                  recipe: dict[str, Any] | None = None):
     """Register one adapter (or say what would be registered); None on a dry run."""
     from pipelines.registry.registration import register_adapter  # MLflow only when registering
 
@@ -107,7 +126,7 @@ def _register_one(root: Path, cand: Candidate, metrics_all: dict, commit: str,
         c, cand.adapter_dir, dataset_hash=dataset_hash, base_hash=base_hash,
         backbone_dir=backbone_part(root / BACKBONE_DIR, root), base_dir=root / BASE_DIR, metrics=metrics,
         git_commit=commit, gate=gate, dataset_path=root / PREPARED_CONDITIONS / c, judge=judge,
-        recipe=sampling_recipe(root, c))
+        recipe=recipe)
 
 
 def register_all(root: Path, *, dry_run: bool = False, log=print) -> tuple[list, list[str]] | None:
@@ -120,6 +139,9 @@ def register_all(root: Path, *, dry_run: bool = False, log=print) -> tuple[list,
             "(the DVC graph has not produced them yet); registry untouched")
         return None
     gate = register_params(root)["gate"]
+    evaluate = evaluate_params(root)
+    where = f"{root / 'params.yaml'}: evaluate"
+    recipes = {c.condition: sampling_recipe(evaluate, c.condition, where) for c in find_adapters(root)}
     metrics_all = json.loads((root / METRICS_FILE).read_text())
     commit = git_commit(root)
     judge = None
@@ -131,7 +153,8 @@ def register_all(root: Path, *, dry_run: bool = False, log=print) -> tuple[list,
     try:
         for cand in find_adapters(root):
             try:
-                res = _register_one(root, cand, metrics_all, commit, gate, dry_run, log, judge)
+                res = _register_one(root, cand, metrics_all, commit, gate, dry_run, log, judge,
+                                    recipes[cand.condition])
             except (KeyError, FileNotFoundError, ValueError) as exc:
                 errors.append(f"{cand.condition}: {exc}")
                 log(f"register: {cand.condition}: NOT registered: {exc}")

@@ -128,11 +128,11 @@ def register_adapter(condition: str, adapter_dir: str | Path, *, dataset_hash: s
     if recipe:
         tags["recipe"] = json.dumps(dict(recipe), sort_keys=True)
     dataset_path = Path(dataset_path or REPO_ROOT / PREPARED_CONDITIONS / condition)
-    experiment_id = _experiment_id(client)
+    exp_id = experiment_id(client)
     with tempfile.TemporaryDirectory(prefix="ctrlora-register-") as tmp:
-        refs = {"backbone": _log_part(client, experiment_id, "backbone", backbone_dir, Path(tmp)),
-                "base": _log_part(client, experiment_id, "base", base_dir, Path(tmp),
-                                  skip_top=("adapters",))}
+        refs = {"backbone": log_part(client, exp_id, "backbone", backbone_dir, Path(tmp)),
+                "base": log_part(client, exp_id, "base", base_dir, Path(tmp),
+                                 skip_top=("adapters",))}
         tags.update({f"{k}_content_hash": r["content_hash"] for k, r in refs.items()})
         parts_file = Path(tmp) / PARTS_FILE
         parts_file.write_text(json.dumps(refs, indent=1, sort_keys=True) + "\n")
@@ -146,12 +146,12 @@ def register_adapter(condition: str, adapter_dir: str | Path, *, dataset_hash: s
             recipe_file = Path(tmp) / RECIPE_FILE
             recipe_file.write_text(json.dumps(dict(recipe), indent=1, sort_keys=True) + "\n")
             artifacts["recipe"] = str(recipe_file)
-        with mlflow.start_run(experiment_id=experiment_id, run_name=f"register-{condition}") as run:
+        with mlflow.start_run(experiment_id=exp_id, run_name=f"register-{condition}") as run:
             _log_run_record(condition, adapter_dir, backbone_dir, base_dir, gate, flat, tags)
             _log_dataset_input(condition, dataset_path, dataset_hash)
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(PYFUNC_CODE), artifacts=artifacts,
-                signature=SIGNATURE, pip_requirements=_pip_requirements(),
+                signature=SIGNATURE, pip_requirements=pip_requirements(),
                 metadata={"condition": condition, "dataset_hash": dataset_hash,
                           "adapter_hash": adapter_hash, "base_hash": base_hash},
             )
@@ -316,20 +316,20 @@ def _log_outcome(client: MlflowClient, run_id: str | None, outcome: GateOutcome,
         client.log_artifact(run_id, str(path), artifact_path="gate")
 
 
-def _log_part(client: MlflowClient, experiment_id: str, kind: str, src: Path, tmp: Path,
-              skip_top: tuple[str, ...] = ()) -> dict[str, str]:
+def log_part(client: MlflowClient, exp_id: str, kind: str, src: Path, tmp: Path,
+             skip_top: tuple[str, ...] = ()) -> dict[str, str]:
     """Log ``src`` (without ``skip_top``) once per content hash as the artifacts of a run of its
     own; returns the reference a version stores in ``parts.json``."""
     staged = Path(_stage_dir(src, tmp / f"part-{kind}", skip_top))
     digest = dir_hash(staged)
     found = client.search_runs(
-        [experiment_id], max_results=1, order_by=["attributes.start_time ASC"],
+        [exp_id], max_results=1, order_by=["attributes.start_time ASC"],
         filter_string=(f"tags.`{PART_TAG}` = '{kind}' and tags.`{HASH_TAG}` = '{digest}' "
                        "and attributes.status = 'FINISHED'"))
     if found:
         run_id = found[0].info.run_id
     else:
-        run_id = client.create_run(experiment_id, tags={PART_TAG: kind, HASH_TAG: digest},
+        run_id = client.create_run(exp_id, tags={PART_TAG: kind, HASH_TAG: digest},
                                    run_name=f"{kind}-{digest[:12]}").info.run_id
         try:
             client.log_artifacts(run_id, str(staged), artifact_path=kind)
@@ -365,7 +365,7 @@ def _existing_result(client: MlflowClient, condition: str, existing, judge: Any,
                               dict(existing.tags))
 
 
-def _experiment_id(client: MlflowClient) -> str:
+def experiment_id(client: MlflowClient) -> str:
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
@@ -427,7 +427,7 @@ def _stage_dir(src: Path, dst: Path, skip_top: tuple[str, ...] = ()) -> str:
     return str(dst)
 
 
-def _pip_requirements() -> list[str]:
+def pip_requirements() -> list[str]:
     reqs = []
     for dist in REQUIREMENTS:
         try:

@@ -26,7 +26,8 @@ def _params(root: Path, **register) -> None:
               "train_adapter": {"conditions": ["lighting"]},
               "register": {"gate": {"rule": "superiority", "min_delta": 0.0},
                            "benchmark": {"max_scans": 6, "grid_rows": 3,
-                                         "sampling": {"steps": 2, "batch_size": 8, "seed": 5},
+                                         "sampling": {"steps": 2, "scheduler": "dpm_karras", "guidance_scale": 1.0,
+                                                      "batch_size": 8, "seed": 5},
                                          "bootstrap": {"n_boot": 300, "seed": 0}},
                            **register}}
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -327,3 +327,72 @@ def test_pyfunc_is_logged_as_code_and_generates_in_fresh_process(tracking, tmp_p
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "SIZE (32, 32) RGB" in proc.stdout
+
+
+def test_params_state_the_recipe_and_the_benchmark_settings_once(tmp_path):
+    """The recipe a version records and the settings of a new benchmark version come from
+    params.yaml alone: the shipped file states every key, and a missing key is an error naming it."""
+    from pipelines.registry.frozen_benchmark import BenchmarkError, benchmark_params
+    from pipelines.registry.register import sampling_recipe
+
+    shipped = yaml.safe_load((Path(__file__).resolve().parents[2] / "params.yaml").read_text())
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(shipped))
+    assert benchmark_params(tmp_path) == shipped["register"]["benchmark"]
+    del shipped["register"]["benchmark"]["sampling"]["guidance_scale"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(shipped))
+    with pytest.raises(BenchmarkError, match=r"register\.benchmark\.sampling\.guidance_scale is missing"):
+        benchmark_params(tmp_path)
+
+    ev = shipped["evaluate"]
+    assert sampling_recipe(ev, "lighting") == {
+        "scheduler": ev["sampling"]["scheduler"], "steps": ev["sampling"]["steps"],
+        "guidance_scale": ev["gate_guidance"], "weight": ev["condition_weights"]["lighting"]}
+    assert sampling_recipe(ev, "no-such-condition")["weight"] == 1.0   # as the evaluation weighs it
+    assert sampling_recipe({}, "lighting") is None                      # a project without an evaluation
+    with pytest.raises(ValueError, match=r"evaluate\.gate_guidance is missing"):
+        sampling_recipe({k: v for k, v in ev.items() if k != "gate_guidance"}, "lighting")
+
+
+def test_a_combination_recipe_and_what_cannot_be_combined(tracking, tmp_path):
+    """The combination's weights: params ``evaluate.combined`` when it names exactly these
+    conditions, else each version's own, ``--weight`` over both; one sampler for all. Refused with
+    the reason: one condition, a condition twice, a condition without a champion, versions on
+    different bases or backbones, weights that are negative or name another condition."""
+    from pipelines.registry.combination import combination_recipe, combine
+    from pipelines.registry.models import RegistryError
+    from pipelines.registry.registration import register_adapter
+
+    own = {"scheduler": "dpm_karras", "steps": 10, "guidance_scale": 1.0, "weight": 2.0}
+    recipes = {"a": own, "b": {**own, "weight": 3.0}}
+    recipe, source = combination_recipe(["a", "b"], recipes, {"combined": {"a": 1.0, "b": 0.5}})
+    assert recipe == {"scheduler": "dpm_karras", "steps": 10, "guidance_scale": 1.0, "weights": {"a": 1.0, "b": 0.5}}
+    assert "evaluate.combined" in source
+    recipe, source = combination_recipe(["a", "b"], recipes, {"combined": {"a": 1.0, "c": 1.0}}, {"b": "0"})
+    assert recipe["weights"] == {"a": 2.0, "b": 0.0} and "not evaluated together" in source
+    for weights, match in (({"a": -1}, "finite and >= 0"), ({"a": "inf"}, "finite and >= 0"),
+                           ({"c": 1}, "'c' is not one of the conditions")):
+        with pytest.raises(RegistryError, match=match):
+            combination_recipe(["a", "b"], recipes, {}, weights)
+    with pytest.raises(RegistryError, match="different samplers"):
+        combination_recipe(["a", "b"], {"a": own, "b": {**own, "steps": 20}}, {})
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "params.yaml").write_text(yaml.safe_dump({"evaluate": {
+        "sampling": {"scheduler": "ddim", "steps": 2}, "gate_guidance": 1.0}}))
+    _register(tmp_path / "a", "t-mix-a", 1, 0.5)
+    other_base = _fake_parts(tmp_path / "b", "t-mix-b", 2)
+    register_adapter("t-mix-b", other_base["adapter_dir"], dataset_hash="a" * 32 + ".dir", base_hash="c" * 64,
+                     backbone_dir=other_base["backbone_dir"], base_dir=other_base["base_dir"], metrics=None,
+                     git_commit="c0ffee")
+    other_backbone = _fake_parts(tmp_path / "c", "t-mix-c", 3)
+    (other_backbone["backbone_dir"] / "unet" / "config.json").write_text('{"other": 1}')
+    register_adapter("t-mix-c", other_backbone["adapter_dir"], dataset_hash="a" * 32 + ".dir", base_hash="b" * 64,
+                     backbone_dir=other_backbone["backbone_dir"], base_dir=other_backbone["base_dir"], metrics=None,
+                     git_commit="c0ffee")
+    for conditions, match in ((["t-mix-a"], "two or more conditions"), (["t-mix-a", "t-mix-a"], "given twice"),
+                              (["t-mix-a", "t-none"], "ctrlora-t-none has no 'champion' version"),
+                              (["t-mix-a", "t-mix-b"], "different base ControlNets"),
+                              (["t-mix-a", "t-mix-c"], "different backbones")):
+        with pytest.raises(RegistryError, match=match):
+            combine(conditions, root=repo)

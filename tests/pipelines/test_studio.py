@@ -96,7 +96,8 @@ def project(tmp_path_factory):
         {"train_base": {"conditions": []}, "train_adapter": {"conditions": ["lighting"]},
          "register": {"gate": {"rule": "superiority", "min_delta": 0.0},
                       "benchmark": {"max_scans": 3, "grid_rows": 2, "bootstrap": {"n_boot": 200, "seed": 0},
-                                    "sampling": {"steps": 2, "batch_size": 8, "seed": 5}}},
+                                    "sampling": {"steps": 2, "scheduler": "dpm_karras", "guidance_scale": 1.0,
+                                                 "batch_size": 8, "seed": 5}}},
          "evaluate": {"condition_weights": {"lighting": 2.0}, "gate_guidance": 1.0,
                       "sampling": {"scheduler": "dpm_karras", "steps": 4}}}))
     frozen_benchmark.freeze(root, log=lambda m: None)
