@@ -48,7 +48,7 @@ import numpy as np
 from ctrlora.data.contract import CLINIC_KIND, CLINIC_MAPS, Violation
 from ctrlora.data.files import png_bytes
 from ctrlora.data.ingest import batch_id, quarantine_files
-from ctrlora.data.labels import LABEL_IDS, LABELS
+from ctrlora.data.labels import BACKGROUND, LABEL_IDS, LABELS
 from ctrlora.data.photos import (ASPECTS, MAX_PHOTO_PIXELS, PHOTO_CAPTION, Geometry, NormalisedPhoto, PhotoRejected,
                                  is_photo_name, load_strictly, normalise_photo, photo_scan_id)
 from ctrlora.data.scan import META, READY, meta_bytes
@@ -357,7 +357,9 @@ def rasterise_coco(entry: dict[str, Any], annotations: list[dict[str, Any]], cat
     """The label map (H×W uint8) of one photograph's COCO annotations, rasterised by pycocotools:
     polygons (``frPyObjects`` + ``merge``), uncompressed RLE (``frPyObjects``) and compressed RLE,
     decoded by ``pycocotools.mask.decode``. Annotations are painted in file order, so where
-    instances overlap the later annotation wins; unannotated pixels are background."""
+    instances overlap the later annotation wins; unannotated pixels are background. A category
+    mapped to ``background`` is ignored, not painted: a finding drawn inside a tooth (caries, a
+    filling) must not erase the tooth under it."""
     try:
         from pycocotools import mask as mask_utils
     except ImportError as exc:
@@ -376,6 +378,8 @@ def rasterise_coco(entry: dict[str, Any], annotations: list[dict[str, Any]], cat
         if name not in category_ids:
             raise Refused(COCO_FILE, "coco_category_mapped", f"{where}: category {name!r} is not mapped to a label "
                                                              "in params clinic.categories")
+        if category_ids[name] == BACKGROUND:
+            continue
         seg = ann.get("segmentation")
         try:
             if isinstance(seg, list) and seg and all(

@@ -59,8 +59,8 @@ def _worker_init(needs: tuple[str, ...], threads: int) -> None:
     spec = json.loads(needs[0])
     models = evaluation.load_models(Path(spec["backbone"]), Path(spec["base"]),
                                     {c: Path(a) for c, a in spec["adapters"].items()})
-    test = evaluation.load_split(Path(spec["prepared"]), "test", spec["conditions"],
-                                 [Path(x) for x in spec["sources"]], spec["max_scans"], False)
+    test = evaluation.load_test_split(Path(spec["prepared"]), "test", spec["conditions"],
+                                      [Path(x) for x in spec["sources"]], spec["max_scans"], False)
     pipe = CtrLoRAPipeline.from_components(models.backbone, models.controlnet)
     pipe.set_progress_bar_config(disable=True)
     _WORKER.update(pipe=pipe, test=test, sampling=evaluation.SamplingConfig(**spec["sampling"]))
@@ -115,8 +115,9 @@ def main() -> int:
         backbone = resolve_backbone(paths["backbone"])
         models = evaluation.load_models(backbone, paths["base"], adapters)
         sources = [paths["rendered"], paths["scans"]]  # the scans prepare read: their raw label maps
-        test = evaluation.load_split(paths["prepared"], "test", cfg.conditions, sources, p["max_scans"],
-                                     progress)
+        # each condition on the test scans that have it (a clinic scan may have only some maps)
+        test = evaluation.load_test_split(paths["prepared"], "test", cfg.conditions, sources, p["max_scans"],
+                                          progress)
         runner = None
         if workers > 1:
             spec = {"backbone": str(backbone), "base": str(paths["base"]),

@@ -510,3 +510,21 @@ def test_label_map_palette_by_colour_and_refusals(tmp_path):
         read_label_map(tmp_path / "ids.png", "masks/ids.png", (8, 8))
     with pytest.raises(Refused, match="map_size"):
         read_label_map(tmp_path / "ids.png", "masks/ids.png", (8, 9))
+
+
+def test_category_mapped_to_background_is_ignored(tmp_path):
+    """A finding annotated on a tooth, its category mapped to background, is not painted: the
+    tooth under it stays (painting background would erase it)."""
+    export = tmp_path / "export"
+    (export / "photos").mkdir(parents=True)
+    Image.fromarray(_texture(64, 64, 13)).save(export / "photos" / "x.png")
+    anns = [{"id": 1, "image_id": 7, "category_id": 1, "segmentation": _rect(10, 10, 40, 40)},
+            {"id": 2, "image_id": 7, "category_id": 2, "segmentation": _rect(20, 20, 30, 30)}]
+    (export / "annotations.json").write_text(json.dumps({
+        "images": [{"id": 7, "file_name": "x.png", "width": 64, "height": 64}], "annotations": anns,
+        "categories": [{"id": 1, "name": "Molar"}, {"id": 2, "name": "Caries"}]}))
+    sid = photo_scan_id((export / "photos" / "x.png").read_bytes())
+    cfg = ClinicConfig(categories={"Molar": "upper_molar", "Caries": "background"})
+    assert import_clinic(export, tmp_path / "in", tmp_path / "q", cfg).landed == [sid]
+    seg = read_png(tmp_path / "in" / sid / "segmentation.png", "L")
+    assert (seg[10:40, 10:40] == LABEL_IDS["upper_molar"]).all() and seg.sum() == 30 * 30 * LABEL_IDS["upper_molar"]
