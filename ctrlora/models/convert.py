@@ -771,7 +771,36 @@ def _write_published(tensors: Mapping[str, Any], path: Path, fmt: str) -> None:
         torch.save(plain, str(path))
 
 
-def _model_card(files: list[dict], base_dir: Path, base_hash_: str, fmt: str, overrides: dict) -> str:
+def comfyui_head_mismatch(ldm_kwargs: Mapping[str, Any]) -> str | None:
+    """Why ComfyUI would build other attention heads than this base has, or ``None``.
+
+    ComfyUI reads channels, blocks, depth and context width from the tensors but takes the head
+    layout from its model table: 8 heads for the SD 1.5 shape (model_channels 320, context_dim
+    768, conv proj_in), 64-channel heads for a shape it does not know. A base whose heads differ
+    fails to load there (fewer than 64 channels: no heads, zero-sized weights) or loads and
+    computes another network (attention weights do not depend on the head count)."""
+    kw = ldm_kwargs
+    mc, mult = int(kw["model_channels"]), [int(m) for m in kw["channel_mult"]]
+    levels = [i for i in range(len(mult)) if 2**i in kw["attention_resolutions"]]
+    channels = [mc * mult[i] for i in levels] + [mc * mult[-1]]  # the middle block: last level's width
+    if kw.get("num_heads", -1) != -1:
+        heads = [int(kw["num_heads"])] * len(channels)
+    else:
+        heads = [c // int(kw["num_head_channels"]) for c in channels]
+    sd15 = mc == 320 and kw.get("context_dim") == 768 and not kw.get("use_linear_in_transformer", False)
+    want = [8] * len(channels) if sd15 else [c // 64 for c in channels]
+    if heads == want:
+        return None
+    rule = "8 heads (its SD 1.5 entry)" if sd15 else "64-channel heads (a shape not in its table)"
+    effect = ("fails to load it (zero-sized attention weights)" if 0 in want
+              else "loads it but computes another network")
+    return (f"ComfyUI takes the attention heads from its model table, not from the tensors: it would build "
+            f"{rule}, i.e. {want} heads at widths {channels} (transformer levels, then the middle block), where "
+            f"this base has {heads}; so its CtrLoRA loader {effect}.")
+
+
+def _model_card(files: list[dict], base_dir: Path, base_hash_: str, fmt: str, overrides: dict,
+                ldm_kwargs: Mapping[str, Any] | None = None) -> str:
     """README.md of an export folder: what each file is, how to load it."""
     adapters_ = [f for f in files if f["kind"] == "adapter"]
     base = next(f for f in files if f["kind"] == "base")
@@ -818,16 +847,21 @@ def _model_card(files: list[dict], base_dir: Path, base_hash_: str, fmt: str, ov
         f"ldm_config.json --out imported` gives `imported/base` and `imported/adapters/{name}`.",
         "* ComfyUI: put the files in `models/controlnet/` and use ComfyUI-Advanced-ControlNet's CtrLoRA "
         f"loader node (`CtrLoRALoader`): `base` = `{base['file']}`, `lora` = an adapter file. It reads the "
-        "model config from the base tensors and needs the base file's stale LoRA set.",
+        "widths and depths from the base tensors but the attention heads from its own model table (8 heads "
+        "for the SD 1.5 shape, else 64-channel heads), and needs the base file's stale LoRA set.",
         "* The CtrLoRA reference code: its base + adapter loading with the ldm kwargs of `ldm_config.json`.",
     ]
     fixed = {k: v for k, v in overrides.items() if k in _LDM_FIXED}
+    heads = comfyui_head_mismatch(ldm_kwargs) if ldm_kwargs else None
+    if fixed or heads:
+        lines += ["", "## Caution", ""]
     if fixed:
         diffs = ", ".join(f"{k}={v!r} (ldm: {_LDM_FIXED[k]!r})" for k, v in sorted(fixed.items()))
-        lines += ["", "## Caution", "",
-                  f"This base uses settings the ldm ControlNet fixes otherwise: {diffs}. ldm-based loaders (the "
+        lines += [f"This base uses settings the ldm ControlNet fixes otherwise: {diffs}. ldm-based loaders (the "
                   "reference, ComfyUI) load these tensors but compute a different network; `ctrlora convert "
                   "--ldm-config ldm_config.json` rebuilds the network as trained."]
+    if heads:
+        lines += (["", heads] if fixed else [heads])
     return "\n".join(lines) + "\n"
 
 
@@ -875,7 +909,7 @@ def run_export(args) -> int:
                           "sha256": sha256_file(tmp / f"{cond}.{fmt}")})
         (tmp / "ldm_config.json").write_text(json.dumps({"controlnet_kwargs": ldm_kwargs, "ctrlora_config": overrides},
                                                         indent=1) + "\n")
-        (tmp / "README.md").write_text(_model_card(files, Path(args.base), bh, fmt, overrides))
+        (tmp / "README.md").write_text(_model_card(files, Path(args.base), bh, fmt, overrides, ldm_kwargs))
     print(json.dumps({"out": str(out), "base_hash": bh, "format": fmt, "files": files}, indent=1))
     return 0
 

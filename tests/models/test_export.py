@@ -89,6 +89,8 @@ def test_export_then_convert_gives_back_every_tensor(tmp_path, capsys, which, fm
                  "lora_layer.down.weight", f"| {specs[0][1]} |"):
         assert text in card, text
     assert ("norm_num_groups=16" in card) == (which == "two-level")
+    # both widths are under 64 channels per level: ComfyUI would build no attention heads
+    assert "ComfyUI takes the attention heads from its model table" in card and "fails to load it" in card
 
     back = tmp_path / "back"
     argv = ["convert", "--base", str(out / f"base.{fmt}"), "--ldm-config", str(out / "ldm_config.json"),
@@ -113,6 +115,20 @@ def test_export_then_convert_gives_back_every_tensor(tmp_path, capsys, which, fm
         assert all(torch.equal(after[k], before[k]) for k in before), cond
         cfg = adapters.read_adapter_config(b_dir)
         assert cfg["rank"] == rank and cfg["base_hash"] == bh and cfg["condition"] == cond
+
+
+def test_comfyui_head_layout_check():
+    """The head layout ComfyUI would build (its model table: 8 heads for the SD 1.5 shape, else
+    64-channel heads) against the base's own."""
+    assert convert.comfyui_head_mismatch(convert.SD15_LDM_KWARGS) is None
+    other = convert.comfyui_head_mismatch({**convert.SD15_LDM_KWARGS, "num_heads": 4})
+    assert "8 heads (its SD 1.5 entry)" in other and "[4, 4, 4, 4]" in other and "computes another network" in other
+    wide = dict(model_channels=64, channel_mult=[1, 2, 2, 2], attention_resolutions=[4, 2, 1], num_heads=-1,
+                num_head_channels=64, context_dim=32)
+    assert convert.comfyui_head_mismatch(wide) is None
+    assert "computes another network" in convert.comfyui_head_mismatch({**wide, "num_head_channels": 32})
+    tiny = convert.comfyui_head_mismatch(tiny_ldm_kwargs())
+    assert "[0, 0, 0, 0] heads at widths [32, 32, 32, 32]" in tiny and "fails to load it" in tiny
 
 
 def test_alpha_other_than_rank_is_folded_into_up(tmp_path):
