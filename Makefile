@@ -3,7 +3,8 @@
 #   make test    set up .venv if needed, then run the test suite
 #   make foundation  rebuild the committed foundation (tiny backbone + re-detectors; ~12 min; docs/foundation.md)
 #   make studio  the local web page over the registry (docs/studio.md); STUDIO_ARGS="--port 8000"
-#   make test-sd15  the SD 1.5 path on random weights at 64 px (minutes, ~8 GB; not in make test)
+#   make test-sd15  the SD 1.5 path on random weights at 64 px: the stage entries, the whole graph through
+#                  make repro's command with registration, a single-file import (minutes each, ~9 GB; not in make test)
 #   make test-multiprocess  just the training under accelerate with 2 CPU processes (~2 min; also in make test)
 #   make servers-e2e  real Prefect + MLflow servers: landed scans -> triggered retrain -> registry (docs/mlops.md)
 # and the research graph (baselines and ablations, after the production graph; docs/research.md):

@@ -18,7 +18,7 @@ from typing import Any
 
 from ctrlora import generate_cli
 from ctrlora.data import clinic_cli, render_cli
-from ctrlora.models import convert, sizes
+from ctrlora.models import convert, single_file, sizes
 
 COMMANDS: dict[str, tuple[Any, str]] = {
     # name: (module or namespace with add_arguments / run, one-line help)
@@ -29,6 +29,8 @@ COMMANDS: dict[str, tuple[Any, str]] = {
     "convert": (convert, "convert published ldm-format CtrLoRA checkpoints"),
     "export": (convert.EXPORT_COMMAND, "write a base folder and adapter folders as published-layout CtrLoRA checkpoints"),
     "generate": (generate_cli, "generate images from condition images with adapter folders"),
+    "import-sd15": (single_file, "convert a single-file SD 1.5 checkpoint (.safetensors / .ckpt, ldm layout) into the "
+                                 "diffusers-layout folder backbone.sd15_path names"),
 }
 
 

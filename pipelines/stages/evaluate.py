@@ -118,6 +118,13 @@ def main() -> int:
         # each condition on the test scans that have it (a clinic scan may have only some maps)
         test = evaluation.load_test_split(paths["prepared"], "test", cfg.conditions, sources, p["max_scans"],
                                           progress)
+        native = int(models.backbone.unet.config.sample_size) * int(models.backbone.vae_scale_factor)
+        if native != test.data.photos.shape[1]:
+            # the pass without control has no condition image to take its size from, so the
+            # pipeline draws at the UNet's own size and the scores would compare unequal images
+            raise SystemExit(f"[evaluate] the backbone draws {native} px images without a condition, the prepared "
+                             f"scans are {test.data.photos.shape[1]} px: set params.yaml prepare.resolution to "
+                             f"{native} (the backbone's native size) for this backbone")
         runner = None
         if workers > 1:
             spec = {"backbone": str(backbone), "base": str(paths["base"]),

@@ -6,6 +6,8 @@ content hash). Nothing is trained here: later stages load the recorded directory
 * ``preset: tiny`` — the embedded default's backbone, pretrained by the foundation graph and
   committed (``paths.foundation.backbone``; ``make foundation`` rebuilds it).
 * ``preset: sd15`` — a local Stable Diffusion 1.5 directory (``sd15_path``; nothing is downloaded).
+  A single-file checkpoint there is refused with the command that converts it once
+  (``ctrlora import-sd15``, :mod:`ctrlora.models.single_file`).
 
 The record names the directory relative to itself when it lies inside the repository, and as
 written in params.yaml otherwise (``~`` kept), so the tracked output holds nothing specific to
@@ -42,6 +44,14 @@ def record(p: dict, paths: dict, out: Path) -> dict:
     from ctrlora.models.backbone import backbone_hash, load_backbone
 
     src, written = source_of(p, paths)
+    if p["preset"] == "sd15" and src.is_file():
+        # one .safetensors / .ckpt holds no tokenizer, and converting 4 GB on every run is waste:
+        # the user converts it once, outside the graph, and the graph reads the folder
+        raise SystemExit(
+            f"backbone (sd15): params.yaml backbone.sd15_path names a single-file checkpoint ({written}); the graph "
+            "reads a diffusers-layout folder. Convert it once:\n"
+            f"  ctrlora import-sd15 {written} --tokenizer <SD 1.5 tokenizer folder> --out <new folder>\n"
+            "then set backbone.sd15_path to that folder (docs/models.md, \"SD 1.5 as one file\")")
     hint = ("run `make foundation` to rebuild the shipped tiny backbone" if p["preset"] == "tiny"
             else "params.yaml backbone.sd15_path must name a local diffusers-layout SD 1.5 directory")
     try:
