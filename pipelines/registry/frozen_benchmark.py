@@ -36,10 +36,15 @@ machine gets it (DVC-track it and push it to the deployment's remote), since fil
 another CPU may differ in their bytes (docs/mlops.md).
 
 :class:`BenchmarkGate` is the judge :func:`pipelines.registry.registration.register_adapter` calls: it
-generates the champion's and the challenger's images on the benchmark scans with the same seeds,
-scores both with the frozen re-detectors (the evaluation library's ``run_scores``, which the
-research graph scores with too), takes the paired bootstrap of the per-scan differences
-(``bootstrap_diff``) and decides with :func:`pipelines.registry.gate.paired_decision`.
+generates the champion's and the challenger's images on the benchmark scans with the same seeds
+(the evaluation's own generation of one pass, ``ctrlora.evaluation.run.run_job``), scores both
+with the frozen re-detectors (``per_scan_fidelity``), takes the paired bootstrap of the per-scan
+differences (``bootstrap_diff``) and decides with :func:`pipelines.registry.gate.paired_decision`.
+Both sides are sampled at one residual weight: the challenger's recipe weight
+(:func:`pipelines.registry.gate.comparison_weight`), the weight the alias serves if it moves. The
+weight belongs to the version under test, not to the benchmark: a manifest fixes the scans,
+re-detectors, sampler, seeds and bootstrap, and every comparison records the weight it sampled
+at (``gate_weight``).
 
 Params (``register.benchmark``, every key required: :data:`BENCHMARK_KEYS`): ``max_scans`` (scans
 in a new version), ``sampling``, ``bootstrap``, ``grid_rows``.
@@ -54,7 +59,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -349,8 +354,9 @@ def open_benchmark(root: Path, version: int | None = None) -> Benchmark:
 # ---------------------------------------------------------------------------- the comparison
 @dataclass
 class Comparison:
-    """Champion and challenger scored on one benchmark version: per-scan primary fidelity,
-    the paired interval of (challenger - champion), the side-by-side grid."""
+    """Champion and challenger scored on one benchmark version at one residual weight: per-scan
+    primary fidelity, the paired interval of (challenger - champion), both sides' images, the
+    side-by-side grid."""
 
     condition: str
     metric: str
@@ -358,33 +364,57 @@ class Comparison:
     challenger: Any        # float64 [scans]
     interval: Any          # ctrlora.evaluation.stats.Interval
     grid: Path | None
+    weight: float
+    images: dict[str, Any] = field(default_factory=dict)   # side -> uint8 [scans, H, W, 3]
+
+
+def benchmark_job(bench: Benchmark, condition: str, weight: float):
+    """The evaluation's generation job for one side of a comparison: every benchmark scan at the
+    benchmark's guidance, ``condition``'s map through the adapter loaded under its name, at
+    residual weight ``weight``."""
+    import math
+
+    from ctrlora.evaluation.run import GenerationJob
+
+    weight = float(weight)
+    if not math.isfinite(weight) or weight < 0:
+        raise BenchmarkError(f"benchmark v{bench.version}: residual weight must be finite and >= 0, got {weight}")
+    n = len(bench.scan_ids)
+    return GenerationJob(float(bench.manifest["sampling"]["guidance_scale"]), n, condition,
+                         {condition: (condition, weight, condition)}, tuple(range(n)))
 
 
 def compare(bench: Benchmark, condition: str, champion: Mapping[str, Path],
             challenger: Mapping[str, Path], grid_path: Path | None = None,
-            titles: tuple[str, str] = ("champion", "challenger")) -> Comparison:
+            titles: tuple[str, str] = ("champion", "challenger"), *, weight: float) -> Comparison:
     """Generate and score both sides (``{"backbone", "base", "adapter"}`` directories) on the
-    benchmark's scans with its seeds and re-detectors; the grid is condition | champion |
-    challenger for the first ``grid_rows`` scans."""
+    benchmark's scans with its sampler, seeds and re-detectors, both at residual weight
+    ``weight``; the grid is condition | champion | challenger for the first ``grid_rows`` scans."""
     import numpy as np
 
+    from ctrlora.device import default_device
     from ctrlora.evaluation.fidelity import PRIMARY_METRIC
     from ctrlora.evaluation.grids import save_grid
     from ctrlora.evaluation.loading import condition_cell, load_models
-    from ctrlora.evaluation.research import run_scores
+    from ctrlora.evaluation.run import run_job
+    from ctrlora.evaluation.scoring import per_scan_fidelity
     from ctrlora.evaluation.stats import bootstrap_diff
+    from ctrlora.sampling import CtrLoRAPipeline
     from pipelines.stages.common import resolve_backbone
 
     data, detectors, sampling = bench.data(condition), bench.detectors(condition), bench.sampling()
+    job = benchmark_job(bench, condition, weight)
     images, scores = {}, {}
     for side, parts in (("champion", champion), ("challenger", challenger)):
         models = load_models(resolve_backbone(Path(parts["backbone"])), parts["base"],
                              {condition: parts["adapter"]})
-        # the library's scoring (as the research graph's): the adapter, loaded under the
-        # condition's name, at weight 1; scan i sampled with seed + i; per-scan primary fidelity
-        images[side], scores[side] = run_scores(models.backbone, models.controlnet, condition, condition,
-                                                data, detectors, sampling, progress=False)
-        del models
+        # the evaluation's own generation of one pass (scan i sampled with seed + i), on the
+        # device the evaluation uses, then its per-scan primary fidelity
+        pipe = CtrLoRAPipeline.from_components(models.backbone, models.controlnet).to(default_device())
+        pipe.set_progress_bar_config(disable=True)
+        images[side] = run_job(pipe, data, job, sampling)
+        scores[side] = np.asarray(per_scan_fidelity(condition, images[side], data, detectors), dtype=np.float64)
+        del pipe, models
     boot = bench.manifest["bootstrap"]
     iv = bootstrap_diff(scores["challenger"], scores["champion"], n_boot=int(boot["n_boot"]),
                         seed=int(boot["seed"]), level=float(boot.get("level", LEVEL)))
@@ -394,8 +424,8 @@ def compare(bench: Benchmark, condition: str, champion: Mapping[str, Path],
         grid = save_grid([[condition_cell(condition, data, i), images["champion"][i],
                            images["challenger"][i]] for i in range(rows)],
                          grid_path, titles=[condition, *titles])
-    return Comparison(condition, PRIMARY_METRIC[condition], np.asarray(scores["champion"]),
-                      np.asarray(scores["challenger"]), iv, grid)
+    return Comparison(condition, PRIMARY_METRIC[condition], scores["champion"], scores["challenger"], iv, grid,
+                      float(job.controls[condition][1]), images)
 
 
 class UnusableBenchmark:
@@ -444,28 +474,40 @@ class BenchmarkGate:
     def compare(self, name: str, champion_mv, challenger_mv, challenger: Mapping[str, Path]):
         import numpy as np
 
-        from pipelines.registry.gate import paired_decision
+        from pipelines.registry.gate import WEIGHT_TAG, comparison_weight, paired_decision
         from pipelines.registry.models import resolve_adapter_uri
         from pipelines.registry.registration import GateOutcome
 
         condition = challenger_mv.tags.get("condition") or name.split("-", 1)[1]
         champ_v = str(champion_mv.version)
+        # one weight for both sides (the pairing stays a comparison of adapters): the challenger's
+        # recipe weight, what the alias serves if it moves
+        weight = comparison_weight(challenger_mv.tags, f"{name} v{challenger_mv.version}")
+        try:
+            champ_weight = comparison_weight(champion_mv.tags, f"{name} v{champ_v}")
+        except ValueError:
+            champ_weight = None
         work = Path(tempfile.mkdtemp(prefix=f"ctrlora-gate-{condition}-"))
         try:
             resolved = resolve_adapter_uri(f"models:/{name}/{champ_v}", work / "champion")
             champion = {"backbone": resolved.backbone, "base": resolved.base, "adapter": resolved.adapter}
             grid = work / f"{condition}_v{champ_v}_vs_v{challenger_mv.version}.png"
             res = compare(self.bench, condition, champion, challenger, grid,
-                          titles=(f"champion v{champ_v}", f"challenger v{challenger_mv.version}"))
+                          titles=(f"champion v{champ_v}", f"challenger v{challenger_mv.version}"),
+                          weight=weight)
             iv = res.interval
             same = champion_mv.tags.get("dataset_hash") == challenger_mv.tags.get("dataset_hash")
             diffs = res.challenger - res.champion
             ok, reason = paired_decision(self.gate, iv.value, iv.low, iv.high, champion_version=champ_v,
                                          same_data=same, all_zero=bool(np.all(diffs == 0)),
                                          level=iv.level)
-            reason = f"benchmark v{self.bench.version}, {res.metric} on {iv.n} scans: {reason}"
+            at = f"residual weight {weight:g}"
+            if champ_weight != weight:
+                at += (f" (challenger's recipe; champion v{champ_v}'s recipe says "
+                       f"{'?' if champ_weight is None else format(champ_weight, 'g')})")
+            reason = f"benchmark v{self.bench.version}, {res.metric} on {iv.n} scans at {at}: {reason}"
             tags = {**self.tags, "gate_rule": self.gate["rule"], "gate_metric": res.metric,
-                    "gate_champion_version": champ_v,
+                    "gate_champion_version": champ_v, WEIGHT_TAG: repr(weight),
                     "gate_delta": repr(round(iv.value, 6)), "gate_low": repr(round(iv.low, 6)),
                     "gate_high": repr(round(iv.high, 6)), "gate_n_scans": str(iv.n),
                     "gate_level": str(iv.level), "gate_tie": "true" if bool(np.all(diffs == 0)) else "false",
@@ -475,7 +517,7 @@ class BenchmarkGate:
             metrics = {"gate_delta": iv.value, "gate_low": iv.low, "gate_high": iv.high,
                        "gate_champion_mean": float(res.champion.mean()),
                        "gate_challenger_mean": float(res.challenger.mean()),
-                       "benchmark_version": float(self.bench.version)}
+                       "benchmark_version": float(self.bench.version), WEIGHT_TAG: weight}
             per_scan = work / f"{condition}_per_scan.csv"
             per_scan.write_text("scan_id,champion,challenger\n" + "".join(
                 f"{s},{a:.6f},{b:.6f}\n" for s, a, b in zip(self.bench.scan_ids, res.champion,

@@ -12,15 +12,24 @@ bootstrap interval of the mean per-scan difference (challenger - champion).
 Registration, ``ctrlora-ops registry promote`` and the studio's Promote all decide with it; no
 path compares the means two versions carry from different runs. It reads params.yaml
 ``register.gate`` (:data:`DEFAULT_GATE` fills what is absent).
+
+Both sides of a comparison are sampled at one residual weight, the challenger's recipe weight
+(:func:`comparison_weight`): the weight the alias would serve if it moved. A stored comparison
+records it (``gate_weight``) and is reused only at that weight (:func:`recorded_weight`).
 """
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, Mapping
 
 DEFAULT_GATE: dict[str, Any] = {"min_delta": 0.0, "rule": "superiority", "margin": 0.0}
 RULES = ("superiority", "noninferiority")
 METRIC_TAG_PREFIX = "metric."   # a version's numbers are tags metric.<name>
+# The residual weight of a version whose recipe names none (the registered model samples it so),
+# and of a stored comparison without a ``gate_weight`` tag (those were all sampled at weight 1).
+DEFAULT_WEIGHT = 1.0
+WEIGHT_TAG = "gate_weight"
 
 
 def gate_config(gate: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -68,6 +77,42 @@ def paired_decision(gate: Mapping[str, Any], value: float, low: float, high: flo
         why = (f"lower end {low:+.6g} > min_delta {delta:g} ({basis})" if ok
                else f"lower end {low:+.6g} <= min_delta {delta:g} ({basis}): within noise or worse")
     return ok, f"{head}: {why}; " + ("promoted" if ok else "champion kept")
+
+
+def comparison_weight(tags: Mapping[str, str], version: str) -> float:
+    """The residual weight a comparison samples both sides at: the ``weight`` of the challenger's
+    ``recipe`` tag (what the alias serves if it moves), :data:`DEFAULT_WEIGHT` when the version
+    carries no recipe or its recipe names no weight. ``version`` names the version in errors; a
+    recipe that is not JSON, or a weight that is not a finite number >= 0, is refused."""
+    raw = tags.get("recipe")
+    if raw is None:
+        return DEFAULT_WEIGHT
+    try:
+        recipe = json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"{version}: its recipe tag is not JSON ({exc}); the comparison's weight "
+                         "comes from it") from exc
+    if not isinstance(recipe, Mapping):
+        raise ValueError(f"{version}: its recipe tag is not a JSON object: {raw[:200]!r}")
+    weight = recipe.get("weight", DEFAULT_WEIGHT)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
+            or weight < 0:
+        raise ValueError(f"{version}: recipe weight must be a finite number >= 0, got {weight!r}")
+    return float(weight)
+
+
+def recorded_weight(tags: Mapping[str, str]) -> float | None:
+    """The residual weight a stored comparison sampled at: its ``gate_weight`` tag, or
+    :data:`DEFAULT_WEIGHT` when it has none (recorded before the weight was; sampled at 1).
+    An unreadable tag gives None, which matches no weight (the comparison is run again)."""
+    raw = tags.get(WEIGHT_TAG)
+    if raw is None:
+        return DEFAULT_WEIGHT
+    try:
+        weight = float(raw)
+    except (TypeError, ValueError):
+        return None
+    return weight if math.isfinite(weight) else None
 
 
 def flatten_metrics(metrics: Mapping[str, Any] | None, prefix: str = "") -> dict[str, float]:

@@ -242,7 +242,7 @@ def _version_row(model: str, mv, aliases: list[str]) -> dict[str, Any]:
            "aliases": sorted(aliases)}
     for key in ("dataset_hash", "adapter_hash", "base_hash", "git_commit", "gate", "gate_reason",
                 "benchmark_version", "gate_champion_version", "gate_metric", "gate_n_scans",
-                "gate_delta", "gate_low", "gate_high", "forced", "forced_reason"):
+                "gate_delta", "gate_low", "gate_high", "gate_weight", "recipe", "forced", "forced_reason"):
         row[key] = tags.get(key)
     row["metrics"] = metrics_from_tags(tags)
     return row

@@ -14,9 +14,10 @@ a hundred adapter versions on one SD 1.5 backbone store it once.
 
 The gate: the first version of a model takes ``champion``. Every later one is compared with the
 champion by ``judge`` (:class:`pipelines.registry.frozen_benchmark.BenchmarkGate`: both scored in one run on the
-frozen benchmark, paired bootstrap); without a judge, or when the comparison fails, the champion
-stays and the reason says why. The decision, its interval, the benchmark version and the
-side-by-side grid go to the version's tags and to the registering run.
+frozen benchmark at the challenger's recipe weight, paired bootstrap); without a judge, or when the
+comparison fails, the champion stays and the reason says why. The decision, its interval, the
+benchmark version, the weight and the side-by-side grid go to the version's tags and to the
+registering run.
 
 No ``code_paths`` are copied: the loading process imports the installed
 ``ctrlora-dental`` package, so ``ctrlora``/``pipelines`` are imported once, from one place, and
@@ -44,7 +45,7 @@ from mlflow.exceptions import MlflowException
 
 from ctrlora.data.files import sha256_file
 from ctrlora.models.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from pipelines.registry.gate import flatten_metrics, gate_config, metric_tags
+from pipelines.registry.gate import comparison_weight, flatten_metrics, gate_config, metric_tags
 from pipelines.registry.lock import locked_by_model
 from pipelines.registry.pyfunc import SIGNATURE
 from pipelines.registry.models import (CHAMPION, CHALLENGER, HASH_TAG, PART_TAG, PARTS_FILE, PromotionResult,
@@ -232,16 +233,19 @@ def model_card(condition: str, *, dataset_hash: str, base_hash: str, adapter_has
     return "\n".join(lines)
 
 
-def _stored_outcome(gate: Mapping[str, Any], mv, champion_mv, benchmark_version: str | None) -> GateOutcome | None:
+def _stored_outcome(gate: Mapping[str, Any], mv, champion_mv, benchmark_version: str | None,
+                    weight: float) -> GateOutcome | None:
     """The paired comparison a version already carries, when it was made against exactly this
-    champion on exactly this benchmark version (else None: it must be run)."""
-    from pipelines.registry.gate import paired_decision
+    champion, on exactly this benchmark version, at exactly this residual weight (a comparison
+    recorded without a weight was sampled at 1); else None: it must be run."""
+    from pipelines.registry.gate import WEIGHT_TAG, paired_decision, recorded_weight
 
     t = mv.tags
     champ_v = str(champion_mv.version)
     needed = ("gate_champion_version", "benchmark_version", "gate_delta", "gate_low", "gate_high", "gate_tie")
     if any(k not in t for k in needed) or t["gate_champion_version"] != champ_v \
-            or benchmark_version is None or t["benchmark_version"] != str(benchmark_version):
+            or benchmark_version is None or t["benchmark_version"] != str(benchmark_version) \
+            or recorded_weight(t) != float(weight):
         return None
     same = champion_mv.tags.get("dataset_hash") == t.get("dataset_hash")
     level = float(t.get("gate_level", "0.95"))
@@ -250,15 +254,18 @@ def _stored_outcome(gate: Mapping[str, Any], mv, champion_mv, benchmark_version:
                                  level=level)
     metric = t.get("gate_metric", "fidelity")
     return GateOutcome(ok, f"benchmark v{benchmark_version}, {metric} on {t.get('gate_n_scans', '?')} scans "
-                           f"(the comparison recorded at registration): {reason}",
-                       {"benchmark_version": str(benchmark_version), "gate_rule": gate_config(gate)["rule"]})
+                           f"at residual weight {float(weight):g} (the comparison recorded at registration): "
+                           f"{reason}",
+                       {"benchmark_version": str(benchmark_version), "gate_rule": gate_config(gate)["rule"],
+                        WEIGHT_TAG: repr(float(weight))})
 
 
 def promote(condition: str, version: str | int, *, judge: Any = None, gate: Mapping[str, Any] | None = None,
             force: bool = False, reason: str = "") -> PromotionResult:
     """Move ``champion`` to ``version`` on evidence only: the paired comparison with the current
-    champion on the frozen benchmark -- the one the version carries when it was made against
-    exactly this champion and benchmark version, else run now by ``judge`` (a
+    champion on the frozen benchmark at the version's recipe weight -- the one the version carries
+    when it was made against exactly this champion and benchmark version at that weight, else run
+    now by ``judge`` (a
     :class:`~pipelines.registry.frozen_benchmark.BenchmarkGate`); without either, refused. A
     refused version becomes ``challenger``. ``force`` skips the comparison and needs a
     ``reason``, recorded on the version (``forced``, ``forced_reason``, ``forced_over``)."""
@@ -285,8 +292,12 @@ def promote(condition: str, version: str | int, *, judge: Any = None, gate: Mapp
     else:
         champion_mv = client.get_model_version(name, champ_v)
         bench_v = (getattr(judge, "tags", None) or {}).get("benchmark_version")
-        outcome = _stored_outcome(gate_config(gate or getattr(judge, "gate", None)), mv, champion_mv, bench_v) \
-            if judge is not None else None
+        try:  # the weight a comparison would sample both sides at: the version's recipe weight
+            weight = comparison_weight(mv.tags, f"{name} v{version}")
+        except ValueError as exc:
+            raise RegistryError(str(exc)) from exc
+        outcome = _stored_outcome(gate_config(gate or getattr(judge, "gate", None)), mv, champion_mv, bench_v,
+                                  weight) if judge is not None else None
         if outcome is None:
             if judge is None or not hasattr(judge, "bench"):
                 why = getattr(judge, "error", None) or "no frozen benchmark to compare on"

@@ -201,7 +201,8 @@ class Catalogue:
                         "gate": r.get("gate"), "gate_reason": r.get("gate_reason"), "source": "registry",
                         "tags": {k: str(r[k]) for k in ("benchmark_version", "gate_champion_version", "gate_metric",
                                                         "gate_n_scans", "gate_delta", "gate_low", "gate_high",
-                                                        "forced", "forced_reason") if r.get(k) is not None}}
+                                                        "gate_weight", "recipe", "forced", "forced_reason")
+                                 if r.get(k) is not None}}
                 out.append(Adapter(f"models:/{r.get('model')}/{ver}", cond, label, ver, aliases, info))
         for name, d in sorted(self.folders.items()):
             out.append(Adapter(f"{FOLDER_PREFIX}{d}", name, f"folder {_short(d)}",
@@ -683,24 +684,38 @@ class Studio:
     def gate_report(self, condition: Any, version: Any) -> dict:
         """What the page shows before a promotion: the version's paired comparison with the
         champion on the frozen benchmark, as registration (or an earlier promotion) recorded it,
-        and whether promoting would reuse it or run it now; a forced promotion's reason."""
+        the residual weight a comparison samples at (the version's recipe weight), and whether
+        promoting would reuse the recorded one (same champion, benchmark version and weight) or run
+        it now; a forced promotion's reason."""
+        from pipelines.registry.frozen_benchmark import current_version
+        from pipelines.registry.gate import comparison_weight, recorded_weight
+
         rows = [a for a in self.catalogue.adapters() if a.condition == condition and a.version is not None]
         row = next((a for a in rows if a.version == str(version)), None)
         if row is None:
             raise StudioError(f"ctrlora-{condition} has no registered version {version!r}")
         champ = next((a for a in rows if "champion" in a.aliases), None)
         tags = row.info.get("tags", {})
+        try:
+            weight = comparison_weight(tags, f"ctrlora-{condition} v{row.version}")
+        except ValueError as exc:
+            raise StudioError(str(exc)) from exc
         paired = None
         if "gate_low" in tags and "gate_champion_version" in tags:
             paired = {"champion_version": tags["gate_champion_version"],
                       "benchmark_version": tags.get("benchmark_version"), "metric": tags.get("gate_metric"),
                       "delta": float(tags["gate_delta"]), "low": float(tags["gate_low"]),
-                      "high": float(tags["gate_high"]), "n_scans": tags.get("gate_n_scans")}
+                      "high": float(tags["gate_high"]), "n_scans": tags.get("gate_n_scans"),
+                      "weight": recorded_weight(tags)}
         current = champ.version if champ else None
-        reuse = bool(paired and current and paired["champion_version"] == current)
+        bench_now = current_version(self.repo)
+        reuse = bool(paired and current and paired["champion_version"] == current
+                     and bench_now is not None and paired["benchmark_version"] == str(bench_now)
+                     and paired["weight"] == weight)
         return {"condition": condition, "version": row.version, "aliases": row.aliases,
                 "gate": row.info.get("gate"), "gate_reason": row.info.get("gate_reason"),
-                "gate_config": self.gate_config(), "champion": current, "paired": paired,
+                "gate_config": self.gate_config(), "champion": current, "paired": paired, "weight": weight,
+                "benchmark_version": bench_now,
                 "compare_now": bool(current) and not reuse and current != row.version,
                 "forced_reason": tags.get("forced_reason")}
 

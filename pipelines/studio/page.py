@@ -353,7 +353,8 @@ async function askPromote(a) {
     const rows = [["gate decision (tags)", rep.gate ? `${rep.gate}: ${rep.gate_reason || ""}` : "no gate report in its tags"],
       ["gate (params.yaml)", Object.entries(rep.gate_config).map(([k, v]) => `${k} ${v}`).join(", ") || "defaults"],
       ["champion now", rep.champion ? `v${rep.champion}` : "(none: this version takes the alias)"],
-      ["paired comparison", p ? `v${rep.version} − champion v${p.champion_version}, ${p.metric || ""} on ${p.n_scans} scans of benchmark v${p.benchmark_version}: ${fmt(p.delta)} [${fmt(p.low)}, ${fmt(p.high)}]` : "none recorded"],
+      ["paired comparison", p ? `v${rep.version} − champion v${p.champion_version}, ${p.metric || ""} on ${p.n_scans} scans of benchmark v${p.benchmark_version} at residual weight ${p.weight}: ${fmt(p.delta)} [${fmt(p.low)}, ${fmt(p.high)}]` : "none recorded"],
+      ["comparison weight", `${rep.weight} (the version's recipe weight, both sides)`],
       ["on confirm", rep.compare_now ? "the comparison with the current champion runs now (a minute or two)" : "the recorded comparison decides"]];
     if (rep.forced_reason) rows.push(["forced by hand", rep.forced_reason]);
     for (const [k, v] of rows) { const tr = el("tr"); tr.appendChild(el("th", {}, k)); tr.appendChild(el("td", {}, v)); t.appendChild(tr); }

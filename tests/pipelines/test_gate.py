@@ -172,14 +172,14 @@ def test_benchmark_is_frozen_versioned_and_never_takes_new_scans(project, tmp_pa
     assert B.open_benchmark(root).version == 2 and B.open_benchmark(root, 1).scan_ids == m1["scan_ids"]
 
 
-def _register(root: Path, k: int, dataset: str, judge):
+def _register(root: Path, k: int, dataset: str, judge, recipe=None):
     from pipelines.registry.registration import register_adapter
 
     return register_adapter(
         "lighting", root / "models/adapters" / f"lighting-{k}", dataset_hash=dataset * 32 + ".dir",
         base_hash="b" * 64, backbone_dir=root / "models/backbone", base_dir=root / "models/base",
         metrics={"fidelity": 0.5}, git_commit="c0ffee", dataset_path=root / "data/prepared",
-        judge=judge)
+        judge=judge, recipe=recipe)
 
 
 @pytest.fixture
@@ -227,6 +227,8 @@ def test_gate_scores_both_in_one_run_and_moves_only_on_evidence(project, trackin
     assert "tie" in tie.reason and "benchmark v1" in tie.reason
     mv = client.get_model_version(name, tie.version)
     assert mv.tags["gate_delta"] == "0.0" and mv.tags["benchmark_version"] == "1"
+    # a version without a recipe is served at weight 1, so it is compared at weight 1
+    assert mv.tags["gate_weight"] == "1.0" and "at residual weight 1:" in tie.reason
     assert mv.tags["gate_champion_version"] == "1" and mv.tags["gate_n_scans"] == "6"
     assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
 
@@ -290,3 +292,104 @@ def test_gate_scores_both_in_one_run_and_moves_only_on_evidence(project, trackin
     # freezing, every comparison and every promotion read the validation split: never the test
     # split, which only the evaluation reads
     assert splits_read and set(splits_read) == {"validation"}, sorted(set(splits_read))
+
+
+def _draw(root: Path, bench, k: int, weight: float) -> np.ndarray:
+    """What the evaluation's own generation of one pass draws for adapter ``lighting-<k>`` on the
+    benchmark scans at residual weight ``weight`` (its sampler and seeds; nothing of the gate's)."""
+    from ctrlora.device import default_device
+    from ctrlora.evaluation.loading import load_models
+    from ctrlora.evaluation.run import GenerationJob, run_job
+    from ctrlora.sampling import CtrLoRAPipeline
+
+    data, sampling = bench.data("lighting"), bench.sampling()
+    models = load_models(root / "models/backbone", root / "models/base",
+                         {"lighting": root / "models/adapters" / f"lighting-{k}"})
+    pipe = CtrLoRAPipeline.from_components(models.backbone, models.controlnet).to(default_device())
+    pipe.set_progress_bar_config(disable=True)
+    job = GenerationJob(sampling.guidance_scale, len(data), "lighting", {"lighting": ("lighting", weight, "lighting")},
+                        tuple(range(len(data))))
+    return run_job(pipe, data, job, sampling)
+
+
+def test_gate_samples_both_sides_at_the_challengers_recipe_weight(project, tracking, tmp_path, monkeypatch):
+    """The gate draws champion and challenger at the residual weight the challenger's recipe
+    states (what the alias serves if it moves), through the evaluation's own generation; the
+    weight is recorded with the comparison, and a comparison stored at another weight (or before
+    weights were recorded: weight 1) is not reused by a promotion."""
+    from mlflow import MlflowClient
+    from PIL import Image
+
+    from ctrlora.evaluation.grids import save_grid
+    from ctrlora.evaluation.loading import condition_cell
+    from ctrlora.evaluation.scoring import per_scan_fidelity
+    from pipelines.registry import frozen_benchmark as B
+    from pipelines.registry.registration import promote
+
+    # a registry of its own: this test's first version must be the model's first
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    root = tmp_path / "p"
+    shutil.copytree(project, root, symlinks=True)
+    B.freeze(root, log=lambda m: None)
+    bench = B.open_benchmark(root)
+    data = bench.data("lighting")
+    drawn = {(k, w): _draw(root, bench, k, w) for k in (1, 2) for w in (1.0, 2.0)}
+    assert not np.array_equal(drawn[(2, 2.0)], drawn[(2, 1.0)])   # the weight changes the image
+
+    # the comparison itself: both sides are exactly the evaluation's draws at the given weight
+    parts = {k: {"backbone": root / "models/backbone", "base": root / "models/base",
+                 "adapter": root / "models/adapters" / f"lighting-{k}"} for k in (1, 2)}
+    res = B.compare(bench, "lighting", parts[1], parts[2], weight=2.0)
+    assert res.weight == 2.0
+    assert np.array_equal(res.images["champion"], drawn[(1, 2.0)])
+    assert np.array_equal(res.images["challenger"], drawn[(2, 2.0)])
+    assert not np.array_equal(res.images["challenger"], drawn[(2, 1.0)])
+    np.testing.assert_array_equal(res.challenger, per_scan_fidelity("lighting", drawn[(2, 2.0)], data,
+                                                                   bench.detectors("lighting")))
+
+    # registration: the champion's recipe says weight 1, the challenger's 2; both sides at 2
+    recipe = {"scheduler": "dpm_karras", "steps": 2, "guidance_scale": 1.0}
+    never = {"rule": "superiority", "min_delta": 1.0}   # no SSIM gain clears it: v2 stays challenger
+    client = MlflowClient()
+    name = "ctrlora-lighting"
+    with B.gate_for(root, never) as judge:
+        assert _register(root, 1, "a", judge, {**recipe, "weight": 1.0}).decision == "champion"
+        reg = _register(root, 2, "c", judge, {**recipe, "weight": 2.0})
+    assert reg.decision == "challenger"
+    assert "at residual weight 2 (challenger's recipe; champion v1's recipe says 1)" in reg.reason
+    mv = client.get_model_version(name, reg.version)
+    assert mv.tags["gate_weight"] == "2.0" and json.loads(mv.tags["recipe"])["weight"] == 2.0
+    run = client.get_run(reg.run_id)
+    assert run.data.tags["gate_weight"] == "2.0" and run.data.metrics["gate_weight"] == 2.0
+    # the gate's images, as its grid shows them: the weight-2 draws, not the weight-1 ones
+    rows = int(bench.manifest["grid_rows"])
+    logged = Path(client.download_artifacts(reg.run_id, f"gate/lighting_v1_vs_v{reg.version}.png",
+                                            str(tmp_path / "dl")))
+
+    def grid(weight: float) -> np.ndarray:
+        out = save_grid([[condition_cell("lighting", data, i), drawn[(1, weight)][i], drawn[(2, weight)][i]]
+                         for i in range(rows)], tmp_path / f"grid-{weight}.png",
+                        titles=["lighting", "champion v1", f"challenger v{reg.version}"])
+        return np.asarray(Image.open(out))
+
+    assert np.array_equal(np.asarray(Image.open(logged)), grid(2.0))
+    assert not np.array_equal(np.asarray(Image.open(logged)), grid(1.0))
+    csv = Path(client.download_artifacts(reg.run_id, "gate/lighting_per_scan.csv", str(tmp_path / "dl")))
+    per_scan = np.array([[float(x) for x in line.split(",")[1:]] for line in csv.read_text().splitlines()[1:]])
+    np.testing.assert_allclose(per_scan[:, 1], res.challenger, atol=1e-6)
+
+    # a promotion at the same weight reuses the recorded comparison ...
+    with B.gate_for(root, never) as judge:
+        kept = promote("lighting", reg.version, gate=never, judge=judge)
+    assert not kept.promoted and "recorded at registration" in kept.reason and "residual weight 2" in kept.reason
+    # ... one stored at weight 1 is not reused for this weight-2 version: it is run again
+    for stored in ("1.0", None):   # None: recorded before comparisons carried their weight
+        if stored is None:
+            client.delete_model_version_tag(name, reg.version, "gate_weight")
+        else:
+            client.set_model_version_tag(name, reg.version, "gate_weight", stored)
+        with B.gate_for(root, never) as judge:
+            again = promote("lighting", reg.version, gate=never, judge=judge)
+        assert not again.promoted and "recorded at registration" not in again.reason
+        assert "at residual weight 2" in again.reason
+        assert client.get_model_version(name, reg.version).tags["gate_weight"] == "2.0"

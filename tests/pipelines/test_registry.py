@@ -198,6 +198,43 @@ def test_gate_settings_that_would_promote_a_worse_version_are_refused():
     assert not paired_decision({"min_delta": 0.0}, 0.0, 0.0, 0.0, champion_version="1", same_data=True)[0]
 
 
+def test_a_stored_comparison_is_reused_only_at_its_weight():
+    """A comparison is sampled at the challenger's recipe weight and records it (``gate_weight``);
+    it decides a later promotion only at that same weight, and one recorded without a weight (made
+    when every comparison sampled at 1) counts as weight 1."""
+    from types import SimpleNamespace
+
+    from pipelines.registry.gate import comparison_weight, recorded_weight
+    from pipelines.registry.registration import _stored_outcome
+
+    recipe = json.dumps({"scheduler": "dpm_karras", "steps": 10, "guidance_scale": 1.0, "weight": 2.0})
+    assert comparison_weight({"recipe": recipe}, "v2") == 2.0
+    assert comparison_weight({}, "v2") == 1.0                                  # no recipe: served at 1
+    assert comparison_weight({"recipe": json.dumps({"steps": 10})}, "v2") == 1.0
+    for bad, match in (("{not json", "v2: its recipe tag is not JSON"), ("[2]", "not a JSON object"),
+                       (json.dumps({"weight": -1}), "finite number >= 0"),
+                       (json.dumps({"weight": "2"}), "finite number >= 0")):
+        with pytest.raises(ValueError, match=match):
+            comparison_weight({"recipe": bad}, "v2")
+    assert recorded_weight({}) == 1.0 and recorded_weight({"gate_weight": "2.0"}) == 2.0
+    assert recorded_weight({"gate_weight": "two"}) is None and recorded_weight({"gate_weight": "nan"}) is None
+
+    gate = {"rule": "superiority", "min_delta": 0.0}
+    champion = SimpleNamespace(version="1", tags={"dataset_hash": "a"})
+    stored = {"recipe": recipe, "dataset_hash": "b", "gate_champion_version": "1", "benchmark_version": "3",
+              "gate_delta": "0.02", "gate_low": "0.01", "gate_high": "0.03", "gate_tie": "false",
+              "gate_n_scans": "32", "gate_metric": "ssim"}
+    at = lambda **tags: SimpleNamespace(version="2", tags={**stored, **tags})  # noqa: E731
+    reused = _stored_outcome(gate, at(gate_weight="2.0"), champion, "3", 2.0)
+    assert reused.promoted and "recorded at registration" in reused.reason and "residual weight 2" in reused.reason
+    assert reused.tags == {"benchmark_version": "3", "gate_rule": "superiority", "gate_weight": "2.0"}
+    assert _stored_outcome(gate, at(gate_weight="1.0"), champion, "3", 2.0) is None   # another weight
+    assert _stored_outcome(gate, at(), champion, "3", 2.0) is None                    # no tag: weight 1
+    assert _stored_outcome(gate, at(), champion, "3", 1.0).promoted                   # ... reused at 1
+    assert _stored_outcome(gate, at(gate_weight="2.0"), champion, "4", 2.0) is None   # another benchmark
+    assert _stored_outcome(gate, at(gate_weight="2.0"), SimpleNamespace(version="5", tags={}), "3", 2.0) is None
+
+
 def test_ops_registry_commands(tracking, tmp_path, capsys):
     from importlib.metadata import entry_points
 

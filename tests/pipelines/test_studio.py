@@ -276,6 +276,8 @@ def test_studio_in_a_real_browser(server, project, registry):
             expect(dialog).to_be_visible()
             expect(page.locator("#gate-report")).to_contain_text("challenger")
             expect(page.locator("#gate-report")).to_contain_text("runs now")  # no stored means decide
+            # v2 has no recipe: it is served, so compared, at residual weight 1
+            expect(page.locator("#gate-report")).to_contain_text("1 (the version's recipe weight, both sides)")
             _shot(page, "promote")
             page.click("#confirm-promote")
             expect(page.locator("#promote-result")).to_contain_text("ctrlora-lighting v2", timeout=120_000)
