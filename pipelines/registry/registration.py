@@ -1,8 +1,10 @@
 """Register one adapter as a version of ``ctrlora-<condition>`` and apply the gate.
 
 A version is tied to the data it was trained on (``dataset_hash``: the hash DVC records in
-``dvc.lock`` for ``data/prepared/conditions/<condition>``), to its base (``base_hash``), to its own
-file (``adapter_hash``: sha256 of ``adapter_model.safetensors``) and to the code (``git_commit``).
+``dvc.lock`` for ``data/prepared/conditions/<condition>``), to its base (``base_hash``, and where
+that base came from: ``base_source``, ``trained`` or ``imported`` with the published checkpoint's
+sha256, read from the base folder's ``base_source.json``), to its own file (``adapter_hash``:
+sha256 of ``adapter_model.safetensors``) and to the code (``git_commit``).
 Registration is idempotent: the same adapter hash and dataset hash return the existing version
 and create nothing.
 
@@ -53,6 +55,7 @@ from pipelines.registry.models import (CHAMPION, CHALLENGER, HASH_TAG, PART_TAG,
                                        dir_hash, find_version, model_name, record_decision,
                                        require_version, resolve_adapter_uri)
 from pipelines.settings import PREPARED_CONDITIONS, REPO_ROOT
+from pipelines.stages.train_base import SOURCE_RECORD
 
 # The models-from-code file; referred to by path (importing it would set a model as a side effect).
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
@@ -123,8 +126,9 @@ def register_adapter(condition: str, adapter_dir: str | Path, *, dataset_hash: s
         return _existing_result(client, condition, existing, judge,
                                 _local_parts(backbone_dir, base_dir, adapter_dir))
 
+    provenance = base_provenance(base_dir, base_hash)
     flat = flatten_metrics(metrics)
-    tags = {"condition": condition, "dataset_hash": dataset_hash, "base_hash": base_hash,
+    tags = {"condition": condition, "dataset_hash": dataset_hash, "base_hash": base_hash, **provenance,
             "adapter_hash": adapter_hash, "git_commit": git_commit, **metric_tags(flat)}
     if recipe:
         tags["recipe"] = json.dumps(dict(recipe), sort_keys=True)
@@ -141,7 +145,7 @@ def register_adapter(condition: str, adapter_dir: str | Path, *, dataset_hash: s
         card = Path(tmp) / CARD_FILE
         card.write_text(model_card(condition, dataset_hash=dataset_hash, base_hash=base_hash,
                                    adapter_hash=adapter_hash, git_commit=git_commit, metrics=metrics,
-                                   recipe=recipe))
+                                   recipe=recipe, base_source=provenance))
         artifacts["card"] = str(card)
         if recipe:
             recipe_file = Path(tmp) / RECIPE_FILE
@@ -199,9 +203,56 @@ def _decide(client: MlflowClient, name: str, mv, judge: Any,
     return outcome.promoted, outcome.reason, champion
 
 
+def base_provenance(base_dir: Path, base_hash: str) -> dict[str, str]:
+    """Where the base ControlNet a version was trained on came from, as the version's tags.
+
+    ``<base_dir>/base_source.json`` is written by ``train_base`` in imported mode only, so its
+    absence means the project trained the base (``{"base_source": "trained"}``). When present it
+    gives ``base_source: imported`` and the published checkpoint's sha256 and format
+    (``base_checkpoint_sha256``, ``base_checkpoint_format``); a record that is not valid JSON, lacks
+    those facts or describes another base than ``base_hash`` is refused, naming the file."""
+    path = Path(base_dir) / SOURCE_RECORD
+    if not path.is_file():
+        return {"base_source": "trained"}
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(record).__name__}")
+    source, sha = record.get("source"), record.get("checkpoint_sha256")
+    if source != "imported":
+        raise ValueError(f"{path}: 'source' must be 'imported' (only an imported base has this record), got {source!r}")
+    if not isinstance(sha, str) or len(sha) != 64 or any(ch not in "0123456789abcdef" for ch in sha):
+        raise ValueError(f"{path}: 'checkpoint_sha256' must be the checkpoint's sha256 (64 lowercase hex digits), "
+                         f"got {sha!r}")
+    if record.get("base_hash") != base_hash:
+        raise ValueError(f"{path}: records base_hash {record.get('base_hash')!r}, but the adapter was trained on "
+                         f"base {base_hash!r}: this base folder is not the base of the adapter")
+    tags = {"base_source": "imported", "base_checkpoint_sha256": sha}
+    if isinstance(record.get("checkpoint_format"), str):
+        tags["base_checkpoint_format"] = record["checkpoint_format"]
+    return tags
+
+
+def _source_line(base_source: Mapping[str, str] | None) -> list[str]:
+    """The model card's row on where the base came from (none when not known)."""
+    source = (base_source or {}).get("base_source")
+    if source == "imported":
+        fmt = base_source.get("base_checkpoint_format")
+        return [f"| base ControlNet source | imported: converted from a published-layout checkpoint "
+                f"(sha256 `{base_source['base_checkpoint_sha256']}`{f', .{fmt}' if fmt else ''}) and kept frozen; "
+                "only the adapters were trained here |"]
+    if source == "trained":
+        return ["| base ControlNet source | trained by this project (`train_base`, source `trained`) |"]
+    return []
+
+
 def model_card(condition: str, *, dataset_hash: str, base_hash: str, adapter_hash: str, git_commit: str,
-               metrics: Mapping[str, Any] | None, recipe: Mapping[str, Any] | None) -> str:
-    """The model card stored with a version: what it is, what it was trained on, how it was
+               metrics: Mapping[str, Any] | None, recipe: Mapping[str, Any] | None,
+               base_source: Mapping[str, str] | None = None) -> str:
+    """The model card stored with a version: what it is, what it was trained on (data, base and
+    where that base came from: ``base_source``, the tags of :func:`base_provenance`), how it was
     evaluated (gain over no control with its interval) and sampled, its intended use and limits.
     The promotion decision comes later; it is on the version's tags and its run's ``gate/``."""
     m = dict(metrics or {})
@@ -212,6 +263,7 @@ def model_card(condition: str, *, dataset_hash: str, base_hash: str, adapter_has
              "backbone and base ControlNet its `parts.json` names.", "",
              "| what | value |", "|---|---|",
              f"| dataset hash (DVC) | `{dataset_hash}` |", f"| base ControlNet hash | `{base_hash}` |",
+             *_source_line(base_source),
              f"| adapter hash (sha256) | `{adapter_hash}` |", f"| code (git commit) | `{git_commit}` |"]
     if gain:
         lines.append(f"| evaluation | {m.get('metric', 'fidelity')} {m.get('fidelity', float('nan')):.4f} on "

@@ -57,9 +57,10 @@ def _params(world, name: str, **train_base) -> Path:
     root, data = world["root"], world["data"]
     run = root / name
     params = {
-        "train_base": {"conditions": CONDITIONS, "rank": 2, "prompt_dropout": 0.3,
+        # every key the stage reads (it has no second defaults), params.yaml's values, then the case's
+        "train_base": {"conditions": CONDITIONS, "rank": 2, "prompt_dropout": 0.3, "condition_shares": {},
                        "train": {"max_steps": 2, "batch_size": 2, "learning_rate": 1e-2, "log_every": 1, "seed": 0},
-                       **train_base},
+                       "source": "trained", "imported": None, "imported_max_pairs": None, **train_base},
         # absolute paths: the stages resolve `paths` against the repo root, which leaves these as they are
         "paths": {"backbone": str(root / "backbone"), "embed": str(data / "embed"), "base": str(run / "base"),
                   "reports": {"train_base": str(run / "reports")}},

@@ -46,7 +46,7 @@ STAGES = ["render", "prepare", "backbone", "embed", "train_base",
           *[f"train_adapter@{c}" for c in NEW_CONDITIONS], "evaluate"]
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
-# the whole graph once, then six registrations (~2 min alone on 2 cores)
+# the whole graph once, then three registrations: ~75 s on 2 cores shared with another test run
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
@@ -212,6 +212,7 @@ def test_registered_versions_name_the_imported_base(graph, imported):
     sha = hashlib.sha256(graph["ckpt"].read_bytes()).hexdigest()
     metrics = json.loads((root / "metrics/evaluate.json").read_text())
     client = MlflowClient()
+    assert sorted(m.name for m in client.search_registered_models()) == sorted(f"ctrlora-{c}" for c in CONDITIONS)
     for c in CONDITIONS:
         (mv,) = client.search_model_versions(f"name='ctrlora-{c}'")
         t = mv.tags

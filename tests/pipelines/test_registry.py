@@ -99,6 +99,52 @@ def test_registration_tags_input_and_idempotency(tracking, tmp_path):
     assert other.created and other.version == "2"
 
 
+def test_versions_say_whether_their_base_was_trained_or_imported(tracking, tmp_path):
+    """``base_source.json`` (train_base's imported mode) becomes tags and a model-card row; no
+    record: a trained base. A record of another base, or a broken one, refuses the version."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from pipelines.registry.registration import base_provenance, model_card
+
+    client = MlflowClient()
+    trained = _register(tmp_path / "trained", "t-src", seed=1, fidelity=0.5)
+    tags = client.get_model_version("ctrlora-t-src", trained.version).tags
+    assert tags["base_source"] == "trained" and "base_checkpoint_sha256" not in tags
+
+    sha = hashlib.sha256(b"published base").hexdigest()
+    record = {"source": "imported", "checkpoint_sha256": sha, "checkpoint_format": "ckpt", "base_hash": "b" * 64,
+              "discarded_stale_lora_keys": 4, "conditions": ["t-src"]}
+    base = tmp_path / "imported" / "base"
+    base.mkdir(parents=True)
+    (base / "base_source.json").write_text(json.dumps(record))
+    res = _register(tmp_path / "imported", "t-src", seed=2, fidelity=0.5)
+    tags = client.get_model_version("ctrlora-t-src", res.version).tags
+    assert (tags["base_source"], tags["base_checkpoint_sha256"], tags["base_checkpoint_format"]) == \
+        ("imported", sha, "ckpt")
+    assert tags["base_hash"] == "b" * 64
+    card = Path(mlflow.artifacts.download_artifacts(f"runs:/{res.run_id}/model/artifacts/README.md",
+                                                    dst_path=str(tmp_path / "card"))).read_text()
+    (row,) = [line for line in card.splitlines() if line.startswith("| base ControlNet source |")]
+    assert "imported" in row and sha in row and ".ckpt" in row
+    assert "trained by this project" in model_card("x", dataset_hash="d", base_hash="b", adapter_hash="a",
+                                                   git_commit="c", metrics=None, recipe=None,
+                                                   base_source={"base_source": "trained"})
+
+    # a record of another base: the base folder is not the adapter's, nothing is registered
+    (base / "base_source.json").write_text(json.dumps({**record, "base_hash": "e" * 64}))
+    with pytest.raises(ValueError, match=r"base_source\.json: records base_hash 'e+'.*trained on base 'b+'"):
+        _register(tmp_path / "imported", "t-src", seed=3, fidelity=0.5)
+    assert len(client.search_model_versions("name='ctrlora-t-src'")) == 2
+    for broken, match in (("{not json", "not valid JSON"),
+                          (json.dumps({**record, "checkpoint_sha256": "abc"}), "64 lowercase hex"),
+                          (json.dumps({**record, "source": "trained"}), "'source' must be 'imported'"),
+                          (json.dumps([record]), "expected a JSON object")):
+        (base / "base_source.json").write_text(broken)
+        with pytest.raises(ValueError, match=rf"base_source\.json: .*{match}"):
+            base_provenance(base, "b" * 64)
+
+
 def test_without_benchmark_only_first_version_is_champion_then_manual_promote_and_rollback(
         tracking, tmp_path):
     from mlflow import MlflowClient
