@@ -1,9 +1,9 @@
 """The frozen benchmark that decides promotions, and the gate that scores on it.
 
-A benchmark version is a fixed set of held-out validation scans, the re-detectors that score them,
-the sampling (steps, scheduler, guidance, first seed: scan ``i`` gets ``seed + i``) and the
-bootstrap (resamples, seed). It changes only through an explicit command, which writes a new
-version:
+A benchmark version fixes, for each condition, a list of held-out validation scans that have that
+condition, the re-detectors that score them, the sampling (steps, scheduler, guidance, first seed:
+scan ``i`` of a condition's list gets ``seed + i``) and the bootstrap (resamples, seed). It changes
+only through an explicit command, which writes a new version:
 
     ctrlora-ops benchmark freeze            # v1 from the current validation split and re-detectors
     ctrlora-ops benchmark bump --reason ... # v<N+1>; the earlier manifests stay
@@ -11,8 +11,11 @@ version:
 
 (also ``python -m pipelines.registry.frozen_benchmark ...``). Where things lie (params.yaml ``paths``):
 
-* ``paths.benchmark`` (``frozen_benchmark/``, committed): ``v<N>.json``, the manifest -- scan ids, the
-  pairs rows (captions), the sha256 of every frozen file, sampling and bootstrap settings.
+* ``paths.benchmark`` (``frozen_benchmark/``, committed): ``v<N>.json``, the manifest -- each
+  condition's scan ids (``condition_scans``; ``scan_ids`` is their union), the conditions left out
+  and why (``refused``), the pairs rows (captions), the sha256 of every frozen file, sampling and
+  bootstrap settings. A manifest without ``condition_scans`` (written before lists were kept per
+  condition) holds one list, ``scan_ids``, for every condition, and is read and compared as it was.
 * ``paths.benchmark_store`` (``data/frozen_benchmark/``, not in git): ``v<N>/`` the frozen files --
   ``prepared/`` (photos and condition images in the prepared layout), ``labels/<id>/
   segmentation.png`` (raw label maps) and ``detectors/<c>/`` (the re-detectors).
@@ -22,6 +25,14 @@ came from, but only when its sha256 matches; any other difference is an error na
 New scans never enter a version: its scan list is in the manifest. The scans are validation scans
 when frozen and are checked against the workspace's current split before every use (a benchmark
 scan now in train is an error: never trained on).
+
+Which scans: for each condition of ``train_base`` + ``train_adapter``, the first ``max_scans``
+validation scans (scan-id order) that have it, so a clinic scan (never a lighting map, maybe only a
+mask) is in the benchmark of the conditions it has, and a deployment of clinic scans alone gets a
+benchmark at all. A condition with fewer than two such scans (:data:`MIN_SCANS`: a paired interval
+needs scans) is left out of the version, named in the log and in the manifest's ``refused``; its
+comparisons fail with that reason (the champion stays) until a ``bump`` finds its scans. Only when
+every condition is left out is freezing refused.
 
 Why validation: promotion is model selection, and every other choice of the project (rates, steps,
 weights) is made on the validation split; the test split stays the one the report is made on,
@@ -70,6 +81,7 @@ BENCHMARK_KEYS = ("max_scans", "sampling.steps", "sampling.scheduler", "sampling
                   "sampling.batch_size", "sampling.seed", "bootstrap.n_boot", "bootstrap.seed", "grid_rows")
 LEVEL = 0.95
 SPLIT = "validation"   # promotion is model selection: never the test split
+MIN_SCANS = 2          # per condition: a paired interval of one scan says nothing
 LABEL_FILE = "segmentation.png"
 
 
@@ -146,7 +158,24 @@ def read_manifest(root: Path, version: int | None = None) -> dict[str, Any]:
         raise BenchmarkError(f"{path}: manifest lacks {missing}")
     if m["version"] != version:
         raise BenchmarkError(f"{path}: says version {m['version']}, its name says {version}")
+    if "condition_scans" in m:
+        _check_condition_scans(m, path)
     return m
+
+
+def _check_condition_scans(m: Mapping[str, Any], path: Path) -> None:
+    """A per-condition manifest agrees with itself: a scan list for exactly its conditions, each
+    the scan ids of that condition's pairs rows, ``scan_ids`` their union."""
+    per = m["condition_scans"]
+    if not isinstance(per, Mapping) or sorted(per) != sorted(m["conditions"]):
+        raise BenchmarkError(f"{path}: condition_scans must hold one scan list per condition of "
+                             f"{m['conditions']} (it holds {sorted(per) if isinstance(per, Mapping) else per!r})")
+    for c, ids in per.items():
+        rows = [r.get("scan_id") for r in m["pairs"].get(c, [])]
+        if not isinstance(ids, list) or rows != ids:
+            raise BenchmarkError(f"{path}: the {c!r} pairs rows are not the scans condition_scans lists for it")
+    if sorted(set().union(*map(set, per.values()))) != list(m["scan_ids"]):
+        raise BenchmarkError(f"{path}: scan_ids is not the union of condition_scans")
 
 
 # ---------------------------------------------------------------------------- freeze / bump
@@ -197,33 +226,40 @@ def freeze(root: Path, *, bump: bool = False, reason: str = "", log=print) -> di
     if splits is None:
         raise BenchmarkError(f"{ws['prepared'] / 'meta' / 'splits.json'}: not found (run the prepare stage)")
     rows = {c: {r["scan_id"]: r for r in read_pairs(ws["prepared"], c, SPLIT)} for c in conditions}
-    ids = sorted(set.intersection(*(set(r) for r in rows.values())))[: params["max_scans"]]
-    if len(ids) < 2:
-        raise BenchmarkError(f"{ws['prepared']}: {len(ids)} {SPLIT} scans with all of {conditions}; "
-                             "a benchmark needs at least 2")
+    # each condition its own list: the first max_scans validation scans that have it
+    scans: dict[str, list[str]] = {}
+    refused: dict[str, str] = {}
+    for c in conditions:
+        ids = sorted(rows[c])[: params["max_scans"]]
+        if len(ids) >= MIN_SCANS:
+            scans[c] = ids
+        else:
+            refused[c] = (f"{len(ids)} {SPLIT} scan{'' if len(ids) == 1 else 's'} with {c!r}; a benchmark needs "
+                          f"at least {MIN_SCANS} per condition (a paired interval needs scans)")
+    if not scans:
+        raise BenchmarkError(f"{ws['prepared']}: no condition has a benchmark: "
+                             + "; ".join(f"{c}: {why}" for c, why in refused.items()))
+    ids = sorted(set().union(*map(set, scans.values())))
     bad = [s for s in ids if splits.get(s) != SPLIT]
     if bad:
         raise BenchmarkError(f"{ws['prepared'] / 'meta' / 'splits.json'}: scans {bad[:5]} are not in "
                              f"the {SPLIT} split (rule: benchmark scans are never trained on)")
-    origin: dict[str, str] = {}   # store path -> repo-relative source
-    pairs: dict[str, list[dict[str, str]]] = {c: [] for c in conditions}
-    first = rows[conditions[0]]
-    for sid in ids:
-        photo = first[sid]["photo"]
-        origin[f"prepared/{photo}"] = _rel(ws["prepared"] / photo, root)
-        for c in conditions:
+    origin: dict[str, str] = {}   # store path -> repo-relative source (a scan's photo: once)
+    pairs: dict[str, list[dict[str, str]]] = {c: [] for c in scans}
+    for c, cids in scans.items():
+        for sid in cids:
             r = rows[c][sid]
+            origin[f"prepared/{r['photo']}"] = _rel(ws["prepared"] / r["photo"], root)
             origin[f"prepared/{r['condition']}"] = _rel(ws["prepared"] / r["condition"], root)
-            pairs[c].append({"scan_id": sid, "split": SPLIT, "photo": photo,
+            pairs[c].append({"scan_id": sid, "split": SPLIT, "photo": r["photo"],
                              "condition": r["condition"], "caption": r["caption"]})
-        if "segmentation" in conditions:
-            src = [s / sid / LABEL_FILE for s in (ws["rendered"], ws["scans"])
-                   if (s / sid / LABEL_FILE).is_file()]
-            if not src:
-                raise BenchmarkError(f"scan {sid}: no raw {LABEL_FILE} under {ws['rendered']} or "
-                                     f"{ws['scans']} (segmentation is scored against label maps)")
-            origin[f"labels/{sid}/{LABEL_FILE}"] = _rel(src[0], root)
-    for c in conditions:
+    for sid in scans.get("segmentation", []):
+        src = [s / sid / LABEL_FILE for s in (ws["rendered"], ws["scans"]) if (s / sid / LABEL_FILE).is_file()]
+        if not src:
+            raise BenchmarkError(f"scan {sid}: no raw {LABEL_FILE} under {ws['rendered']} or "
+                                 f"{ws['scans']} (segmentation is scored against label maps)")
+        origin[f"labels/{sid}/{LABEL_FILE}"] = _rel(src[0], root)
+    for c in scans:
         if c not in DETECTED_CONDITIONS:
             continue
         d = ws["detectors"] / c
@@ -236,7 +272,8 @@ def freeze(root: Path, *, bump: bool = False, reason: str = "", log=print) -> di
     manifest = {
         "version": version, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "reason": reason or "first frozen benchmark", "previous": have[-1] if have else None,
-        "split": SPLIT, "scan_ids": ids, "conditions": conditions,
+        "split": SPLIT, "scan_ids": ids, "conditions": list(scans),
+        "condition_scans": scans, "refused": refused,
         "sampling": dict(params["sampling"]), "bootstrap": {**params["bootstrap"], "level": LEVEL},
         "grid_rows": int(params["grid_rows"]),
         "scan_ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
@@ -248,9 +285,18 @@ def freeze(root: Path, *, bump: bool = False, reason: str = "", log=print) -> di
     tmp.write_text(json.dumps(manifest, indent=1) + "\n")
     os.replace(tmp, out)
     materialize(root, version)
-    log(f"benchmark v{version} frozen: {len(ids)} {SPLIT} scans, {len(conditions)} conditions, "
+    log(f"benchmark v{version} frozen: {len(ids)} {SPLIT} scans (per condition: {scan_counts(manifest)}), "
         f"{len(hashes)} files -> {_rel(out, root)} (store {_rel(store_dir(root) / f'v{version}', root)})")
+    for c, why in refused.items():
+        log(f"benchmark v{version} has no {c!r} benchmark: {why}; {c} versions keep their champion "
+            "until `ctrlora-ops benchmark bump` finds its scans")
     return manifest
+
+
+def scan_counts(manifest: Mapping[str, Any]) -> str:
+    """``segmentation 3, depth 2, ...``: how many scans each condition of ``manifest`` holds."""
+    per = manifest.get("condition_scans") or {c: manifest["scan_ids"] for c in manifest["conditions"]}
+    return ", ".join(f"{c} {len(ids)}" for c, ids in per.items())
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -305,19 +351,31 @@ class Benchmark:
 
     @property
     def scan_ids(self) -> list[str]:
+        """Every scan of the version (the union of the conditions' lists)."""
         return list(self.manifest["scan_ids"])
+
+    def scans(self, condition: str) -> list[str]:
+        """``condition``'s benchmark scans in order: scan ``i`` is sampled with ``seed + i`` on both
+        sides. A manifest without ``condition_scans`` holds one list for every condition."""
+        if condition not in self.manifest["conditions"]:
+            why = (self.manifest.get("refused") or {}).get(condition)
+            if why:
+                raise BenchmarkError(f"benchmark v{self.version} has no {condition!r} scans: {why} when it "
+                                     "was frozen; `ctrlora-ops benchmark bump` once the validation split has them")
+            raise BenchmarkError(f"benchmark v{self.version} has no {condition!r} scans "
+                                 f"(it holds {self.manifest['conditions']}); bump it")
+        per = self.manifest.get("condition_scans")
+        return list(per[condition] if per is not None else self.manifest["scan_ids"])
 
     def data(self, condition: str):
         """The benchmark scans of ``condition`` as an :class:`~ctrlora.evaluation.loading.EvalData`."""
         from ctrlora.evaluation.loading import load_split
 
-        if condition not in self.manifest["conditions"]:
-            raise BenchmarkError(f"benchmark v{self.version} has no {condition!r} scans "
-                                 f"(it holds {self.manifest['conditions']}); bump it")
+        want = self.scans(condition)
         data = load_split(self.store / "prepared", SPLIT, [condition], [self.store / "labels"],
                           progress=False)
-        if data.scan_ids != self.scan_ids:
-            raise BenchmarkError(f"{self.store}: scans {data.scan_ids[:3]}... differ from the manifest's")
+        if data.scan_ids != want:
+            raise BenchmarkError(f"{self.store}: {condition} scans {data.scan_ids[:3]}... differ from the manifest's")
         return data
 
     def detectors(self, condition: str) -> dict[str, Any]:
@@ -369,9 +427,9 @@ class Comparison:
 
 
 def benchmark_job(bench: Benchmark, condition: str, weight: float):
-    """The evaluation's generation job for one side of a comparison: every benchmark scan at the
-    benchmark's guidance, ``condition``'s map through the adapter loaded under its name, at
-    residual weight ``weight``."""
+    """The evaluation's generation job for one side of a comparison: every benchmark scan of
+    ``condition`` (row ``i``: seed + i) at the benchmark's guidance, ``condition``'s map through
+    the adapter loaded under its name, at residual weight ``weight``."""
     import math
 
     from ctrlora.evaluation.run import GenerationJob
@@ -379,7 +437,7 @@ def benchmark_job(bench: Benchmark, condition: str, weight: float):
     weight = float(weight)
     if not math.isfinite(weight) or weight < 0:
         raise BenchmarkError(f"benchmark v{bench.version}: residual weight must be finite and >= 0, got {weight}")
-    n = len(bench.scan_ids)
+    n = len(bench.scans(condition))
     return GenerationJob(float(bench.manifest["sampling"]["guidance_scale"]), n, condition,
                          {condition: (condition, weight, condition)}, tuple(range(n)))
 
@@ -388,7 +446,7 @@ def compare(bench: Benchmark, condition: str, champion: Mapping[str, Path],
             challenger: Mapping[str, Path], grid_path: Path | None = None,
             titles: tuple[str, str] = ("champion", "challenger"), *, weight: float) -> Comparison:
     """Generate and score both sides (``{"backbone", "base", "adapter"}`` directories) on the
-    benchmark's scans with its sampler, seeds and re-detectors, both at residual weight
+    benchmark's scans of ``condition`` with its sampler, seeds and re-detectors, both at residual weight
     ``weight``; the grid is condition | champion | challenger for the first ``grid_rows`` scans."""
     import numpy as np
 
@@ -479,6 +537,7 @@ class BenchmarkGate:
         from pipelines.registry.registration import GateOutcome
 
         condition = challenger_mv.tags.get("condition") or name.split("-", 1)[1]
+        scan_ids = self.bench.scans(condition)   # a condition the version left out: refused here
         champ_v = str(champion_mv.version)
         # one weight for both sides (the pairing stays a comparison of adapters): the challenger's
         # recipe weight, what the alias serves if it moves
@@ -520,7 +579,7 @@ class BenchmarkGate:
                        "benchmark_version": float(self.bench.version), WEIGHT_TAG: weight}
             per_scan = work / f"{condition}_per_scan.csv"
             per_scan.write_text("scan_id,champion,challenger\n" + "".join(
-                f"{s},{a:.6f},{b:.6f}\n" for s, a, b in zip(self.bench.scan_ids, res.champion,
+                f"{s},{a:.6f},{b:.6f}\n" for s, a, b in zip(scan_ids, res.champion,
                                                            res.challenger)))
             keep = self._out / f"{condition}-v{challenger_mv.version}"
             keep.mkdir(parents=True, exist_ok=True)
@@ -546,7 +605,8 @@ def gate_for(root: Path, gate: Mapping[str, Any], log=print, freeze_missing: boo
             log(f"register: no frozen benchmark, and none could be frozen ({exc}); only a model's first "
                 "version takes the alias")
             return None
-        log(f"register: froze benchmark v{m['version']} ({len(m['scan_ids'])} {SPLIT} scans) in "
+        log(f"register: froze benchmark v{m['version']} ({len(m['scan_ids'])} {SPLIT} scans; per condition: "
+            f"{scan_counts(m)}) in "
             f"{manifest_dir(root) / 'v1.json'}; a deployment commits it (docs/mlops.md)")
     try:
         return BenchmarkGate(open_benchmark(root), gate)
@@ -582,15 +642,19 @@ def run(args: argparse.Namespace) -> int:
         return 1
     m = bench.manifest
     info = {"version": bench.version, "created": m["created"], "reason": m["reason"],
-            "scans": len(m["scan_ids"]), "conditions": m["conditions"], "sampling": m["sampling"],
+            "scans": len(m["scan_ids"]), "conditions": m["conditions"],
+            "scans_per_condition": {c: len(bench.scans(c)) for c in m["conditions"]},
+            "refused": dict(m.get("refused") or {}), "sampling": m["sampling"],
             "bootstrap": m["bootstrap"], "store": str(bench.store), "verified": True,
             "versions": versions(args.repo)}
     if args.json:
         print(json.dumps(info, indent=1))
     else:
-        print(f"benchmark v{bench.version} ({m['created']}; {m['reason']}): {info['scans']} scans, "
-              f"conditions {', '.join(m['conditions'])}; sampling {m['sampling']}; "
+        print(f"benchmark v{bench.version} ({m['created']}; {m['reason']}): {info['scans']} scans; "
+              f"per condition {scan_counts(m)}; sampling {m['sampling']}; "
               f"every file verified in {bench.store}")
+        for c, why in info["refused"].items():
+            print(f"  no {c} benchmark: {why}")
     return 0
 
 

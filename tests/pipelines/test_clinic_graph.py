@@ -16,7 +16,9 @@ dvc.yaml -> registration in a sqlite MLflow store). The tests check what a team 
 * no identifier (file names, EXIF and PNG text values) in any output outside the quarantine;
 * the clinic scans are in the pairs, the embed cache and so the adapters' training data, with
   the captions of captions.csv, and the registered versions carry the dataset hashes DVC recorded;
-* evaluate scores each condition on the test scans that have it, clinic scans included.
+* evaluate scores each condition on the test scans that have it, clinic scans included;
+* the promotion benchmark frozen at the first registration holds, per condition, the validation
+  scans that have it, clinic scans included.
 """
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:__array__ imp
 REPO = Path(__file__).resolve().parents[2]
 RES = 64
 TEST_FRACTION, VALIDATION_FRACTION = 0.3, 0.1
-RENDERED = 8  # r0-00000..07: validation 0, 3 (the benchmark needs two); test 1, 2; train 4..7
+RENDERED = 8  # r0-00000..07: validation 0, 3 (lighting's benchmark needs two); test 1, 2; train 4..7
 CONDITIONS = ["segmentation", "depth", "canny", "palette", "lighting", "normal"]
 # planted in the photographs' metadata: none of it may reach an output outside quarantine
 SECRETS = ["Jane Patient", "SERIAL-4711", "PhoneCo", "Model X9", "2024:05:01 10:11:12", "Anna Mueller",
@@ -95,7 +97,7 @@ PHOTOS = [
     Photo("Jane_Patient_IMG_0001", "jpg", 11, "train", "coco", caption=True),  # a mask only: does it train?
     Photo("DOE_John_2024-05-01_frontal", "jpg", 12, "test", "coco", depth=True),
     Photo("mueller-anna_0003", "png", 13, "test", "png", caption=True),  # a mask only, in test
-    Photo("Smith_Maria_0004", "jpg", 14, "test", caption=True),  # no map at all
+    Photo("Smith_Maria_0004", "jpg", 14, "validation", caption=True),  # no map at all: benchmark of canny, palette
     Photo("Patel_R_0005", "jpg", 15, "train", "coco", depth=True, normal=True, orientation=6),
     Photo("Okafor_Chi_0006", "jpg", 16, None, "coco", depth=True, broken_depth=True),
 ]
@@ -464,3 +466,24 @@ def test_evaluate_counts_clinic_scans_per_condition(run):
         assert metrics[c]["n_scans"] == len(want), (c, metrics[c]["n_scans"], len(want))
         scored = {r.split(",")[3] for r in per_scan if r.split(",")[1] == c and r.split(",")[2] == c}
         assert scored == want, c
+
+
+def test_clinic_scans_are_in_the_benchmark_of_their_conditions(run):
+    """The benchmark the first registration froze holds, for each condition, the first max_scans
+    validation scans that have it: the clinic photograph without maps in canny's and palette's
+    (conditions of the photograph itself), the rendered ones in every condition's."""
+    from ctrlora.data.pairs import read_pairs
+
+    project = run["project"]
+    (manifest,) = (project / "frozen_benchmark").glob("v*.json")
+    m = json.loads(manifest.read_text())
+    assert m["conditions"] == CONDITIONS and m["refused"] == {}
+    for c in CONDITIONS:
+        want = sorted(r["scan_id"] for r in read_pairs(project / "data/prepared", c, "validation"))[:8]
+        assert m["condition_scans"][c] == want, c
+    clinic = {sid for sid, p in _landed(run).items() if p.split == "validation"}
+    assert clinic == {run["info"]["ids"]["Smith_Maria_0004.jpg"]}
+    assert {c for c, ids in m["condition_scans"].items() if clinic & set(ids)} == {"canny", "palette"}
+    rendered = {s for s in json.loads((project / "data/prepared/meta/splits.json").read_text())["validation"]
+                if s.startswith("r")}
+    assert len(rendered) == 2 and all(rendered <= set(ids) for ids in m["condition_scans"].values())

@@ -20,12 +20,12 @@ SIZE = 32
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _params(root: Path, **register) -> None:
+def _params(root: Path, base=(), adapters=("lighting",), max_scans: int = 6, **register) -> None:
     paths = yaml.safe_load((REPO / "params.yaml").read_text())["paths"]
-    params = {"paths": paths, "train_base": {"conditions": []},
-              "train_adapter": {"conditions": ["lighting"]},
+    params = {"paths": paths, "train_base": {"conditions": list(base)},
+              "train_adapter": {"conditions": list(adapters)},
               "register": {"gate": {"rule": "superiority", "min_delta": 0.0},
-                           "benchmark": {"max_scans": 6, "grid_rows": 3,
+                           "benchmark": {"max_scans": max_scans, "grid_rows": 3,
                                          "sampling": {"steps": 2, "scheduler": "dpm_karras", "guidance_scale": 1.0,
                                                       "batch_size": 8, "seed": 5},
                                          "bootstrap": {"n_boot": 300, "seed": 0}},
@@ -33,12 +33,16 @@ def _params(root: Path, **register) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def _prepare(data: Path, sources) -> None:
+TEST_FRACTION, VALIDATION_FRACTION = 0.4, 0.3
+
+
+def _prepare(data: Path, sources, conditions=("lighting",)) -> None:
     from ctrlora.data.contract import ContractConfig
     from ctrlora.data.prepare import PrepareConfig, prepare
 
     prepare(PrepareConfig(sources=tuple(sources), out=data / "prepared", data_root=data,
-                          test_fraction=0.4, validation_fraction=0.3, conditions=("lighting",),
+                          test_fraction=TEST_FRACTION, validation_fraction=VALIDATION_FRACTION,
+                          conditions=tuple(conditions),
                           contract=ContractConfig(resolution=SIZE), workers=1, progress=False))
 
 
@@ -170,6 +174,182 @@ def test_benchmark_is_frozen_versioned_and_never_takes_new_scans(project, tmp_pa
     assert m2["version"] == 2 and m2["previous"] == 1 and m2["reason"] == "clinic scans landed"
     assert (root / "frozen_benchmark/v1.json").read_text() == v1_text
     assert B.open_benchmark(root).version == 2 and B.open_benchmark(root, 1).scan_ids == m1["scan_ids"]
+
+
+# a deployment with clinic scans: no lighting map ever, maybe only a mask or only a photograph
+MIXED = ("segmentation", "depth", "canny", "lighting")
+OLD_LAYOUT = ("version", "created", "reason", "previous", "split", "scan_ids", "conditions", "sampling",
+              "bootstrap", "grid_rows", "scan_ids_sha256", "pairs", "files", "origin")
+
+
+def _clinic_ids(n: int, split: str) -> list[str]:
+    from ctrlora.data.prepare import split_of
+
+    ids = (f"clinic-{k:03d}" for k in range(1000))
+    return [s for s in ids if split_of(s, TEST_FRACTION, VALIDATION_FRACTION) == split][:n]
+
+
+def _clinic_scan(scans: Path, sid: str, seed: int, maps: tuple[str, ...]) -> None:
+    """A landed clinic scan: the photograph of a rendered scene and the maps named (its mask, its
+    depth map), never a lighting map."""
+    from ctrlora.data.files import png_bytes
+    from ctrlora.data.render import RenderConfig, render_scan
+    from ctrlora.data.scan import meta_bytes
+
+    scene = render_scan(seed, RenderConfig(resolution=SIZE)).scan
+    folder = scans / sid
+    folder.mkdir(parents=True)
+    (folder / "photo.png").write_bytes(png_bytes(scene.photo, "RGB"))
+    for name in maps:
+        (folder / f"{name}.png").write_bytes(png_bytes(getattr(scene, name), "L"))
+    meta = {"scan_id": sid, "kind": "clinic", "resolution": SIZE, "caption": "dental photo", "maps": list(maps)}
+    (folder / "meta.json").write_bytes(meta_bytes(meta))
+    (folder / "READY").write_bytes(b"")
+
+
+def _mixed(root: Path, project: Path, *, rendered: bool) -> dict[str, list[str]]:
+    """A copy of ``project`` (with its rendered scans, or without: clinic scans alone) plus clinic
+    scans in ``data/scans`` -- in validation one with a mask, one with a mask and a depth map, one
+    with only its photograph; in train one with a mask -- prepared for :data:`MIXED`. Returns the
+    clinic scan ids by split (validation in that order)."""
+    shutil.copytree(project, root, symlinks=True)
+    if not rendered:
+        shutil.rmtree(root / "data/rendered")
+    val, train = _clinic_ids(3, "validation"), _clinic_ids(1, "train")
+    maps = [("segmentation",), ("segmentation", "depth"), (), ("segmentation",)]
+    for k, (sid, m) in enumerate(zip([*val, *train], maps)):
+        _clinic_scan(root / "data/scans", sid, 40 + k, m)
+    _prepare(root / "data", [root / "data/rendered", root / "data/scans"], MIXED)
+    for c in ("segmentation", "depth"):   # frozen by hash with the benchmark; not loaded by these tests
+        d = root / "foundation/detectors" / c
+        d.mkdir(parents=True)
+        (d / "detector_config.json").write_text(json.dumps({"condition": c}))
+    return {"validation": val, "train": train}
+
+
+def test_each_condition_is_frozen_on_the_validation_scans_that_have_it(project, tmp_path):
+    """Mixed deployment: each condition gets the first max_scans validation scans that have it, so
+    the clinic scans are in the benchmark of their conditions; scan i of a condition's list is
+    sampled with seed + i, and its store holds its photos, images and label maps."""
+    from PIL import Image
+
+    from ctrlora.data.files import read_png
+    from ctrlora.data.pairs import read_pairs
+    from pipelines.registry import frozen_benchmark as B
+
+    root = tmp_path / "p"
+    clinic = _mixed(root, project, rendered=True)
+    _params(root, base=MIXED[:3], max_scans=4)
+    logs: list[str] = []
+    m = B.freeze(root, log=logs.append)
+    prepared = root / "data/prepared"
+    rows = {c: {r["scan_id"]: r for r in read_pairs(prepared, c, "validation")} for c in MIXED}
+    want = {c: sorted(rows[c])[:4] for c in MIXED}
+    assert m["condition_scans"] == want and m["conditions"] == list(MIXED) and m["refused"] == {}
+    assert m["scan_ids"] == sorted(set().union(*map(set, want.values())))
+    assert all(len(ids) == 4 for ids in want.values())   # each list full, whatever the others hold
+    # the clinic scans decide the promotions of the conditions they have, and only of those
+    seg_only, seg_depth, photo_only = clinic["validation"]
+    assert {seg_only, seg_depth} <= set(want["segmentation"]) and photo_only not in want["segmentation"]
+    assert seg_depth in want["depth"] and seg_only not in want["depth"]
+    assert set(clinic["validation"]) <= set(want["canny"])
+    assert not set(clinic["validation"]) & set(want["lighting"])
+    assert clinic["train"][0] not in m["scan_ids"]
+    assert "segmentation 4, depth 4, canny 4, lighting 4" in logs[0]
+
+    bench = B.open_benchmark(root)
+    for c in MIXED:
+        assert bench.scans(c) == want[c]
+        data = bench.data(c)
+        assert data.scan_ids == want[c]
+        # champion and challenger stay paired: row i of c's list is sampled with seed + i
+        job = B.benchmark_job(bench, c, 1.0)
+        assert (job.n_scans, job.rows) == (4, (0, 1, 2, 3))
+        for i, sid in enumerate(want[c]):
+            np.testing.assert_array_equal(data.photos[i], read_png(prepared / rows[c][sid]["photo"], "RGB"))
+            np.testing.assert_array_equal(data.conditions[c][i], read_png(prepared / rows[c][sid]["condition"], "RGB"))
+    labels = bench.data("segmentation").labels
+    mask = np.asarray(Image.open(root / "data/scans" / seg_only / "segmentation.png"))
+    np.testing.assert_array_equal(labels[want["segmentation"].index(seg_only)], mask)
+    assert f"labels/{seg_only}/segmentation.png" in m["files"]
+    assert f"labels/{photo_only}/segmentation.png" not in m["files"]
+
+
+def test_a_condition_without_validation_scans_is_refused_alone(project, tracking, tmp_path, monkeypatch, capsys):
+    """Clinic scans alone (no lighting map anywhere, one depth map in validation): segmentation
+    and canny are frozen; lighting (no scan) and depth (one scan: no paired interval) are left
+    out by name, and their comparisons fail with that reason while the champion stays. With no
+    condition left, freezing is refused, naming each."""
+    from pipelines.registry import frozen_benchmark as B
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    root = tmp_path / "p"
+    clinic = _mixed(root, project, rendered=False)
+    _params(root, base=MIXED[:3], max_scans=4)
+    logs: list[str] = []
+    strict = {"rule": "superiority", "min_delta": 0.0}
+    # the deployment's first registration freezes v1 itself
+    with B.gate_for(root, strict, log=logs.append) as judge:
+        assert isinstance(judge, B.BenchmarkGate)
+        m = judge.bench.manifest
+        assert m["conditions"] == ["segmentation", "canny"]
+        assert m["condition_scans"]["segmentation"] == sorted(clinic["validation"][:2])
+        assert m["condition_scans"]["canny"] == sorted(clinic["validation"])
+        assert set(m["refused"]) == {"depth", "lighting"}
+        assert m["refused"]["lighting"].startswith("0 validation scans with 'lighting'")
+        assert m["refused"]["depth"].startswith("1 validation scan with 'depth'")
+        assert any("no 'lighting' benchmark: 0 validation scans" in line for line in logs)
+        with pytest.raises(B.BenchmarkError, match=r"no 'lighting' scans: 0 validation scans with 'lighting'"):
+            judge.bench.data("lighting")
+        assert _register(root, 1, "a", judge).decision == "champion"
+        kept = _register(root, 2, "b", judge)
+    assert kept.decision == "challenger" and kept.champion == "1"
+    assert "comparison of v2 failed" in kept.reason and "no 'lighting' scans" in kept.reason
+    capsys.readouterr()
+    assert B.main(["show", "--json", "--repo", str(root)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["scans_per_condition"] == {"segmentation": 2, "canny": 3} and set(shown["refused"]) == {"depth", "lighting"}
+
+    _params(root, adapters=("lighting",))
+    shutil.rmtree(root / "frozen_benchmark")
+    with pytest.raises(B.BenchmarkError, match=r"no condition has a benchmark: lighting: 0 validation scans"):
+        B.freeze(root, log=lambda m: None)
+    _params(root, adapters=("depth", "lighting"))
+    with pytest.raises(B.BenchmarkError, match=r"depth: 1 validation scan .*; lighting: 0 validation scans"):
+        B.freeze(root, log=lambda m: None)
+
+
+def test_a_manifest_of_one_scan_list_loads_and_compares_as_before(project, tmp_path):
+    """A manifest written before the lists were kept per condition (one ``scan_ids`` for every
+    condition, no ``condition_scans``) still opens, verifies and compares: the same scans, seeds,
+    images and scores as the per-condition manifest of the same scans."""
+    from pipelines.registry import frozen_benchmark as B
+
+    root = tmp_path / "p"
+    shutil.copytree(project, root, symlinks=True)
+    new = B.freeze(root, log=lambda m: None)
+    old = {k: new[k] for k in OLD_LAYOUT}
+    old.update(version=2, previous=1, reason="the layout of one scan list")
+    (root / "frozen_benchmark/v2.json").write_text(json.dumps(old, indent=1) + "\n")
+    per, one = B.open_benchmark(root, 1), B.open_benchmark(root, 2)
+    assert "condition_scans" not in one.manifest and one.scans("lighting") == old["scan_ids"] == per.scans("lighting")
+    assert B.benchmark_job(one, "lighting", 1.5) == B.benchmark_job(per, "lighting", 1.5)
+    with pytest.raises(B.BenchmarkError, match=r"no 'depth' scans \(it holds \['lighting'\]\)"):
+        one.scans("depth")
+    parts = {k: {"backbone": root / "models/backbone", "base": root / "models/base",
+                 "adapter": root / "models/adapters" / f"lighting-{k}"} for k in (1, 2)}
+    a = B.compare(per, "lighting", parts[1], parts[2], weight=1.0)
+    b = B.compare(one, "lighting", parts[1], parts[2], weight=1.0)
+    for side in ("champion", "challenger"):
+        np.testing.assert_array_equal(a.images[side], b.images[side])
+        np.testing.assert_array_equal(getattr(a, side), getattr(b, side))
+    assert (a.interval.value, a.interval.low, a.interval.high, a.interval.n) == \
+        (b.interval.value, b.interval.low, b.interval.high, b.interval.n)
+    # a per-condition manifest that contradicts itself is refused, naming the file
+    broken = {**new, "version": 3, "condition_scans": {"lighting": new["scan_ids"][:-1]}}
+    (root / "frozen_benchmark/v3.json").write_text(json.dumps(broken))
+    with pytest.raises(B.BenchmarkError, match=r"v3\.json: the 'lighting' pairs rows are not the scans"):
+        B.open_benchmark(root, 3)
 
 
 def _register(root: Path, k: int, dataset: str, judge, recipe=None):
