@@ -1,9 +1,11 @@
 """ctrlora-ops: the MLOps shell's command -- the MLflow registry, and generation from it.
 
-    ctrlora-ops registry list [--json]                      every version, aliases, gate reasons
+    ctrlora-ops registry list [--json]                      every version, aliases, gate reasons; combinations
+                                                            with their source versions and weights
     ctrlora-ops registry promote CONDITION VERSION          champion moves on the paired benchmark comparison
                              [--force --reason TEXT]         (or by hand, the reason recorded)
     ctrlora-ops registry rollback CONDITION                 champion back to the previous one
+    ctrlora-ops registry rollback C1 C2 ...                 the same for the combination ctrlora+<c1>+<c2>...
     ctrlora-ops registry resolve models:/ctrlora-<c>@champion [--dst DIR]
     ctrlora-ops registry combine C1 C2 ... [--weight C=W]   the champions of C1, C2 ... as one
                                                             model ctrlora+<c1>+<c2>..., to serve
@@ -39,7 +41,8 @@ URI_SCHEME = "models:/"
 
 def _add_registry(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="registry_command", required=True, metavar="ACTION")
-    p = sub.add_parser("list", help="every version of every ctrlora-* model, with aliases and tags")
+    p = sub.add_parser("list", help="every version of every ctrlora-* model, with aliases and tags, then every "
+                                    "combination ctrlora+<c1>+<c2>... with its source versions and weights")
     p.add_argument("--json", action="store_true", help="print JSON rows")
     p = sub.add_parser("promote", help="move alias champion to VERSION if the paired comparison with the "
                                        "champion on the frozen benchmark says so")
@@ -50,8 +53,11 @@ def _add_registry(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--reason", default="", help="why a forced promotion is made (required with --force)")
     p.add_argument("--repo", type=Path, default=REPO_ROOT,
                    help=f"project whose {PARAMS_FILE} 'register.gate' is applied (default: {REPO_ROOT})")
-    p = sub.add_parser("rollback", help="move alias champion back to the previous champion")
-    p.add_argument("condition")
+    p = sub.add_parser("rollback", help="move alias champion back to the previous champion, of a condition's "
+                                        "model or of a combination")
+    p.add_argument("condition", nargs="+", metavar="CONDITION",
+                   help="one condition (model ctrlora-<c>), or the conditions of a combination: C1 C2 ..., "
+                        "C1+C2 or ctrlora+<c1>+<c2>")
     p = sub.add_parser("resolve", help="download a models:/ URI and print its local directories")
     p.add_argument("uri", help="models:/ctrlora-<condition>@<alias> or models:/ctrlora-<c>/<version> "
                                "(or a combination, models:/ctrlora+<c1>+<c2>@<alias>)")
@@ -71,18 +77,23 @@ def _print_rows(rows: list[dict], combinations: list[dict]) -> None:
         print("no ctrlora-* models registered")
         return
     if rows:
-        print(f"{'model':<24} {'ver':>4} {'aliases':<20} {'dataset_hash':<14} {'metrics':<28} gate")
+        print(f"{'kind':<12} {'model':<24} {'ver':>4} {'aliases':<20} {'dataset_hash':<14} {'metrics':<28} gate")
     for r in rows:
         metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(r["metrics"].items())[:3])
-        print(f"{r['model']:<24} {r['version']:>4} {','.join(r['aliases']) or '-':<20} "
+        print(f"{'adapter':<12} {r['model']:<24} {r['version']:>4} {','.join(r['aliases']) or '-':<20} "
               f"{(r['dataset_hash'] or '-')[:12]:<14} {metrics:<28} "
               f"{r['gate'] or '-'}: {r['gate_reason'] or ''}")
     if combinations:
-        print(f"\n{'combination':<36} {'ver':>4} {'aliases':<20} built from (weight)")
+        print(f"\n{'kind':<12} {'model':<36} {'ver':>4} {'aliases':<20} sources (weight); sampler")
     for r in combinations:
-        weights = (r.get("recipe") or {}).get("weights") or {}
-        built = ", ".join(f"{u[len(URI_SCHEME):]} ({weights.get(c, '?')})" for c, u in sorted(r["sources"].items()))
-        print(f"{r['model']:<36} {r['version']:>4} {','.join(r['aliases']) or '-':<20} {built}")
+        recipe = r.get("recipe") or {}
+        weights = r.get("weights") or recipe.get("weights") or {}
+        built = ", ".join(f"{u[len(URI_SCHEME):] if u.startswith(URI_SCHEME) else u} ({weights.get(c, '?')})"
+                          for c, u in sorted(r["sources"].items()))
+        sampler = (f"{recipe['scheduler']}, {recipe['steps']} steps, guidance {recipe['guidance_scale']}"
+                   if all(k in recipe for k in ("scheduler", "steps", "guidance_scale")) else "-")
+        print(f"{'combination':<12} {r['model']:<36} {r['version']:>4} {','.join(r['aliases']) or '-':<20} "
+              f"{built}; {sampler}")
 
 
 def _run_registry(args) -> int:
@@ -94,7 +105,7 @@ def _run_registry(args) -> int:
     try:
         if action == "list":
             rows, combos = registry.list_models(), combination.list_combinations()
-            if args.json:  # one list: adapter versions, then combination versions ("conditions")
+            if args.json:  # one list: adapter versions, then combination versions (each row has its "kind")
                 print(json.dumps(rows + combos, indent=1))
             else:
                 _print_rows(rows, combos)
@@ -136,8 +147,14 @@ def _run_registry(args) -> int:
             print(f"{registry.model_name(args.condition)} v{res.version} {verb}: {res.reason}")
             return 0 if res.promoted else 1
         if action == "rollback":
-            res = registry.rollback(args.condition)
-            print(f"{registry.model_name(args.condition)}: champion v{res.previous} -> v{res.version}")
+            words = args.condition
+            if len(words) == 1 and "+" not in words[0]:
+                res = registry.rollback(words[0])
+                name = registry.model_name(words[0])
+            else:
+                res = combination.rollback_combination(words)
+                name = res.condition
+            print(f"{name}: champion v{res.previous} -> v{res.version}")
             return 0
         if combination.is_combination(args.uri[len(URI_SCHEME):]):
             combo = combination.resolve_combination_uri(args.uri, args.dst)

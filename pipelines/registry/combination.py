@@ -26,7 +26,8 @@ not gated on the frozen benchmark (each source version was, on its own condition
 ``reason`` tag says so. Building it again from the same adapters and recipe finds the existing version
 (idempotent: same adapter bytes, same training data, same recipe) and only moves the alias back
 to it if needed. Rebuild after a source champion
-moves; the model's previous champions stay in its ``champion_history``.
+moves; the model's previous champions stay in its ``champion_history``, which
+:func:`rollback_combination` (``ctrlora-ops registry rollback C1 C2``) walks back.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ from pipelines.registry.models import (ADAPTERS_KEY, CHAMPION, PARTS_FILE, Regis
                                        _set_champion, alias_version, download_version, fetch_adapters,
                                        fetch_parts, model_name, resolve_adapter_uri, versions)
 
-COMBINATION_PREFIX = "ctrlora+"   # outside "ctrlora-": the adapter listings and the studio do not see them
+COMBINATION_PREFIX = "ctrlora+"   # outside "ctrlora-": listed apart from the adapters (list_combinations)
 KEY_TAG = "combination_key"       # sha256 of the parts' hashes and the recipe: the idempotency key
 SAMPLER_KEYS = ("scheduler", "steps", "guidance_scale")
 
@@ -61,6 +62,35 @@ def combination_name(conditions: Sequence[str]) -> str:
 
 def is_combination(name: str) -> bool:
     return name.startswith(COMBINATION_PREFIX)
+
+
+def combination_of(spec: Sequence[str]) -> str:
+    """The combination model a user names: its conditions (``lighting segmentation``, in any
+    order), one ``c1+c2`` word, or the model name ``ctrlora+c1+c2``; at least two conditions."""
+    conds: list[str] = []
+    for word in spec:
+        word = str(word)
+        if word.startswith("models:/"):
+            raise RegistryError(f"{word!r}: name the combination, not a URI (e.g. ctrlora+lighting+segmentation)")
+        word = word[len(COMBINATION_PREFIX):] if is_combination(word) else word
+        conds += [c.strip() for c in word.split("+")]
+    if any(not c for c in conds):
+        raise RegistryError(f"{' '.join(map(str, spec))!r}: an empty condition name")
+    if len(set(conds)) != len(conds):
+        raise RegistryError(f"conditions given twice: {conds}")
+    if len(conds) < 2:
+        raise RegistryError(f"a combination has two or more conditions, got {conds}")
+    return combination_name(conds)
+
+
+def rollback_combination(spec: Sequence[str]):
+    """``champion`` of the combination :func:`combination_of` names → its previous champion
+    (the same ``champion_history`` walk as a condition's rollback). A later ``combine`` of the
+    same source versions and recipe moves the alias back to the version it finds."""
+    from pipelines.registry.models import rollback_model
+
+    name = combination_of(spec)
+    return rollback_model(name, name)
 
 
 @dataclass
@@ -308,7 +338,8 @@ def resolve_combination_uri(uri: str, dst_path: str | Path | None = None) -> Res
 
 
 def list_combinations() -> list[dict[str, Any]]:
-    """One row per version of every ``ctrlora+...`` model: version, aliases, sources, recipe."""
+    """One row per version of every ``ctrlora+...`` model (``kind`` ``combination``): version,
+    aliases, conditions, source versions, recipe and its per-condition weights."""
     client = MlflowClient()
     rows = []
     try:
@@ -321,11 +352,12 @@ def list_combinations() -> list[dict[str, Any]]:
             aliases.setdefault(str(v), []).append(alias)
         for mv in sorted(versions(client, rm.name), key=lambda v: int(v.version)):
             t = dict(mv.tags)
-            rows.append({"model": rm.name, "version": str(mv.version),
+            recipe = json.loads(t["recipe"]) if t.get("recipe") else None
+            rows.append({"kind": "combination", "model": rm.name, "version": str(mv.version),
                          "aliases": sorted(aliases.get(str(mv.version), [])),
                          "conditions": (t.get("conditions") or "").split(","),
                          "sources": {k[len("source."):]: v for k, v in t.items() if k.startswith("source.")},
-                         "recipe": json.loads(t["recipe"]) if t.get("recipe") else None,
+                         "recipe": recipe, "weights": (recipe or {}).get("weights") or {},
                          "weights_source": t.get("weights_source"), "git_commit": t.get("git_commit"),
                          "reason": t.get("reason")})
     return rows

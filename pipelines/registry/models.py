@@ -215,8 +215,14 @@ def record_decision(client: MlflowClient, name: str, version: str, promoted: boo
 
 def rollback(condition: str) -> PromotionResult:
     """champion → the previous champion (walks ``champion_history`` back one step)."""
+    return rollback_model(model_name(condition), condition)
+
+
+def rollback_model(name: str, label: str | None = None) -> PromotionResult:
+    """:func:`rollback` of any registered model by its name: a ``ctrlora-<c>`` adapter model or a
+    ``ctrlora+<c1>+<c2>...`` combination (whose ``champion`` moves through the same history).
+    ``label`` is what the result names (default: the model name)."""
     client = MlflowClient()
-    name = model_name(condition)
     try:
         history = _history(client, name)
     except MlflowException as exc:
@@ -233,13 +239,13 @@ def rollback(condition: str) -> PromotionResult:
     client.set_registered_model_alias(name, CHAMPION, target)
     client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
     _tag_version(client, name, current, gate=ROLLED_BACK, rolled_back_at=_now())
-    return PromotionResult(condition, target, True, current, f"rolled back v{current} → v{target}")
+    return PromotionResult(label or name, target, True, current, f"rolled back v{current} → v{target}")
 
 
 def _version_row(model: str, mv, aliases: list[str]) -> dict[str, Any]:
     tags = dict(mv.tags)
-    row = {"model": model, "condition": model[len(MODEL_PREFIX):], "version": str(mv.version),
-           "aliases": sorted(aliases)}
+    row = {"kind": "adapter", "model": model, "condition": model[len(MODEL_PREFIX):],
+           "version": str(mv.version), "aliases": sorted(aliases)}
     for key in ("dataset_hash", "adapter_hash", "base_hash", "git_commit", "gate", "gate_reason",
                 "benchmark_version", "gate_champion_version", "gate_metric", "gate_n_scans",
                 "gate_delta", "gate_low", "gate_high", "gate_weight", "recipe", "forced", "forced_reason"):

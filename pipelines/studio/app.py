@@ -12,6 +12,11 @@ What it serves (FastAPI on uvicorn, one page, no external assets):
 * a condition map per chosen condition: an upload, the map of a test-split scan (then its
   photograph is the ground truth and every image is scored against it), or, for a derived
   condition (canny, grayscale, blur, palette), the map computed from an uploaded photograph;
+* the registered combinations ``ctrlora+<c1>+<c2>...`` (:mod:`pipelines.registry.combination`):
+  source versions, weights, recipe; a generation from one takes each of its conditions' maps from
+  a validation scan and draws through the registered model's own pyfunc
+  (:class:`pipelines.registry.pyfunc.CtrLoRAPyfunc`, as serving and ``ctrlora-ops generate
+  --combination`` draw), at its recipe unless the page overrides steps, sampler and guidance;
 * generation in ONE worker thread (requests only queue a job and poll it), with the sampler's
   steps as progress;
 * promotion through :func:`pipelines.registry.registration.promote` (the paired comparison with
@@ -37,6 +42,7 @@ import time
 import traceback
 import uuid
 from collections import OrderedDict
+from types import SimpleNamespace
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -209,6 +215,40 @@ class Catalogue:
                                info={"source": "folder", "metrics": {}}))
         return out
 
+    def combinations(self) -> list[dict[str, Any]]:
+        """The registered combinations, one row per version: ref, label, aliases, conditions,
+        source versions, weights and sampler of its recipe."""
+        if not self.use_registry:
+            return []
+        try:
+            from pipelines.registry.combination import list_combinations
+            rows = list_combinations()
+        except Exception as exc:  # an unreachable store: said once, beside the adapters' error
+            self.registry_error = self.registry_error or f"MLflow registry unavailable: {exc}"
+            return []
+        out = []
+        for r in rows:
+            recipe = dict(r.get("recipe") or {})
+            aliases = [str(a) for a in r.get("aliases") or []]
+            ver = str(r["version"])
+            sources = {str(c): str(u) for c, u in sorted((r.get("sources") or {}).items())}
+            out.append({"ref": f"models:/{r['model']}/{ver}", "model": r["model"], "version": ver,
+                        "label": f"{r['model']} v{ver}" + (f" ({', '.join(aliases)})" if aliases else ""),
+                        "aliases": aliases, "conditions": sorted(sources) or sorted(r.get("conditions") or []),
+                        "sources": sources,
+                        "source_versions": {c: u.rsplit("/", 1)[-1] for c, u in sources.items()},
+                        "weights": {str(c): float(w) for c, w in (recipe.get("weights") or {}).items()},
+                        "recipe": {k: recipe[k] for k in ("scheduler", "steps", "guidance_scale") if k in recipe},
+                        "weights_source": r.get("weights_source"), "reason": r.get("reason"),
+                        "git_commit": r.get("git_commit")})
+        return out
+
+    def find_combination(self, ref: Any) -> dict[str, Any]:
+        for c in self.combinations():
+            if c["ref"] == ref:
+                return c
+        raise StudioError(f"combination {ref!r} is not on offer (registered ctrlora+<c1>+<c2> versions only)")
+
     def find(self, ref: str) -> Adapter:
         for a in self.adapters():
             if a.ref == ref:
@@ -295,6 +335,13 @@ class PromotionScans:
         if what not in self.conditions[sid]:
             raise StudioError(f"scan {sid} has no {what!r} map")
         return read_png(self.prepared / "conditions" / what / f"{sid}.png", "RGB")
+
+    def map_file(self, sid: Any, condition: str) -> Path:
+        """The scan's prepared ``condition`` map file, as a client would send it."""
+        sid = self.require(sid)
+        if condition not in self.conditions[sid]:
+            raise StudioError(f"scan {sid} has no {condition!r} map")
+        return self.prepared / "conditions" / condition / f"{sid}.png"
 
 
 # ----------------------------------------------------------------------------- jobs
@@ -385,6 +432,21 @@ class Request:
     compare: tuple[str, str, str] | None = None     # (condition, ref a, ref b)
 
 
+@dataclass
+class ComboRequest:
+    """A generation from a registered combination: every condition's map from ``scan``."""
+
+    ref: str
+    label: str
+    conditions: list[str]       # the combination's order (the order its pyfunc draws them in)
+    weights: dict[str, float]
+    scan: str
+    prompt: str
+    seed: int
+    num_images: int
+    sampling: dict[str, Any]    # steps / guidance_scale / scheduler overriding the recipe ({}: the recipe)
+
+
 class Engine:
     """Loads pipelines (kept for reuse) and runs them, reporting sampler steps to a job."""
 
@@ -420,19 +482,112 @@ class Engine:
                 if self._digest(kind, getattr(p, kind)) != self._digest(kind, getattr(first, kind)):
                     raise StudioError(f"{c} ({adapters[c]}) was registered with another {kind} than "
                                       f"{first_c} ({adapters[first_c]}); they cannot be combined")
+        pipe = CtrLoRAPipeline.from_pretrained_parts(first.backbone, first.base,
+                                                     {c: p.adapter for c, p in parts.items()},
+                                                     device=self._torch_device())
+        self._pipes[key] = pipe
+        while len(self._pipes) > MAX_PIPELINES:
+            self._pipes.popitem(last=False)
+        return pipe
+
+    def _torch_device(self):
         import torch  # here, with the first generation, not at start-up (seconds saved)
 
         if self.threads:
             torch.set_num_threads(self.threads)
         if self.device is None:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        pipe = CtrLoRAPipeline.from_pretrained_parts(first.backbone, first.base,
-                                                     {c: p.adapter for c, p in parts.items()},
-                                                     device=self.device)
-        self._pipes[key] = pipe
+        return self.device
+
+    def combination(self, ref: str):
+        """The registered combination ``ref`` loaded as serving loads it: its files downloaded,
+        then :meth:`CtrLoRAPyfunc.load_context` (parts fetched and hash-checked, recipe read)."""
+        from pipelines.registry.models import download_version
+        from pipelines.registry.pyfunc import CtrLoRAPyfunc
+
+        key = ("combination", ref)
+        if key in self._pipes:
+            self._pipes.move_to_end(key)
+            return self._pipes[key]
+        device = self._torch_device()
+        dst = self.catalogue.cache / ref[len("models:/"):].replace("/", "-v")
+        shutil.rmtree(dst, ignore_errors=True)
+        dst.mkdir(parents=True)
+        _, _, _, paths = download_version(ref, dst)
+        model = CtrLoRAPyfunc()
+        model.load_context(SimpleNamespace(artifacts={k: str(v) for k, v in paths.items()}))
+        model.pipe = model.pipe.to(device)
+        self._pipes[key] = model
         while len(self._pipes) > MAX_PIPELINES:
             self._pipes.popitem(last=False)
-        return pipe
+        return model
+
+    def run_combination(self, req: ComboRequest, scans: PromotionScans, job: Job) -> dict:
+        """One request table, as a client of the served model sends it (one row per condition of
+        each image; image ``i`` at seed ``seed + i``), drawn by the pyfunc's ``predict``; every
+        scheduler step advances the job's progress."""
+        import functools
+
+        import pandas as pd
+        from PIL import Image
+
+        from ctrlora.evaluation.single_scan import scan_truth, score_images
+        from pipelines.registry.pyfunc import CONDITION_COLUMN, IMAGE_COLUMN, NAME_COLUMN, REQUEST_COLUMN
+
+        job.message = f"loading {req.label}"
+        model = self.combination(req.ref)
+        raw = {c: scans.map_file(req.scan, c).read_bytes() for c in req.conditions}
+        rows = [{REQUEST_COLUMN: i, NAME_COLUMN: c, CONDITION_COLUMN: raw[c], "weight": req.weights[c],
+                 "seed": req.seed + i, "prompt": req.prompt, **req.sampling}
+                for i in range(req.num_images) for c in req.conditions]
+        steps = int(req.sampling.get("steps", model.recipe["steps"]))
+        job.total = steps * req.num_images
+        pipe = model.pipe
+        make = pipe.make_scheduler
+
+        def counted_scheduler(name):
+            sched = make(name)
+            step = sched.step
+
+            @functools.wraps(step)
+            def counted(*args, **kwargs):
+                out = step(*args, **kwargs)
+                job.done += 1
+                return out
+
+            sched.step = counted
+            return sched
+
+        job.message = f"sampling {req.label}"
+        pipe.__dict__["make_scheduler"] = counted_scheduler   # this job only; removed below
+        try:
+            out = model.predict(None, pd.DataFrame(rows))
+        except Exception as exc:
+            from mlflow.exceptions import MlflowException
+
+            if isinstance(exc, MlflowException):   # the model refused the request: say why
+                raise StudioError(f"{req.label}: {exc.message}") from exc
+            raise
+        finally:
+            pipe.__dict__.pop("make_scheduler", None)
+        images = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB"), dtype=np.uint8) for b in out[IMAGE_COLUMN]]
+        size = images[0].shape[0]
+        photo, truths = scan_truth(scans.prepared, req.scan, list(req.conditions), scans.scan_sources)
+        scores = score_images(np.stack(images), resize_u8(photo, size),
+                              {c: t for c, t in truths.items() if t.shape[0] == size},
+                              self.detectors(list(req.conditions)))
+        recipe = {**{k: model.recipe[k] for k in ("scheduler", "steps", "guidance_scale")}, **req.sampling}
+        return {"maps": [{"condition": c, "weight": req.weights[c],
+                          "image": png_data_url(scans.image(req.scan, c))} for c in req.conditions],
+                "truth": png_data_url(resize_u8(scans.image(req.scan, "photo"), size)),
+                "scan": req.scan, "prompt": req.prompt, "compare": None,
+                "combination": {"ref": req.ref, "label": req.label, "weights": req.weights,
+                                "sampling": recipe, "from_recipe": not req.sampling},
+                "runs": [{"ref": req.ref, "adapters": {c: c for c in req.conditions},
+                          "images": [{"image": png_data_url(im), "seed": req.seed + i, "scores": s}
+                                     for i, (im, s) in enumerate(zip(images, scores))],
+                          "mean_scores": {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
+                          if scores and scores[0] else {}}]}
 
     def detectors(self, conditions: list[str]) -> dict[str, Any]:
         from ctrlora.evaluation.detectors import load_detector
@@ -552,7 +707,8 @@ class Studio:
         adapters = [a.public() for a in self.catalogue.adapters()]
         import mlflow
 
-        return {"adapters": adapters, "registry_error": self.catalogue.registry_error,
+        combinations = self.catalogue.combinations()
+        return {"adapters": adapters, "combinations": combinations, "registry_error": self.catalogue.registry_error,
                 "tracking_uri": mlflow.get_tracking_uri(),
                 "conditions": sorted({a["condition"] for a in adapters}),
                 "derived": list(DERIVED), "samplers": list(SAMPLERS), "limits": LIMITS,
@@ -656,7 +812,53 @@ class Studio:
                        int(_number(body, "seed", 0, int)), int(_number(body, "num_images", 2, int)),
                        _number(body, "strength", 1.0), compare)
 
+    def parse_combination(self, body: dict) -> ComboRequest:
+        """A generation from a registered combination: ``combination`` (its ref), ``scan`` (each
+        condition's map), ``weights`` ({condition: weight}; unset: the recipe's), ``recipe``
+        (true: sample with the recipe; false: ``steps``, ``sampler``, ``guidance`` of the body),
+        ``prompt``, ``seed``, ``num_images``."""
+        combo = self.catalogue.find_combination(body.get("combination"))
+        conditions = list(combo["conditions"])
+        scan = body.get("scan") or None
+        if scan is None:
+            raise StudioError(f"{combo['label']}: pick a validation scan; each of its conditions "
+                              f"({', '.join(conditions)}) takes its map from that scan")
+        scan = self.scans.require(scan)
+        missing = [c for c in conditions if c not in self.scans.conditions[scan]]
+        if missing:
+            raise StudioError(f"scan {scan} has no {', '.join(map(repr, missing))} map "
+                              f"(prepared conditions of this scan: {', '.join(sorted(self.scans.conditions[scan]))})")
+        given = body.get("weights") or {}
+        if not isinstance(given, dict):
+            raise StudioError("weights: expected {condition: weight}")
+        unknown = sorted(set(map(str, given)) - set(conditions))
+        if unknown:
+            raise StudioError(f"weights: {', '.join(map(repr, unknown))} is not a condition of {combo['model']} "
+                              f"(it has {', '.join(conditions)})")
+        weights = {}
+        for c in conditions:
+            try:
+                weights[c] = _number({"weight": given[c]} if c in given else {}, "weight", combo["weights"].get(c, 1.0))
+            except StudioError as exc:
+                raise StudioError(f"{c}: {exc}") from None
+        sampling: dict[str, Any] = {}
+        if body.get("recipe", True) is not True:
+            sampler = body.get("sampler", "ddim")
+            if sampler not in SAMPLERS:
+                raise StudioError(f"sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
+            sampling = {"steps": int(_number(body, "steps", 20, int)), "scheduler": sampler,
+                        "guidance_scale": _number(body, "guidance", 1.0)}
+        prompt = body.get("prompt", "")
+        if not isinstance(prompt, str) or len(prompt) > 500:
+            raise StudioError("prompt: text of at most 500 characters")
+        return ComboRequest(combo["ref"], combo["label"], conditions, weights, scan, prompt,
+                            int(_number(body, "seed", 0, int)), int(_number(body, "num_images", 1, int)), sampling)
+
     def generate(self, body: dict) -> dict:
+        if isinstance(body, dict) and body.get("combination") is not None:
+            creq = self.parse_combination(body)
+            job = self.jobs.submit("combination", lambda j: self.engine.run_combination(creq, self.scans, j))
+            return job.public()
         req = self.parse(body)
         job = self.jobs.submit("compare" if req.compare else "generate",
                                lambda j: self.engine.run(req, self.scans, j))

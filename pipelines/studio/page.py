@@ -2,7 +2,8 @@
 
 The page talks to :mod:`pipelines.studio.app`'s JSON API: ``/api/state`` (models, scans, limits),
 ``/api/upload`` (a map or photo; refused files come back as one sentence), ``/api/generate``
-(queues a job), ``/api/jobs/<id>`` (polled for progress and results), ``/api/gate`` and
+(queues a job: from the picked conditions' adapters, or from a registered combination with
+``combination``), ``/api/jobs/<id>`` (polled for progress and results), ``/api/gate`` and
 ``/api/promote``.
 """
 
@@ -68,10 +69,29 @@ PAGE = r"""<!doctype html>
   <div id="inspect" style="display:none; margin-top:8px"></div>
  </section>
 
+ <section id="combinations-section">
+  <h2>Combinations</h2>
+  <table id="combinations"><thead><tr><th>model</th><th>version</th><th>aliases</th><th>built from</th>
+   <th>weights</th><th>recipe</th><th></th></tr></thead><tbody id="combo-rows"></tbody></table>
+  <div id="combo-panel" style="display:none; margin-top:8px">
+   <div class="row">
+    <label>Combination <select id="combination"></select></label>
+    <span id="combo-weights" class="row"></span>
+    <label><input type="checkbox" id="combo-recipe" checked> sample with its recipe
+     (<span id="combo-recipe-text"></span>)</label>
+    <button id="combo-generate">Generate from combination</button>
+   </div>
+   <div class="scores" style="margin-top:4px">Each condition's map comes from the validation scan picked under
+    Conditions; prompt, seed and images from Sampling (and its steps, sampler and guidance when the recipe
+    is unticked). Drawn by the registered model itself, as serving and
+    <code>ctrlora-ops generate --combination</code> draw.</div>
+  </div>
+ </section>
+
  <section>
   <h2>Conditions</h2>
   <div class="row" style="margin-bottom:8px">
-   <label>Test scan <select id="scan"><option value="">(none)</option></select></label>
+   <label>Validation scan <select id="scan"><option value="">(none)</option></select></label>
    <img id="scan-photo" class="thumb" alt="ground truth photo of the scan" style="display:none">
    <label>Photo for derived maps <input type="file" id="photo" accept="image/png,image/jpeg"></label>
    <img id="photo-preview" class="thumb" alt="uploaded photo" style="display:none">
@@ -152,7 +172,11 @@ async function api(path, body) {
   return data;
 }
 function adaptersOf(c) { return STATE.adapters.filter(a => a.condition === c); }
-function labelOf(ref) { const a = STATE.adapters.find(a => a.ref === ref); return a ? `${a.condition} ${a.label}` : ref; }
+function labelOf(ref) {
+  const a = STATE.adapters.find(a => a.ref === ref); if (a) return `${a.condition} ${a.label}`;
+  const k = (STATE.combinations || []).find(k => k.ref === ref); return k ? k.label : ref;
+}
+function recipeText(r) { return r && r.scheduler ? `${r.scheduler}, ${r.steps} steps, guidance ${r.guidance_scale}` : "-"; }
 
 function renderModels() {
   const body = $("model-rows"); body.innerHTML = "";
@@ -170,6 +194,48 @@ function renderModels() {
     body.appendChild(tr);
   }
   if (STATE.registry_error) showError(STATE.registry_error);
+}
+
+function renderCombinations() {
+  const body = $("combo-rows"); body.innerHTML = "";
+  const combos = STATE.combinations || [];
+  if (!combos.length) {
+    const tr = el("tr"); tr.appendChild(el("td", { colspan: "7", class: "scores" },
+      "none registered (ctrlora-ops registry combine C1 C2 builds one from the conditions' champions)"));
+    body.appendChild(tr);
+  }
+  for (const k of combos) {
+    const tr = el("tr", { "data-ref": k.ref });
+    tr.appendChild(el("td", {}, k.model));
+    tr.appendChild(el("td", {}, `v${k.version}`));
+    const al = el("td"); for (const x of k.aliases) al.appendChild(el("span", { class: `alias ${x}` }, x)); tr.appendChild(al);
+    tr.appendChild(el("td", { class: "sources", title: Object.values(k.sources).join(", ") },
+      k.conditions.map(c => `${c} v${k.source_versions[c] || "?"}`).join(", ")));
+    tr.appendChild(el("td", { class: "weights", title: k.weights_source || "" },
+      k.conditions.map(c => `${c} × ${k.weights[c] ?? 1}`).join(", ")));
+    tr.appendChild(el("td", {}, recipeText(k.recipe)));
+    const td = el("td"); const b = el("button", { class: "secondary use-combination" }, "generate from it");
+    b.onclick = () => { $("combination").value = k.ref; syncCombination(); $("combo-panel").scrollIntoView(); };
+    td.appendChild(b); tr.appendChild(td);
+    body.appendChild(tr);
+  }
+  const s = $("combination"), keep = s.value; s.innerHTML = "";
+  for (const k of combos) s.appendChild(el("option", { value: k.ref }, k.label));
+  const champ = combos.find(k => k.aliases.includes("champion"));
+  if (combos.some(k => k.ref === keep)) s.value = keep; else if (champ) s.value = champ.ref;
+  $("combo-panel").style.display = combos.length ? "block" : "none";
+  syncCombination();
+}
+function syncCombination() {
+  const k = (STATE.combinations || []).find(k => k.ref === $("combination").value);
+  const box = $("combo-weights"); box.innerHTML = "";
+  if (!k) return;
+  for (const c of k.conditions) {
+    const w = el("input", { type: "number", id: `combo-weight-${c}`, value: String(k.weights[c] ?? 1), step: "0.1",
+                            min: "0", max: String(STATE.limits.weight[1]), style: "width:60px" });
+    const l = el("label", {}, `${c} (v${k.source_versions[c] || "?"}) weight `); l.appendChild(w); box.appendChild(l);
+  }
+  $("combo-recipe-text").textContent = recipeText(k.recipe);
 }
 
 function inspect(a) {
@@ -288,15 +354,24 @@ function request(compare) {
   if (compare) body.compare = { condition: $("compare-condition").value, a: $("compare-a").value, b: $("compare-b").value };
   return body;
 }
-async function start(compare) {
+function comboRequest() {
+  const k = (STATE.combinations || []).find(k => k.ref === $("combination").value);
+  const weights = {};
+  if (k) for (const c of k.conditions) weights[c] = $(`combo-weight-${c}`).value;
+  const body = { combination: $("combination").value, scan: $("scan").value || null, weights,
+    recipe: $("combo-recipe").checked, prompt: $("prompt").value, seed: $("seed").value, num_images: $("num-images").value };
+  if (!body.recipe) Object.assign(body, { steps: $("steps").value, sampler: $("sampler").value, guidance: $("guidance").value });
+  return body;
+}
+async function start(compare, combination) {
   showError(""); $("promote-result").textContent = "";
   try {
-    const job = await api("/api/generate", request(compare));
+    const job = await api("/api/generate", combination ? comboRequest() : request(compare));
     pending = job.id; setBusy(true); poll();
   } catch (e) { showError(e.message); }
 }
 function setBusy(busy) {
-  $("generate").disabled = busy; $("compare").disabled = busy;
+  $("generate").disabled = busy; $("compare").disabled = busy; $("combo-generate").disabled = busy;
   $("progress-box").style.display = busy ? "block" : "none";
 }
 async function poll() {
@@ -320,7 +395,9 @@ function figure(src, caption, cls) {
 }
 function showResult(res) {
   $("results-section").style.display = "block";
-  $("results-title").textContent = res.compare ? `Compare ${res.compare[0]}: ${labelOf(res.compare[1])} vs ${labelOf(res.compare[2])}` : "Results";
+  $("results-title").textContent = res.compare ? `Compare ${res.compare[0]}: ${labelOf(res.compare[1])} vs ${labelOf(res.compare[2])}`
+    : res.combination ? `Combination ${res.combination.label}: ${recipeText(res.combination.sampling)}${res.combination.from_recipe ? " (its recipe)" : ""}`
+    : "Results";
   const maps = $("maps"); maps.innerHTML = "";
   for (const m of res.maps) maps.appendChild(figure(m.image, `${m.condition} × ${m.weight}`, "map"));
   const truth = $("truth"); truth.innerHTML = "";
@@ -379,6 +456,7 @@ async function loadState(first) {
   $("tracking").textContent = `registry: ${STATE.tracking_uri}`;
   renderModels();
   if (!first) return;
+  renderCombinations();
   renderCards();
   for (const s of STATE.scans) $("scan").appendChild(el("option", { value: s.id }, `${s.id}: ${s.caption}`));
   const dl = $("captions"); for (const s of STATE.scans) dl.appendChild(el("option", { value: s.caption }));
@@ -395,6 +473,7 @@ window.addEventListener("DOMContentLoaded", async () => {
   $("scan").onchange = onScan; $("photo").onchange = uploadPhoto;
   $("generate").onclick = () => start(false); $("compare").onclick = () => start(true);
   $("compare-condition").onchange = syncCompare;
+  $("combination").onchange = syncCombination; $("combo-generate").onclick = () => start(false, true);
   $("confirm-promote").onclick = confirmPromote; $("cancel-promote").onclick = () => { toPromote = null; $("confirm").close(); };
   try { await loadState(true); document.body.dataset.ready = "1"; } catch (e) { showError(e.message); }
 });

@@ -479,3 +479,57 @@ def test_a_combination_recipe_and_what_cannot_be_combined(tracking, tmp_path):
                               (["t-mix-a", "t-mix-c"], "different backbones")):
         with pytest.raises(RegistryError, match=match):
             combine(conditions, root=repo)
+
+
+def test_a_combination_is_listed_and_rolled_back_from_the_cli(tracking, tmp_path, capsys):
+    """``registry list`` shows a combination as its own kind with its source versions and
+    weights; ``registry rollback`` takes a combination (its conditions, ``c1+c2`` or its model
+    name) and walks its champion back like a condition's."""
+    from mlflow import MlflowClient
+
+    from pipelines.cli import main
+    from pipelines.registry.registration import promote
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "params.yaml").write_text(yaml.safe_dump({"evaluate": {
+        "sampling": {"scheduler": "ddim", "steps": 2}, "gate_guidance": 1.0,
+        "condition_weights": {"t-rb-a": 1.5}}}))
+    name = "ctrlora+t-rb-a+t-rb-b"
+    _register(tmp_path, "t-rb-a", 1, 0.5)
+    _register(tmp_path, "t-rb-b", 2, 0.5)
+    assert main(["registry", "combine", "t-rb-b", "t-rb-a", "--repo", str(repo)]) == 0
+    _register(tmp_path, "t-rb-a", 3, 0.6)
+    assert promote("t-rb-a", "2", force=True, reason="reviewed by hand").promoted
+    assert main(["registry", "combine", "t-rb-a", "t-rb-b", "--repo", str(repo)]) == 0
+    capsys.readouterr()
+    client = MlflowClient()
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "2"
+
+    assert main(["registry", "list"]) == 0
+    out = capsys.readouterr().out
+    (line,) = [x for x in out.splitlines() if x.split()[:3] == ["combination", name, "2"]]
+    assert "champion" in line and "ctrlora-t-rb-a/2 (1.5)" in line and "ctrlora-t-rb-b/1 (1.0)" in line
+    assert "ddim, 2 steps, guidance 1.0" in line
+    assert main(["registry", "list", "--json"]) == 0
+    rows = [r for r in json.loads(capsys.readouterr().out) if r["model"] in (name, "ctrlora-t-rb-a")]
+    assert {r["kind"] for r in rows if r["model"] == name} == {"combination"}
+    assert {r["kind"] for r in rows if r["model"] != name} == {"adapter"}
+    assert [(r["version"], r["weights"], r["sources"]["t-rb-a"]) for r in rows if r["model"] == name] == [
+        ("1", {"t-rb-a": 1.5, "t-rb-b": 1.0}, "models:/ctrlora-t-rb-a/1"),
+        ("2", {"t-rb-a": 1.5, "t-rb-b": 1.0}, "models:/ctrlora-t-rb-a/2")]
+
+    assert main(["registry", "rollback", "t-rb-b", "t-rb-a"]) == 0
+    assert f"{name}: champion v2 -> v1" in capsys.readouterr().out
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+    assert client.get_model_version(name, "2").tags["gate"] == "rolled_back"
+    # the adapter's own champion did not move
+    assert str(client.get_model_version_by_alias("ctrlora-t-rb-a", "champion").version) == "2"
+    for spec in ([name], ["t-rb-a+t-rb-b"]):
+        assert main(["registry", "rollback", *spec]) == 1
+        assert f"{name}: champion v1 has no previous champion" in capsys.readouterr().err
+    for spec, error in ((["t-rb-a", "t-rb-a"], "given twice"),
+                        (["t-rb-a", "t-nothing"], "no registered model ctrlora+t-nothing+t-rb-a"),
+                        ([f"models:/{name}@champion"], "name the combination, not a URI")):
+        assert main(["registry", "rollback", *spec]) == 1
+        assert error in capsys.readouterr().err

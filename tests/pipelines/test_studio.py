@@ -3,7 +3,9 @@ port over a real sqlite MLflow registry (two versions of a lighting adapter, one
 real tiny models on real rendered + prepared scans); headless Chromium (Debian's package, driven
 by Playwright through its executable) loads the page, composes two conditions from an upload and
 a validation scan, generates, compares champion and challenger, promotes with confirmation, and is
-refused a bad upload. Plus the upload rules on their own."""
+refused a bad upload; it lists the registered combination ``ctrlora+canny+lighting`` (source
+versions, weights, recipe) and generates from it on a validation scan's maps the image
+``ctrlora-ops generate --combination`` draws. Plus the upload rules on their own."""
 from __future__ import annotations
 
 import base64
@@ -30,6 +32,7 @@ from _project_helpers import post_json  # noqa: E402
 SIZE = 32
 REPO = Path(__file__).resolve().parents[2]
 SHOTS_ENV = "CTRLORA_STUDIO_SCREENSHOTS"   # a folder: the browser test saves its screenshots there
+COMBINATION = "ctrlora+canny+lighting"
 
 
 def _png(img: np.ndarray) -> bytes:
@@ -107,7 +110,10 @@ def project(tmp_path_factory):
 @pytest.fixture(scope="module")
 def registry(project, tmp_path_factory):
     """A sqlite store: ctrlora-lighting v1 (champion), v2 (challenger: registered without a
-    comparison, so promoting it runs the paired comparison on the benchmark) and ctrlora-canny v1."""
+    comparison, so promoting it runs the paired comparison on the benchmark), ctrlora-canny v1 and
+    the combination ctrlora+canny+lighting v1 of the two champions (recipe from the project's
+    params: dpm_karras, 4 steps, guidance 1; weights canny 1, lighting 2)."""
+    from pipelines.registry.combination import combine
     from pipelines.registry.registration import register_adapter
 
     store = tmp_path_factory.mktemp("mlflow-studio")
@@ -122,6 +128,8 @@ def registry(project, tmp_path_factory):
                                    base_hash="b" * 64, backbone_dir=models / "backbone", base_dir=models / "base",
                                    metrics={"fidelity": fid}, git_commit="c0ffee", gate={"min_delta": 0.0})
             assert res.decision == ("challenger" if k == 2 else "champion")
+        built = combine(["lighting", "canny"], root=project)
+        assert (built.model_name, built.version, built.created) == (COMBINATION, "1", True)
         yield env
 
 
@@ -297,4 +305,100 @@ def test_studio_in_a_real_browser(server, project, registry):
         champion = str(MlflowClient().get_model_version_by_alias("ctrlora-lighting", "champion").version)
         assert tags["gate_champion_version"] == "1" and tags["benchmark_version"] == "1"
         assert (champion == "2") == (float(tags["gate_low"]) > 0.0)
+    assert "Traceback" not in server["log"].read_text()
+
+
+def test_a_combination_in_the_studio(server, project, registry, tmp_path):
+    """The registered combination is listed with its source versions, weights and recipe; the
+    page generates from it on a validation scan's maps at its recipe and weights, and the image is
+    the one ``ctrlora-ops generate --combination`` draws from the same maps, prompt and seed; an
+    edited weight draws another image; a missing scan and a bad weight are refused."""
+    from PIL import Image
+    from playwright.sync_api import expect, sync_playwright
+
+    from pipelines import cli
+
+    exe = _chromium()
+    url = server["url"]
+    ref = f"models:/{COMBINATION}/1"
+    with urllib.request.urlopen(url + "api/state", timeout=60) as r:
+        state = json.loads(r.read())
+    (combo,) = state["combinations"]
+    assert combo["ref"] == ref and combo["aliases"] == ["champion"]
+    assert combo["sources"] == {"canny": "models:/ctrlora-canny/1", "lighting": "models:/ctrlora-lighting/1"}
+    assert combo["weights"] == {"canny": 1.0, "lighting": 2.0}
+    assert combo["recipe"] == {"scheduler": "dpm_karras", "steps": 4, "guidance_scale": 1.0}
+    assert all(a["model"] != COMBINATION for a in state["adapters"])   # not among the adapters
+    scan = state["scans"][0]["id"]
+    for body, error in (({"combination": ref, "scan": scan, "weights": {"lighting": 4}},
+                         "lighting: weight 4.0 is out of range [0, 3]"),
+                        ({"combination": ref, "scan": scan, "weights": {"depth": 1}},
+                         "'depth' is not a condition of ctrlora+canny+lighting"),
+                        ({"combination": "models:/ctrlora+canny+depth/1", "scan": scan},
+                         "is not on offer")):
+        status, out = post_json(url + "api/generate", body)
+        assert status == 400 and error in out["error"], out
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=exe, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.set_default_timeout(120_000)
+            expect.set_options(timeout=120_000)
+            page.goto(url)
+            page.wait_for_selector("body[data-ready='1']")
+            expect(page.locator("#model-rows tr")).to_have_count(3)   # the adapters' table as before
+            row = page.locator(f"#combo-rows tr[data-ref='{ref}']")
+            expect(row).to_contain_text("champion")
+            expect(row.locator("td.sources")).to_have_text("canny v1, lighting v1")
+            expect(row.locator("td.weights")).to_have_text("canny × 1, lighting × 2")
+            expect(row).to_contain_text("dpm_karras, 4 steps, guidance 1")
+            row.locator("button.use-combination").click()
+            expect(page.locator("#combination")).to_have_value(ref)
+            expect(page.locator("#combo-weight-lighting")).to_have_value("2")
+            expect(page.locator("#combo-weight-canny")).to_have_value("1")
+            expect(page.locator("#combo-recipe")).to_be_checked()
+            page.click("#combo-generate")   # no scan picked yet: refused, saying why
+            expect(page.locator("#error")).to_contain_text("pick a validation scan")
+
+            page.select_option("#scan", scan)
+            page.fill("#seed", "3")
+            page.fill("#num-images", "1")
+            page.fill("#steps", "2")        # the Sampling section's steps: unused at the recipe
+            page.click("#combo-generate")
+            expect(page.locator("#runs img.generated")).to_have_count(1)
+            expect(page.locator("#status")).to_contain_text("step 4 / 4")
+            expect(page.locator("#results-title")).to_contain_text(
+                f"{COMBINATION} v1 (champion): dpm_karras, 4 steps, guidance 1 (its recipe)")
+            expect(page.locator("#maps img.map")).to_have_count(2)
+            expect(page.locator("#maps")).to_contain_text("lighting × 2")
+            expect(page.locator("#truth img.truth")).to_have_count(1)
+            expect(page.locator("#runs .run button.promote")).to_have_count(0)
+            drawn = page.locator("#runs img.generated").first.get_attribute("src")
+            prompt = page.input_value("#prompt")
+            _shot(page, "combination")
+
+            page.fill("#combo-weight-lighting", "0.5")
+            page.click("#combo-generate")
+            expect(page.locator("#maps")).to_contain_text("lighting × 0.5")
+            expect(page.locator("#runs img.generated")).to_have_count(1)
+            reweighted = page.locator("#runs img.generated").first.get_attribute("src")
+            assert reweighted != drawn   # the edited weight is drawn with
+        finally:
+            browser.close()
+
+    # the CLI on the same maps (the scan's files), prompt and seed draws the same pixels
+    maps = project / "data/prepared/conditions"
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in registry.items():
+            mp.setenv(k, v)
+        assert cli.main(["generate", "--combination", f"models:/{COMBINATION}@champion",
+                         "--condition", f"lighting={maps / 'lighting' / f'{scan}.png'}",
+                         "--condition", f"canny={maps / 'canny' / f'{scan}.png'}",
+                         "--prompt", prompt, "--seed", "3", "--out", str(tmp_path / "gen")]) == 0
+    (cli_png,) = sorted((tmp_path / "gen").glob("*.png"))
+    studio_png = base64.b64decode(drawn.split(",", 1)[1])
+    with Image.open(cli_png) as a, Image.open(io.BytesIO(studio_png)) as b:
+        assert a.size == b.size == (SIZE, SIZE)
+        assert np.array_equal(np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB")))
     assert "Traceback" not in server["log"].read_text()
