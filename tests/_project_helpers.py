@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -35,6 +36,21 @@ def toy_project(root: Path, params: dict[str, Any], skip: Callable[[str], bool],
     git("add", "-A", cwd=root)
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message, cwd=root)
     return root
+
+
+def repro(root: Path, env: dict[str, str], timeout: float = 3000) -> str:
+    """``make repro`` in ``root`` without the venv set-up (dvc repro, registration, the README
+    report); its output, or a failed assertion showing its tail."""
+    done = subprocess.run([sys.executable, "-m", "pipelines.orchestration.repro"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"repro failed:\n{done.stdout[-6000:]}\n{done.stderr[-6000:]}"
+    return done.stdout + done.stderr
+
+
+def stages_ran(root: Path, since: float) -> dict[str, str]:
+    """Stage -> status of every stage run ``root`` logged (``logs/stage_times.jsonl``) since ``since``."""
+    rows = [json.loads(line) for line in (root / "logs/stage_times.jsonl").read_text().splitlines() if line.strip()]
+    return {r["stage"]: r["status"] for r in rows if r["finished"] >= since}
 
 
 def post_json(url: str, body: dict, timeout: float = 60) -> tuple[int, dict]:

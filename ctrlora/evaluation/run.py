@@ -36,7 +36,7 @@ from .scoring import means, per_scan_fidelity, per_scan_image_scores, scan_score
 from .stats import Interval, bootstrap_diff, bootstrap_gain_ratio
 
 __all__ = ["EvalData", "EvalModels", "SamplingConfig", "EvalConfig", "load_split", "load_models",
-           "get_detectors", "load_detectors", "generate", "per_scan_fidelity", "generate_pass", "score_pass", "summarize_pass",
+           "get_detectors", "load_detectors", "generate", "per_scan_fidelity", "score_pass", "summarize_pass",
            "GenerationJob", "generation_jobs", "pass_controls", "run_job", "run_evaluation", "guidance_key", "json_ready",
            "TestSplit", "load_test_split"]
 
@@ -250,15 +250,6 @@ def run_job(pipe, test: EvalData | TestSplit, job: GenerationJob, sampling: Samp
     if not out:
         raise ValueError(f"generation job {job.model}@{job.guidance:g} holds no scans")
     return np.concatenate(out)
-
-
-def generate_pass(pipe, data: EvalData, cfg: EvalConfig, guidance: float,
-                  progress: bool = True) -> dict[str, np.ndarray]:
-    """Every image one guidance scale needs (see :func:`pass_controls`), on all of ``data``."""
-    rows = tuple(range(len(data)))
-    return {model: run_job(pipe, data, GenerationJob(guidance, len(data), model, controls, rows), cfg.sampling,
-                           progress)
-            for model, controls in pass_controls(cfg).items()}
 
 
 # ---------------------------------------------------------------------------- scoring

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import functools
 import io
 import json
 import shutil
@@ -362,6 +363,20 @@ class Job:
                 "total": self.total, "message": self.message, "result": self.result, "error": self.error}
 
 
+def _count_steps(sched, job: Job):
+    """``sched`` with each ``step`` call advancing ``job.done`` (the page's progress bar)."""
+    step = sched.step
+
+    @functools.wraps(step)
+    def counted(*args, **kwargs):
+        out = step(*args, **kwargs)
+        job.done += 1
+        return out
+
+    sched.step = counted
+    return sched
+
+
 class Jobs:
     """One worker thread runs the jobs in order; the web requests only submit and poll."""
 
@@ -526,8 +541,6 @@ class Engine:
         """One request table, as a client of the served model sends it (one row per condition of
         each image; image ``i`` at seed ``seed + i``), drawn by the pyfunc's ``predict``; every
         scheduler step advances the job's progress."""
-        import functools
-
         import pandas as pd
         from PIL import Image
 
@@ -546,17 +559,7 @@ class Engine:
         make = pipe.make_scheduler
 
         def counted_scheduler(name):
-            sched = make(name)
-            step = sched.step
-
-            @functools.wraps(step)
-            def counted(*args, **kwargs):
-                out = step(*args, **kwargs)
-                job.done += 1
-                return out
-
-            sched.step = counted
-            return sched
+            return _count_steps(make(name), job)
 
         job.message = f"sampling {req.label}"
         pipe.__dict__["make_scheduler"] = counted_scheduler   # this job only; removed below
@@ -605,19 +608,8 @@ class Engine:
 
     def sample(self, pipe, req: Request, job: Job) -> np.ndarray:
         """uint8 ``N×S×S×3`` images; every scheduler step advances the job's progress."""
-        import functools
-
         size = self.native_size(pipe)
-        sched = pipe.make_scheduler(req.sampler)
-        step = sched.step
-
-        @functools.wraps(step)
-        def counted(*args, **kwargs):
-            out = step(*args, **kwargs)
-            job.done += 1
-            return out
-
-        sched.step = counted
+        sched = _count_steps(pipe.make_scheduler(req.sampler), job)
         conds = {c.condition: (map_at(c, size), c.weight) for c in req.conds}
         out = pipe(req.prompt, conds, num_inference_steps=req.steps, guidance_scale=req.guidance,
                    negative_prompt=req.negative_prompt or None, scheduler=sched,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import ExifTags, Image, PngImagePlugin
+from PIL import Image, PngImagePlugin
 
 from ctrlora.cli import main as cli_main
 from ctrlora.data.captions import caption_from_meta
@@ -26,6 +26,7 @@ from ctrlora.data.scan import meta_bytes, write_scan
 pycocotools = pytest.importorskip("pycocotools")
 from pycocotools import mask as mask_utils  # noqa: E402
 from pycocotools.coco import COCO  # noqa: E402
+from _clinic_helpers import identifying_exif  # noqa: E402
 
 # pycocotools' own decode, used here as the reference, trips numpy 2's __array__(copy=...) deprecation
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -38,18 +39,6 @@ STEMS = {"A": "Jane_Patient_IMG_0001", "B": "Doe_John_0002", "C": "ana-maria_000
          "E": "fdi_0005", "F": "bigmask_0006", "G": "palette_0007", "H": "plain_0008"}
 CATEGORIES = [*({"id": lab.id + 1, "name": lab.name} for lab in LABELS.values()), {"id": 99, "name": "tooth_11"}]
 CAT_ID = {c["name"]: c["id"] for c in CATEGORIES}
-
-
-def _exif(orientation: int = 1) -> Image.Exif:
-    exif = Image.Exif()
-    exif[ExifTags.Base.Orientation] = orientation
-    exif[ExifTags.Base.Make] = "PhoneCo"
-    exif[ExifTags.Base.Model] = "Model X9"
-    exif[ExifTags.Base.DateTime] = "2024:05:01 10:11:12"
-    exif[ExifTags.Base.ImageDescription] = "Jane Patient"
-    exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.BodySerialNumber] = "SERIAL-4711"
-    exif.get_ifd(ExifTags.IFD.GPSInfo).update({1: "N", 2: (52.0, 22.0, 1.5), 3: "E", 4: (4.0, 53.0, 2.0)})
-    return exif
 
 
 def _texture(h: int, w: int, seed: int) -> np.ndarray:
@@ -86,25 +75,25 @@ def _write_export(root: Path) -> dict:
         return path
 
     # A: a 3:2 phone photograph with every metadata block; COCO polygons, overlapping
-    photo("A", "jpg", _texture(64, 96, 1), format="JPEG", quality=95, exif=_exif(1),
+    photo("A", "jpg", _texture(64, 96, 1), format="JPEG", quality=95, exif=identifying_exif(1),
           comment=b"Referral note")
     # B: stored sideways (orientation 6): upright 96×64, as its COCO entry says; polygon + RLE
     upright_b = _texture(64, 96, 2)
-    photo("B", "jpg", np.ascontiguousarray(np.rot90(upright_b, k=1)), format="JPEG", quality=95, exif=_exif(6))
+    photo("B", "jpg", np.ascontiguousarray(np.rot90(upright_b, k=1)), format="JPEG", quality=95, exif=identifying_exif(6))
     # C: a PNG with text chunks; index label PNG (L), 16-bit depth, normals
     text = PngImagePlugin.PngInfo()
     text.add_text("Author", "Jane Patient")
     photo("C", "png", _texture(96, 128, 3), format="PNG", pnginfo=text)
     # D: colour mask in the label table's display colours
-    photo("D", "jpg", _texture(64, 80, 4), format="JPEG", exif=_exif(1))
+    photo("D", "jpg", _texture(64, 80, 4), format="JPEG", exif=identifying_exif(1))
     # E: COCO annotation of a category the mapping does not know (FDI-style)
-    photo("E", "jpg", _texture(64, 96, 5), format="JPEG", exif=_exif(1))
+    photo("E", "jpg", _texture(64, 96, 5), format="JPEG", exif=identifying_exif(1))
     # F: a mask of another size than its photograph
-    photo("F", "jpg", _texture(64, 96, 6), format="JPEG", exif=_exif(1))
+    photo("F", "jpg", _texture(64, 96, 6), format="JPEG", exif=identifying_exif(1))
     # G: palette PNG whose indices are the ids (its colours are not label colours)
     photo("G", "png", _texture(64, 64, 7), format="PNG")
     # H: a photograph alone, no caption
-    photo("H", "jpg", _texture(70, 90, 8), format="JPEG", exif=_exif(1))
+    photo("H", "jpg", _texture(70, 90, 8), format="JPEG", exif=identifying_exif(1))
     # a byte copy of A under another name: the same scan id, lands once
     (root / "photos" / "copy_of_A.jpg").write_bytes(info["files"]["A"].read_bytes())
     (root / "photos" / "notes.txt").write_text("Jane Patient's referral")
@@ -422,7 +411,7 @@ def test_mapped_category_lands(tmp_path):
 def test_cli(tmp_path, capsys):
     export = tmp_path / "export"
     (export / "photos").mkdir(parents=True)
-    Image.fromarray(_texture(48, 72, 12)).save(export / "photos" / "Patient Name.jpg", format="JPEG", exif=_exif(1))
+    Image.fromarray(_texture(48, 72, 12)).save(export / "photos" / "Patient Name.jpg", format="JPEG", exif=identifying_exif(1))
     params = tmp_path / "params.yaml"
     params.write_text("prepare: {resolution: 32}\nclinic: {aspect: crop}\n")
     out = tmp_path / "data" / "incoming"

@@ -19,6 +19,7 @@ from ctrlora.data.photos import PHOTO_CAPTION, normalise_photo, pixel_sha256, pn
 from ctrlora.data.prepare import PrepareConfig, prepare
 from ctrlora.data.render import render_scan
 from ctrlora.data.scan import write_scan
+from _clinic_helpers import identifying_exif
 
 RES = 64
 # text planted in the photographs' metadata; none of it may appear anywhere under data/ except quarantine
@@ -35,18 +36,6 @@ def _quadrant_photo(h: int, w: int) -> np.ndarray:
     a[h // 2:, : w // 2] = QUADRANTS["blue"]
     a[h // 2:, w // 2:] = QUADRANTS["white"]
     return a
-
-
-def _phone_exif(orientation: int) -> Image.Exif:
-    exif = Image.Exif()
-    exif[ExifTags.Base.Orientation] = orientation
-    exif[ExifTags.Base.Make] = "PhoneCo"
-    exif[ExifTags.Base.Model] = "Model X9"
-    exif[ExifTags.Base.DateTime] = "2024:05:01 10:11:12"
-    exif[ExifTags.Base.ImageDescription] = "Jane Patient"
-    exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.BodySerialNumber] = "SERIAL-4711"
-    exif.get_ifd(ExifTags.IFD.GPSInfo).update({1: "N", 2: (52.0, 22.0, 1.5), 3: "E", 4: (4.0, 53.0, 2.0)})
-    return exif
 
 
 def _land(incoming: Path, scan_id: str, name: str, write) -> Path:
@@ -84,7 +73,7 @@ def clinic(tmp_path_factory):
 
     # a phone photograph, landscape 120×80 stored sideways (orientation 6), every metadata block
     sources["phone"] = _land(incoming, "clinic-phone", "IMG_0001.JPG", lambda p: Image.fromarray(_quadrant_photo(80, 120)).save(
-        p, format="JPEG", quality=95, exif=_phone_exif(6), icc_profile=icc,
+        p, format="JPEG", quality=95, exif=identifying_exif(6), icc_profile=icc,
         xmp=b"<x:xmpmeta><dc:creator>Jane Patient</dc:creator></x:xmpmeta>", comment=b"Referral note"))
     text = PngImagePlugin.PngInfo()
     text.add_text("Author", "Jane Patient")
@@ -95,7 +84,7 @@ def clinic(tmp_path_factory):
     gray16 = (np.linspace(0, 65535, 96 * 96).reshape(96, 96)).astype(np.uint16)
     sources["gray16"] = _land(incoming, "clinic-16bit", "scan.png", lambda p: Image.fromarray(gray16).save(p, format="PNG"))
     sources["cmyk"] = _land(incoming, "clinic-cmyk", "photo.jpg",
-                            lambda p: Image.fromarray(textured).convert("CMYK").save(p, format="JPEG", exif=_phone_exif(1)))
+                            lambda p: Image.fromarray(textured).convert("CMYK").save(p, format="JPEG", exif=identifying_exif(1)))
     sources["apng"] = _land(incoming, "clinic-apng", "photo.png", lambda p: _apng(p, textured))
     sources["bomb"] = _land(incoming, "clinic-bomb", "photo.png", lambda p: p.write_bytes(_bomb_png(9000, 9000)))
     sources["small"] = _land(incoming, "clinic-small", "photo.jpg",
@@ -287,7 +276,7 @@ def test_land_a_clinic_export_folder(tmp_path):
 
     export = tmp_path / "export"
     export.mkdir()
-    Image.fromarray(_quadrant_photo(80, 120)).save(export / "Jane Patient 01.JPG", exif=_phone_exif(6))
+    Image.fromarray(_quadrant_photo(80, 120)).save(export / "Jane Patient 01.JPG", exif=identifying_exif(6))
     Image.fromarray(_quadrant_photo(90, 90)).save(export / "b.png")
     (export / "copy.png").write_bytes((export / "b.png").read_bytes())
     (export / "notes.txt").write_text("Jane Patient")

@@ -35,7 +35,7 @@ import numpy as np
 import pytest
 import yaml
 from _project_helpers import toy_project
-from PIL import ExifTags, Image, PngImagePlugin
+from PIL import Image, PngImagePlugin
 
 pytest.importorskip("pycocotools")
 from pycocotools import mask as mask_utils  # noqa: E402
@@ -46,6 +46,7 @@ from ctrlora.data.labels import LABELS  # noqa: E402
 from ctrlora.data.photos import PHOTO_CAPTION, photo_scan_id  # noqa: E402
 from ctrlora.data.prepare import split_of  # noqa: E402
 from ctrlora.data.render import RenderConfig, render_scan  # noqa: E402
+from _clinic_helpers import identifying_exif  # noqa: E402
 
 # pycocotools' decode trips numpy 2's __array__(copy=...) deprecation
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")]
@@ -107,20 +108,6 @@ STRAY = "photos/Thumbs_Jane_Patient.txt"
 
 # ------------------------------------------------------------------------ the clinic's export
 
-def _exif(orientation: int, unique: int) -> Image.Exif:
-    exif = Image.Exif()
-    exif[ExifTags.Base.Orientation] = orientation
-    exif[ExifTags.Base.Make] = "PhoneCo"
-    exif[ExifTags.Base.Model] = "Model X9"
-    exif[ExifTags.Base.DateTime] = "2024:05:01 10:11:12"
-    exif[ExifTags.Base.ImageDescription] = "Jane Patient"
-    ifd = exif.get_ifd(ExifTags.IFD.Exif)
-    ifd[ExifTags.Base.BodySerialNumber] = "SERIAL-4711"
-    ifd[ExifTags.Base.ImageUniqueID] = f"{unique:032x}"
-    exif.get_ifd(ExifTags.IFD.GPSInfo).update({1: "N", 2: (52.0, 22.0, 1.5), 3: "E", 4: (4.0, 53.0, 2.0)})
-    return exif
-
-
 def _encode(photo: Photo, upright: np.ndarray, unique: int) -> bytes:
     buf = io.BytesIO()
     if photo.ext == "png":
@@ -130,7 +117,7 @@ def _encode(photo: Photo, upright: np.ndarray, unique: int) -> bytes:
         Image.fromarray(upright).save(buf, format="PNG", pnginfo=text)
     else:
         stored = upright if photo.orientation == 1 else np.ascontiguousarray(np.rot90(upright, k=1))
-        Image.fromarray(stored).save(buf, format="JPEG", quality=92, exif=_exif(photo.orientation, unique),
+        Image.fromarray(stored).save(buf, format="JPEG", quality=92, exif=identifying_exif(photo.orientation, unique),
                                      comment=b"Referral note")
     return buf.getvalue()
 

@@ -26,14 +26,13 @@ import hashlib
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from _project_helpers import toy_project
+from _project_helpers import repro, stages_ran, toy_project
 
 pytest.importorskip("mlflow")
 
@@ -101,11 +100,6 @@ def _publish(root: Path, work: Path) -> Path:
     return work / "src_base"
 
 
-def _ran(root: Path, since: float) -> dict[str, str]:
-    rows = [json.loads(line) for line in (root / "logs/stage_times.jsonl").read_text().splitlines() if line.strip()]
-    return {r["stage"]: r["status"] for r in rows if r["finished"] >= since}
-
-
 @pytest.fixture(scope="module")
 def graph(tmp_path_factory):
     """The toy project after one ``make repro`` in imported mode."""
@@ -116,14 +110,12 @@ def graph(tmp_path_factory):
     src = _publish(root, tmp)
     env = _env(tmp / "mlflow.db", tmp / "parts-cache")
     start = time.time()
-    done = subprocess.run([sys.executable, "-m", "pipelines.orchestration.repro"], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=1100)
-    assert done.returncode == 0, f"repro failed:\n{done.stdout[-6000:]}\n{done.stderr[-6000:]}"
+    out = repro(root, env, timeout=1100)
     with pytest.MonkeyPatch.context() as mp:
         for k in ("MLFLOW_TRACKING_URI", "CTRLORA_PARTS_CACHE"):
             mp.setenv(k, env[k])
-        yield {"root": root, "src": src, "ckpt": root / CHECKPOINT, "ran": _ran(root, start), "tmp": tmp,
-               "out": done.stdout + done.stderr}
+        yield {"root": root, "src": src, "ckpt": root / CHECKPOINT, "ran": stages_ran(root, start), "tmp": tmp,
+               "out": out}
 
 
 @pytest.fixture(scope="module")

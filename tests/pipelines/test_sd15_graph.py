@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from _project_helpers import toy_project
+from _project_helpers import repro, stages_ran, toy_project
 
 REPO = Path(__file__).resolve().parents[2]
 BASE_CONDITIONS = ["segmentation", "depth"]
@@ -79,19 +79,6 @@ def _env(db: Path) -> dict[str, str]:
                 TQDM_DISABLE="1", HF_HUB_OFFLINE="1")
 
 
-def _repro(root: Path, env: dict[str, str]) -> str:
-    """``make repro`` without the venv set-up: dvc repro, registration, the README report."""
-    done = subprocess.run([sys.executable, "-m", "pipelines.orchestration.repro"], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=3000)
-    assert done.returncode == 0, f"repro failed:\n{done.stdout[-6000:]}\n{done.stderr[-6000:]}"
-    return done.stdout + done.stderr
-
-
-def _ran(root: Path, since: float) -> dict[str, str]:
-    rows = [json.loads(line) for line in (root / "logs/stage_times.jsonl").read_text().splitlines() if line.strip()]
-    return {r["stage"]: r["status"] for r in rows if r["finished"] >= since}
-
-
 @pytest.fixture(scope="module")
 def graph(tmp_path_factory):
     """(project root, SD 1.5 dir, env, stages of the first repro, its output) after one repro."""
@@ -110,8 +97,8 @@ def graph(tmp_path_factory):
                        message="toy project on SD 1.5")
     env = _env(tmp / "mlflow.db")
     start = time.time()
-    out = _repro(root, env)
-    yield root, sd15, env, _ran(root, start), out
+    out = repro(root, env)
+    yield root, sd15, env, stages_ran(root, start), out
     shutil.rmtree(tmp, ignore_errors=True)  # gigabytes of random weights
 
 
@@ -170,8 +157,8 @@ def test_a_retrained_adapter_reruns_its_branch_and_is_gated_on_the_benchmark(gra
     params["train_adapter"]["train"]["seed"] = 1
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     start = time.time()
-    _repro(root, env)
-    assert _ran(root, start) == {f"train_adapter@{NEW}": "ok", "evaluate": "ok"}
+    repro(root, env)
+    assert stages_ran(root, start) == {f"train_adapter@{NEW}": "ok", "evaluate": "ok"}
     old = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
     try:
