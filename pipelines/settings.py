@@ -1,6 +1,6 @@
-"""Facts of the MLOps shell, each stated once: the repo root, the params file and its one reader,
-where the graph's artefacts lie (params.yaml ``paths``, also read by dvc.yaml), and the tool
-defaults.
+"""Facts of the MLOps shell, each stated once: the repo root, the params file (read by the
+project's one reader, :mod:`ctrlora.params`), where the graph's artefacts lie (params.yaml
+``paths``, also read by dvc.yaml), and the tool defaults.
 
 Every process of the shell (DVC stage entries, Prefect flows, the registry, the tests) imports
 :mod:`pipelines`, which applies the tool defaults with ``os.environ.setdefault`` — so a value the
@@ -15,11 +15,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
+from ctrlora import params as _params
+from ctrlora.params import PARAMS_ENV, PARAMS_FILE  # noqa: F401  ($CTRLORA_PARAMS names another file: tests, experiments)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PARAMS_FILE = "params.yaml"
-PARAMS_ENV = "CTRLORA_PARAMS"  # names another params file for the stage entries (tests, experiments)
 
 
 def params_path() -> Path:
@@ -28,22 +27,17 @@ def params_path() -> Path:
     return Path(os.environ.get(PARAMS_ENV) or REPO_ROOT / PARAMS_FILE)
 
 
-def read_params(*sections: str, path: Path | None = None) -> dict[str, Any]:
-    """One section of the params file (:func:`params_path`), or a dict of several keyed by section."""
-    path = Path(path or params_path())
-    params = yaml.safe_load(path.read_text()) or {}
-    missing = [s for s in sections if s not in params]
-    if missing:
-        raise KeyError(f"{path}: missing section(s) {missing}; present: {sorted(params)}")
-    if len(sections) == 1:
-        return params[sections[0]]
-    return {s: params[s] for s in sections}
+def read_params(*sections: str, path: Path | None = None) -> Any:
+    """One section of the params file (:func:`params_path`), or a dict of several keyed by
+    section (:func:`ctrlora.params.read_sections`: a missing section is a KeyError naming the
+    file and the section)."""
+    return _params.read_sections(*sections, path=Path(path or params_path()))
 
 
 def load_params(root: Path = REPO_ROOT) -> dict[str, Any]:
     """The whole params file of the repo at ``root`` (``{}`` when it has none)."""
     path = Path(root) / PARAMS_FILE
-    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    return _params.load_params(path) if path.is_file() else {}
 
 
 # Where the graph's artefacts lie, relative to the repo root: params.yaml ``paths`` of this

@@ -45,17 +45,18 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ctrlora.data.conditions import get_condition
 from ctrlora.data.contract import CLINIC_KIND, CLINIC_MAPS, Violation
 from ctrlora.data.files import png_bytes
 from ctrlora.data.ingest import batch_id, quarantine_files
-from ctrlora.data.labels import BACKGROUND, LABEL_IDS, LABELS
+from ctrlora.data.labels import BACKGROUND, LabelTable, label_table
 from ctrlora.data.photos import (ASPECTS, MAX_PHOTO_PIXELS, PHOTO_CAPTION, Geometry, NormalisedPhoto, PhotoRejected,
                                  is_photo_name, load_strictly, normalise_photo, photo_scan_id)
-from ctrlora.data.scan import META, READY, meta_bytes
+from ctrlora.data.scan import IMAGE_FILES, META, READY, meta_bytes
 
 PHOTOS_DIR = "photos"
 COCO_FILE = "annotations.json"
-MAP_DIRS = {"segmentation": "masks", "depth": "depth", "normal": "normal"}  # map -> export sub-folder
+MAP_DIRS = CLINIC_MAPS  # map -> export sub-folder (params.yaml `conditions`, key `clinic`)
 CAPTIONS_FILE = "captions.csv"
 NORMAL_BACKGROUND = (128, 128, 255)  # n = (0, 0, 1), the rendered scans' background normal
 NORMALISATION = ("photograph: EXIF orientation applied, pixel format by the mode rule, geometry (pad or crop), "
@@ -95,40 +96,53 @@ class Refused(Exception):
         self.violation = Violation(scan_id="", file=file, rule=rule, detail=detail)
 
 
-def default_categories() -> dict[str, str]:
-    """COCO category name -> label name: every label of the table under its own name."""
-    return {lab.name: lab.name for lab in LABELS.values()}
+def default_categories(labels: LabelTable | None = None) -> dict[str, str]:
+    """COCO category name -> label name: every label of the table (default: the project's, params
+    ``labels``) under its own name."""
+    return {lab.name: lab.name for lab in (labels or label_table()).labels}
 
 
 @dataclass(frozen=True)
 class ClinicConfig:
     resolution: int = 64
     aspect: str = "pad"  # pad (letterbox) | crop (largest centred square); see docs/data.md
-    categories: Mapping[str, str] = field(default_factory=default_categories)  # COCO name -> label name
+    # COCO name -> label name; None: every label of `labels` under its own name
+    categories: Mapping[str, str] | None = None
     max_pixels: int = MAX_PHOTO_PIXELS
     normal_tolerance: float = 0.1  # of the clinic's normals, before resampling (the contract then asks 0.03)
     max_caption_chars: int = 500
+    # the table the maps land in (None: the project's, params `labels`); ingestion validates the
+    # landed maps against the project's, so both should be the same file's
+    labels: LabelTable | None = None
 
     def __post_init__(self) -> None:
         if self.aspect not in ASPECTS:
             raise ClinicExportError(f"params clinic.aspect must be one of {ASPECTS}, got {self.aspect!r}")
+        if self.labels is None:
+            object.__setattr__(self, "labels", label_table())
+        if self.categories is None:
+            object.__setattr__(self, "categories", default_categories(self.labels))
         if not isinstance(self.categories, Mapping) or not self.categories:
             raise ClinicExportError("params clinic.categories must map COCO category names to label names")
-        unknown = {str(k): v for k, v in self.categories.items() if v not in LABEL_IDS}
+        # YAML reads an unquoted tooth number as an integer: names compare as strings
+        object.__setattr__(self, "categories", {str(k): str(v) for k, v in self.categories.items()})
+        unknown = {k: v for k, v in self.categories.items() if v not in self.labels.by_name}
         if unknown:
             raise ClinicExportError(
-                f"params clinic.categories maps {unknown} to names that are not labels of ctrlora/data/labels.py "
-                f"(known: {', '.join(LABEL_IDS)}); tooth numbers such as FDI cannot be expressed until the label "
-                "table itself is declared in params")
+                f"params clinic.categories maps {unknown} to names that are not labels of the label table "
+                f"(params labels; known: {', '.join(self.labels.by_name)}); tooth numbers such as FDI need their "
+                "labels declared in params labels first (docs/data.md, \"Label table\")")
 
     @property
     def category_ids(self) -> dict[str, int]:
-        return {str(k): LABEL_IDS[v] for k, v in self.categories.items()}
+        return {k: self.labels.by_name[v].id for k, v in self.categories.items()}
 
     @classmethod
-    def from_params(cls, section: Mapping[str, Any] | None, resolution: int) -> "ClinicConfig":
-        """From params.yaml's ``clinic`` section (absent keys keep their defaults) and
-        ``prepare.resolution``."""
+    def from_params(cls, section: Mapping[str, Any] | None, resolution: int,
+                    labels: LabelTable | None = None) -> "ClinicConfig":
+        """From params.yaml's ``clinic`` section (absent keys keep their defaults), ``prepare.resolution``
+        and the label table (None: the project's; :func:`ctrlora.data.labels.table_from_params` gives
+        the table of the same params file)."""
         section = dict(section or {})
         unknown = sorted(set(section) - {"aspect", "categories", "normal_tolerance", "max_caption_chars"})
         if unknown:
@@ -136,7 +150,7 @@ class ClinicConfig:
         kwargs: dict[str, Any] = {k: section[k] for k in ("aspect", "normal_tolerance", "max_caption_chars") if k in section}
         if "categories" in section:
             kwargs["categories"] = dict(section["categories"] or {})
-        return cls(resolution=int(resolution), **kwargs)
+        return cls(resolution=int(resolution), labels=labels, **kwargs)
 
 
 @dataclass
@@ -284,43 +298,48 @@ def _pack(rgb: np.ndarray) -> np.ndarray:
     return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
 
 
-_COLOR_IDS = {int(_pack(np.array(lab.color))): lab.id for lab in LABELS.values()}  # display colour -> id
+def _colour_ids(labels: LabelTable) -> dict[int, int]:
+    """Display colour (packed 0xRRGGBB) -> label id of ``labels``."""
+    return {int(_pack(np.array(c))): i for c, i in labels.colour_ids.items()}
 
 
-def _ids_from_colours(rgb: np.ndarray, rel: str) -> np.ndarray:
+def _ids_from_colours(rgb: np.ndarray, rel: str, colour_ids: Mapping[int, int]) -> np.ndarray:
     """Label ids of a colour mask, by the label table's display colours."""
     packed = _pack(rgb)
     values, inverse = np.unique(packed, return_inverse=True)
-    unknown = [v for v in values.tolist() if v not in _COLOR_IDS]
+    unknown = [v for v in values.tolist() if v not in colour_ids]
     if unknown:
         shown = ", ".join(f"({v >> 16}, {(v >> 8) & 255}, {v & 255})" for v in unknown[:5])
         raise Refused(rel, "segmentation_labels", f"{len(unknown)} colours are no label's display colour: {shown}")
-    return np.array([_COLOR_IDS[v] for v in values.tolist()], dtype=np.uint8)[inverse.reshape(packed.shape)]
+    return np.array([colour_ids[v] for v in values.tolist()], dtype=np.uint8)[inverse.reshape(packed.shape)]
 
 
-def read_label_map(path: Path, rel: str, size: tuple[int, int]) -> np.ndarray:
-    """A label PNG as label ids (H×W uint8). Index maps (``L``, ``I;16``, and ``P`` whose used
-    palette colours are not all label colours) give the ids directly; colour masks (``RGB``, opaque
-    ``RGBA``, and ``P`` painted with the label colours) are read by the label table's display
-    colours."""
+def read_label_map(path: Path, rel: str, size: tuple[int, int], labels: LabelTable | None = None) -> np.ndarray:
+    """A label PNG as label ids (H×W uint8) of ``labels`` (default: the project's table). Index maps
+    (``L``, ``I;16``, and ``P`` whose used palette colours are not all label colours) give the ids
+    directly; colour masks (``RGB``, opaque ``RGBA``, and ``P`` painted with the label colours) are
+    read by the label table's display colours."""
+    labels = labels or label_table()
+    colour_ids = _colour_ids(labels)
     with _open_map(path, rel, size) as im:
         if im.mode == "P":
             index = np.asarray(im).copy()
             palette = np.asarray(im.convert("RGB"))
             used = np.unique(_pack(palette))
-            if all(v in _COLOR_IDS for v in used.tolist()) and "transparency" not in im.info:
-                ids = _ids_from_colours(palette, rel)
+            if all(v in colour_ids for v in used.tolist()) and "transparency" not in im.info:
+                ids = _ids_from_colours(palette, rel, colour_ids)
             else:
                 ids = index.astype(np.int64)
         elif im.mode in ("L", "I;16", "I;16L", "I;16B", "I"):
             ids = np.asarray(im).astype(np.int64)
         elif im.mode in ("RGB", "RGBA"):
-            ids = _ids_from_colours(_opaque_rgb(im, rel), rel)
+            ids = _ids_from_colours(_opaque_rgb(im, rel), rel, colour_ids)
         else:
             raise Refused(rel, "map_format", f"mode {im.mode} is not a label map (L, P, I;16 or RGB)")
-    bad = sorted(set(np.unique(ids).tolist()) - set(LABELS))
+    bad = sorted(set(np.unique(ids).tolist()) - set(labels.by_id))
     if bad:
-        raise Refused(rel, "segmentation_labels", f"ids {bad[:10]} are not in the label table (0..{max(LABELS)})")
+        raise Refused(rel, "segmentation_labels", f"ids {bad[:10]} are not in the label table ({len(labels.by_id)} "
+                                                  f"labels, ids {min(labels.by_id)}..{max(labels.by_id)})")
     return ids.astype(np.uint8)
 
 
@@ -523,17 +542,20 @@ def _convert(export: Path, src: _Sources, coco: _Coco | None, cfg: ClinicConfig)
                                       "sha256": hashlib.sha256(subset).hexdigest()}
         except Refused as exc:
             problems.append(exc)
+    # a map is read as its condition's kind says: label ids, a gray map (8- or 16-bit, 0 = no
+    # surface) or an RGB normal map
     readers = {
-        "segmentation": lambda p, rel: place_labels(read_label_map(p, rel, size), geometry),
-        "depth": lambda p, rel: place_depth(read_depth(p, rel, size), geometry),
-        "normal": lambda p, rel: place_normals(read_normals(p, rel, size, cfg.normal_tolerance), geometry),
+        ("label_map", None): lambda p, rel: place_labels(read_label_map(p, rel, size, cfg.labels), geometry),
+        ("continuous", 1): lambda p, rel: place_depth(read_depth(p, rel, size), geometry),
+        ("continuous", 3): lambda p, rel: place_normals(read_normals(p, rel, size, cfg.normal_tolerance), geometry),
     }
     for name in CLINIC_MAPS:
         if name not in src.maps:
             continue
         rel = src.maps[name][0]
+        c = get_condition(name)
         try:
-            maps[name] = readers[name](export / rel, rel)
+            maps[name] = readers[(c.kind, c.channels)](export / rel, rel)
             record[name] = {"from": "png", "sha256": _sha256(export / rel)}
         except Refused as exc:
             problems.append(exc)
@@ -636,10 +658,12 @@ def _index_export(export: Path, coco: _Coco | None, captions: dict[str, list[str
 
 
 def import_clinic(export: str | Path, incoming: str | Path, quarantine: str | Path,
-                  cfg: ClinicConfig = ClinicConfig()) -> ImportReport:
+                  cfg: ClinicConfig | None = None) -> ImportReport:
     """Import the clinic export ``export`` (module docstring): one landing folder per photograph
     in ``incoming``, refused photographs and orphan maps / annotations in ``quarantine``.
-    Raises :class:`ClinicExportError` before writing anything when the export cannot be read."""
+    Raises :class:`ClinicExportError` before writing anything when the export cannot be read.
+    ``cfg`` None: the defaults, with the project's label table as it is at the call."""
+    cfg = cfg if cfg is not None else ClinicConfig()
     export, incoming, quarantine = Path(export), Path(incoming), Path(quarantine)
     if not (export / PHOTOS_DIR).is_dir():
         raise ClinicExportError(f"{export}: no {PHOTOS_DIR}/ folder (the export layout is in docs/data.md)")
@@ -677,7 +701,7 @@ def import_clinic(export: str | Path, incoming: str | Path, quarantine: str | Pa
         names = [m for m in CLINIC_MAPS if m in done.maps]
         meta = clinic_scan_meta(scan_id, cfg, done.photo, names, done.caption, done.from_captions, done.record)
         files = {"photo.png": png_bytes(done.photo.pixels, "RGB")}
-        files.update({f"{m}.png": png_bytes(done.maps[m], "RGB" if m == "normal" else "L") for m in names})
+        files.update({f"{m}.png": png_bytes(done.maps[m], IMAGE_FILES[f"{m}.png"]) for m in names})
         files[META] = meta_bytes(meta)
         _land(incoming, scan_id, files)
         report.landed.append(scan_id)

@@ -33,15 +33,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ctrlora.data.conditions import TableView
 from ctrlora.data.files import sha256_file
-from ctrlora.data.labels import BACKGROUND, LABELS
+from ctrlora.data.labels import BACKGROUND, label_table
 from ctrlora.data.photos import (MAX_PHOTO_PIXELS, MODE_RULE, PHOTO_KIND, PHOTO_SCAN_FILES, NormalisedPhoto,
                                  PhotoRejected, is_photo_name, normalise_photo, pixel_sha256, png_metadata_chunks)
 from ctrlora.data.scan import IMAGE_FILES, META, READY, REQUIRED_FILES, SCAN_ID_PATTERN
 
 RENDERED_MAPS = tuple(n for n in IMAGE_FILES if n != "photo.png")
 CLINIC_KIND = "clinic"  # meta.json "kind" of a clinic scan
-CLINIC_MAPS = ("segmentation", "depth", "normal")  # the maps a clinic scan may carry (as <name>.png)
+# the maps a clinic scan may carry (as <name>.png) -> the clinic export folder they come from: the
+# params.yaml `conditions` entries with a `clinic` folder, in the order meta.json lists them
+CLINIC_MAPS = TableView(lambda t: {n: t[n].clinic for n in t.clinic_maps})
 MAX_CLINIC_META_BYTES = 1 << 20  # a larger meta.json is not read to decide the layout
 
 # rule name -> what it means (the names appear in reason.json and validation.json)
@@ -329,7 +332,7 @@ def _check_maps(arrays: dict[str, np.ndarray], by_name: dict[str, dict[str, Any]
     hands and need not agree at the outline, so clinic scans skip that last check."""
     seg = arrays.get("segmentation.png")
     if seg is not None:
-        bad = np.setdiff1d(np.unique(seg), np.array(sorted(LABELS)))
+        bad = np.setdiff1d(np.unique(seg), np.array(label_table().ids))  # the project's table (params labels)
         by_name["segmentation.png"]["labels_ok"] = bad.size == 0
         if bad.size:
             by_name["segmentation.png"]["detail"] = f"labels {bad.tolist()} not in the label table"

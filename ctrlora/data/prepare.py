@@ -20,7 +20,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 from ctrlora.data.captions import caption_from_meta
 from ctrlora.data.conditions import CONDITIONS, encode_u8
@@ -40,7 +40,7 @@ class PrepareConfig:
     data_root: Path  # the data folder: every input path must stay inside it
     test_fraction: float = 0.1
     validation_fraction: float = 0.1
-    conditions: tuple[str, ...] = tuple(CONDITIONS)
+    conditions: tuple[str, ...] = field(default_factory=lambda: tuple(CONDITIONS))  # the params file's table
     contract: ContractConfig = ContractConfig()
     workers: int = 2
     progress: bool = True
@@ -53,6 +53,20 @@ class PrepareConfig:
         unknown = [c for c in self.conditions if c not in CONDITIONS]
         if unknown:
             raise ValueError(f"unknown conditions {unknown}; known: {list(CONDITIONS)}")
+
+    @classmethod
+    def from_params(cls, section: Mapping[str, Any], *, sources: Sequence[str | Path], out: str | Path,
+                    data_root: str | Path) -> "PrepareConfig":
+        """From params.yaml ``prepare`` (every key stated there; unknown or missing keys refused)
+        and the folders, which params ``paths`` states."""
+        from ctrlora.params import checked_section
+
+        p = checked_section("prepare", section, ("resolution", "test_fraction", "validation_fraction", "conditions",
+                                                 "workers"))
+        return cls(sources=tuple(Path(s) for s in sources), out=Path(out), data_root=Path(data_root),
+                   test_fraction=float(p["test_fraction"]), validation_fraction=float(p["validation_fraction"]),
+                   conditions=tuple(p["conditions"]), contract=ContractConfig(resolution=int(p["resolution"])),
+                   workers=int(p["workers"]))
 
 
 @dataclass

@@ -30,12 +30,12 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
 from ctrlora.data.files import swap_into_place
-from ctrlora.data.labels import BACKGROUND, GINGIVA, tooth_label
+from ctrlora.data.labels import BACKGROUND, GINGIVA_NAME, RENDER_LABELS, label_id, label_table, tooth_label
 from ctrlora.data.scan import Scan, write_scan
 
 GENERATOR = "ctrlora-dental-procedural-v1"
@@ -375,7 +375,7 @@ def _raster_gums(gums: list[_Gum], grid: _Grid, ras: _Raster) -> None:
     it is nearer the camera."""
     n, cr, sr = grid.n, grid.cr, grid.sr
     lower_tooth = np.isin(ras.lab, [tooth_label("lower", k) for k in ("incisor", "canine", "premolar", "molar")])
-    upper_tooth = (ras.lab >= 2) & ~lower_tooth
+    upper_tooth = np.isin(ras.lab, [tooth_label("upper", k) for k in ("incisor", "canine", "premolar", "molar")])
     for g in gums:
         # only the rows the gum can reach (margin extent, widened for the scan's roll)
         reach = np.abs(sr) * 1.5 + 2.0 / n
@@ -396,7 +396,7 @@ def _raster_gums(gums: list[_Gum], grid: _Grid, ras: _Raster) -> None:
         ras.gx[r0:r1][win] = gx[win]
         ras.gy[r0:r1][win] = gy[win]
         ras.inst[r0:r1][win] = -2
-        ras.lab[r0:r1][win] = GINGIVA
+        ras.lab[r0:r1][win] = label_id(GINGIVA_NAME)
         ras.gum_depth[r0:r1][win] = dm[win]
 
 
@@ -416,8 +416,8 @@ def _albedo(rng: np.random.Generator, ras: _Raster, teeth: list[Tooth]) -> np.nd
     """Surface colour per sample: tooth shades with incisal translucency and cervical warmth,
     gingiva blending into mucosa away from the margin."""
     n = ras.lab.shape[0]
-    tooth = ras.lab >= 2
-    gum = ras.lab == GINGIVA
+    gum = ras.lab == label_id(GINGIVA_NAME)
+    tooth = (ras.lab != BACKGROUND) & ~gum
     albedo = np.zeros((n, n, 3))
     alb_table = np.array([t.albedo for t in teeth])
     albedo[tooth] = alb_table[ras.inst[tooth]]
@@ -442,8 +442,8 @@ def _photo_radiance(rng: np.random.Generator, ras: _Raster, teeth: list[Tooth], 
     half /= np.linalg.norm(half)
     ndoth = np.clip(normal @ half, 0.0, None)
     albedo = _albedo(rng, ras, teeth)
-    tooth = ras.lab >= 2
-    gum = ras.lab == GINGIVA
+    gum = ras.lab == label_id(GINGIVA_NAME)
+    tooth = (ras.lab != BACKGROUND) & ~gum
     # crevice darkening: surface points that face sideways catch less ambient light
     ao = np.where(fg, 0.55 + 0.45 * normal[..., 2], 1.0)
     ks = np.where(tooth, rng.uniform(0.35, 0.6), np.where(gum, 0.12, 0.0))
@@ -512,7 +512,10 @@ def render_scan(seed: int, config: RenderConfig = RenderConfig(), scan_id: str |
 
     Phases: layout (arch, teeth, gums, light: every random draw of the geometry), raster (the
     supersampled height field, gradients, labels), shading (normals, n·l), photograph
-    (radiance, camera), then the geometry maps at the pixel centres."""
+    (radiance, camera), then the geometry maps at the pixel centres. The label table must hold the
+    labels it draws (:data:`~ctrlora.data.labels.RENDER_LABELS`); a table that numbers teeth cannot
+    render (ValueError naming what it lacks)."""
+    label_table().require(RENDER_LABELS, "the renderer (it draws tooth types by jaw)")
     rng = np.random.default_rng(seed)
     R, ss = config.resolution, config.supersample
     P = _layout(rng)
@@ -552,6 +555,15 @@ class DatasetConfig:
     workers: int = 2
     progress: bool = True
 
+    @classmethod
+    def from_params(cls, section: Mapping[str, Any], out: str | Path) -> "DatasetConfig":
+        """From params.yaml ``render`` (every key stated there; unknown or missing keys refused)."""
+        from ctrlora.params import checked_section
+
+        p = checked_section("render", section, ("n", "seed", "resolution", "workers"))
+        return cls(out=Path(out), n=int(p["n"]), seed=int(p["seed"]), resolution=int(p["resolution"]),
+                   workers=int(p["workers"]))
+
 
 def scan_id_for(seed: int, index: int) -> str:
     return f"r{seed}-{index:05d}"
@@ -577,6 +589,7 @@ def render_dataset(cfg: DatasetConfig) -> dict[str, Any]:
     when complete; an existing ``cfg.out`` is replaced only then)."""
     from tqdm import tqdm
 
+    label_table().require(RENDER_LABELS, "the renderer (it draws tooth types by jaw)")  # before any work
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"

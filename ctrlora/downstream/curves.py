@@ -6,6 +6,8 @@ scored on the same test photographs, so every comparison is paired over scans
 (:mod:`ctrlora.evaluation.stats`). Training seeds are resampled with the scans
 (``resample_seeds``): the seed changes the segmenter's initialisation, its batches *and* which N
 real photographs it gets, so the interval covers "a team with another N photographs" as well.
+With a handful of seeds that resample alone understates the seed spread, so every interval here
+carries the small-seed correction of :mod:`ctrlora.evaluation.stats` (``seed_correction``).
 
 **Real images worth** (:func:`real_images_worth`): the real-only learning curve (mean mIoU at
 each N) is interpolated linearly in log N; the worth of an arm at N is the N' at which real-only
@@ -13,7 +15,8 @@ training reaches the arm's mean mIoU, minus N — how many more annotated photog
 generated set stands in for. When the arm beats every point of the curve the worth is only known
 to exceed the curve's last N (``above``), when it is below real-only at N it is ≤ 0. The curve is
 made monotone first (running maximum), so a noisy dip cannot give two answers. Its interval
-(:func:`worth_interval`) comes from the same paired resamples of scans (and seeds) as the gains.
+(:func:`worth_interval`) comes from the same paired, small-seed corrected resamples of scans
+(and seeds) as the gains (:func:`ctrlora.evaluation.stats.two_level_means`).
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ctrlora.evaluation.stats import resample_indices, seed_rows
+from ctrlora.evaluation.stats import seed_rows, two_level_means
 
 __all__ = ["real_images_worth", "worth_interval"]
 
@@ -48,27 +51,22 @@ def real_images_worth(curve_n: Sequence[int], curve_mean: Sequence[float], n: in
 
 
 def worth_interval(curve: Mapping[int, Any], arm: Any, n: int, n_boot: int = 2000, seed: int = 0,
-                   level: float = 0.95) -> dict[str, Any]:
+                   level: float = 0.95, seed_correction: bool = True) -> dict[str, Any]:
     """Worth of ``arm`` (per-scan scores ``[seeds, scans]``) at ``n`` on the real-only ``curve``
     (``{N: [seeds, scans]}``) with a percentile interval over joint resamples of scans (one scan
-    draw shared by every array) and of each array's seed rows. A resample above the curve counts
-    as +inf, below it as -inf, so the interval's ends say "more than the curve can tell" honestly."""
+    draw shared by every array) and of each array's seed rows, each array's seed-level deviation
+    stretched by the small-seed correction (ν pooled over the curve points and the arm) unless
+    ``seed_correction=False`` (:func:`ctrlora.evaluation.stats.two_level_means`). A resample
+    above the curve counts as +inf, below it as -inf, so the interval's ends say "more than the
+    curve can tell" honestly."""
     keys = sorted(int(k) for k in curve)
     rows = [seed_rows(curve[k], f"curve N={k}") for k in keys]
     arm_rows = seed_rows(arm, "arm")
     n_scans = arm_rows.shape[1]
     if any(r.shape[1] != n_scans for r in rows):
         raise ValueError("worth_interval: every curve point and the arm must be scored on the same scans")
-    idx = resample_indices(n_scans, n_boot, seed)
-    rng = np.random.default_rng([seed, 2])
-
-    def boot_means(r: np.ndarray) -> np.ndarray:
-        per_row = r[:, idx].mean(axis=-1).T  # [n_boot, seeds]
-        pick = rng.integers(0, r.shape[0], size=(n_boot, r.shape[0]))
-        return np.take_along_axis(per_row, pick, axis=1).mean(axis=1)
-
-    curve_boot = np.stack([boot_means(r) for r in rows], axis=1)  # [n_boot, points]
-    arm_boot = boot_means(arm_rows)
+    *curve_means, arm_boot = two_level_means(rows + [arm_rows], n_boot, seed, level, seed_correction)
+    curve_boot = np.stack(curve_means, axis=1)  # [n_boot, points]
     vals = np.empty(n_boot)
     for b in range(n_boot):
         w = real_images_worth(keys, curve_boot[b], n, float(arm_boot[b]))

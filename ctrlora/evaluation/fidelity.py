@@ -32,6 +32,9 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from ctrlora.data.conditions import TableView, get_condition
+from ctrlora.data.labels import num_classes
+
 from . import metrics as M
 from .detectors import CannyParams, DetectorConfig, detect_canny, predict
 
@@ -46,27 +49,15 @@ __all__ = [
     "image_metrics",
 ]
 
-NUM_LABELS = 10  # background, gingiva, 8 tooth types (CONTRACTS.md)
-
 # One "higher is better" scalar per condition: the quality bar and the promotion gate read it.
-PRIMARY_METRIC: dict[str, str] = {
-    "segmentation": "miou",
-    "lighting": "ssim",
-    "normal": "ssim",
-    "depth": "ssim",
-    "canny": "edge_f1",
-    "grayscale": "ssim",
-    "blur": "ssim",
-    "palette": "ssim",
-}
+# Both mappings are views of the condition table (params.yaml ``conditions``: metric, detector).
+PRIMARY_METRIC: Mapping[str, str] = TableView(lambda t: {n: c.metric for n, c in t.items()})
 
-# Conditions read back by a trained detector, and the detector's output channels.
-DETECTED_CONDITIONS: dict[str, tuple[str, int]] = {
-    "segmentation": ("segmentation", NUM_LABELS),
-    "lighting": ("regression", 1),
-    "depth": ("regression", 1),
-    "normal": ("regression", 3),
-}
+# Conditions read back by a trained detector, and the detector's output channels (a segmenter's:
+# the label table's max id + 1, so a stored label id is its class index with no mapping to keep).
+DETECTED_CONDITIONS: Mapping[str, tuple[str, int]] = TableView(
+    lambda t: {n: ("segmentation", num_classes()) if c.detector == "segmentation" else ("regression", c.channels)
+               for n, c in t.items() if c.detector != "none"})
 
 
 def default_detector_config(condition: str, **overrides) -> DetectorConfig:
@@ -124,7 +115,7 @@ def _detector_for(name: str, detectors: Mapping[str, object] | None):
         raise ValueError(f"condition {name!r} needs a trained detector in `detectors[{name!r}]`")
     det = detectors[name]
     task, channels = DETECTED_CONDITIONS[name]
-    # a segmenter's class count is its own (the dental default is NUM_LABELS)
+    # a segmenter's class count is its own (the default: the label table's, max id + 1)
     if det.config.task != task or (task == "regression" and det.config.channels != channels):
         raise ValueError(
             f"detector for {name!r} is a {det.config.task} model with {det.config.channels} channels; "
@@ -182,9 +173,9 @@ def condition_scores(
     name = condition_name
     if name in DETECTED_CONDITIONS:
         return _detected_scores(name, gen, input_condition_data, detectors, normal_mask)
-    if name == "canny":
+    if name in PRIMARY_METRIC and get_condition(name).op == "canny":
         if canny is None:
-            raise ValueError("condition 'canny' needs `canny=CannyParams(...)` matching its extractor")
+            raise ValueError(f"condition {name!r} needs `canny=CannyParams(...)` matching its extractor")
         s = M.edge_scores_per_image(detect_canny(gen, canny), _edges(input_condition_data, n, (h, w)),
                                     edge_tolerance_px)
         return {"edge_f1": s["f1"], "edge_precision": s["precision"], "edge_recall": s["recall"]}

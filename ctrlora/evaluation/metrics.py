@@ -16,6 +16,11 @@ Conventions
   image, for paired bootstrap intervals over images (:mod:`.stats`). Their mean is the
   image-averaged figure; for mIoU and edge F1 it differs from the pooled stack figure of
   :func:`miou` / :func:`edge_scores` (pooling weights images by their pixel / edge counts).
+* Means over pixels (MAE, RMSE, PSNR's MSE, SSIM's map, the normals' angles) are taken in float64
+  with :func:`math.fsum` on a C-contiguous copy: the sum is exactly rounded, so a score does not
+  depend on the order NumPy would reduce in, which follows the array's memory layout (a
+  transposed or sliced view, a channel taken out of ``H×W×C``). Two checkouts, or a view and its
+  copy, then score bit-identically.
 """
 from __future__ import annotations
 
@@ -52,6 +57,12 @@ def _check_same_shape(a: np.ndarray, b: np.ndarray, what: str) -> None:
         raise ValueError(f"{what}: shape mismatch, got {a.shape} and {b.shape}")
     if a.size == 0:
         raise ValueError(f"{what}: empty arrays")
+
+
+def _mean64(x: np.ndarray) -> float:
+    """Mean of every element, float64, exactly-rounded sum (independent of layout and order)."""
+    v = np.ascontiguousarray(x, dtype=np.float64).ravel()
+    return math.fsum(v.tolist()) / v.size
 
 
 def _stacks(a: np.ndarray, b: np.ndarray, what: str, min_ndim: int = 3) -> tuple[np.ndarray, np.ndarray]:
@@ -196,7 +207,7 @@ def psnr(a: np.ndarray, b: np.ndarray, data_range: float) -> float:
     _check_same_shape(a, b, "psnr")
     if data_range <= 0:
         raise ValueError(f"data_range must be > 0, got {data_range}")
-    mse = float(np.mean((a - b) ** 2))
+    mse = _mean64((a - b) ** 2)
     if mse == 0.0:
         return math.inf
     return 10.0 * math.log10(data_range**2 / mse)
@@ -245,8 +256,6 @@ def ssim(
     * ``win_size`` defaults to 11 (the Gaussian's support), shrunk to the largest odd size that
       fits the smaller side, so 64-px and even 8-px images work. Images under 3 px raise.
     """
-    from skimage.metrics import structural_similarity
-
     a = np.asarray(a)
     b = np.asarray(b)
     _check_same_shape(a, b, "ssim")
@@ -272,18 +281,27 @@ def ssim(
         raise ValueError(f"ssim: images of {spatial} px are too small (need >= 3 px per side)")
     if win_size is None:
         win_size = min(11, side if side % 2 else side - 1)
-    return float(
-        structural_similarity(
-            a.astype(np.float64),
-            b.astype(np.float64),
-            data_range=float(data_range),
-            channel_axis=channel_axis,
-            win_size=win_size,
-            gaussian_weights=True,
-            sigma=1.5,
-            use_sample_covariance=False,
-        )
-    )
+    # channels first, each a C-contiguous float64 plane, so the filters and the map's mean see the
+    # same layout whatever the caller's strides; the mean over channels runs in channel order
+    if a.ndim == 2:
+        a, b = a[None], b[None]
+    else:
+        a, b = np.moveaxis(a, channel_axis, 0), np.moveaxis(b, channel_axis, 0)
+    per_channel = [_ssim_plane(np.ascontiguousarray(x, dtype=np.float64), np.ascontiguousarray(y, dtype=np.float64),
+                               float(data_range), win_size) for x, y in zip(a, b)]
+    return math.fsum(per_channel) / len(per_channel)
+
+
+def _ssim_plane(a: np.ndarray, b: np.ndarray, data_range: float, win_size: int) -> float:
+    """SSIM of two 2-D float64 planes: scikit-image's map (Gaussian σ = 1.5, population
+    covariance), averaged inside the filter-radius border as scikit-image does, but with
+    :func:`_mean64` instead of its layout-dependent ``mean``."""
+    from skimage.metrics import structural_similarity
+
+    _, smap = structural_similarity(a, b, data_range=data_range, win_size=win_size, gaussian_weights=True,
+                                    sigma=1.5, use_sample_covariance=False, full=True)
+    pad = (win_size - 1) // 2
+    return _mean64(smap[pad:smap.shape[0] - pad, pad:smap.shape[1] - pad])
 
 
 def mean_ssim(
@@ -321,14 +339,14 @@ def mae(a: np.ndarray, b: np.ndarray) -> float:
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     _check_same_shape(a, b, "mae")
-    return float(np.mean(np.abs(a - b)))
+    return _mean64(np.abs(a - b))
 
 
 def mae_per_image(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Mean absolute error of each image of two stacks → array ``[N]``."""
     a, b = _stacks(a, b, "mae_per_image", min_ndim=2)
     d = np.abs(a.astype(np.float64) - b.astype(np.float64))
-    return d.reshape(len(d), -1).mean(axis=1)
+    return np.array([_mean64(x) for x in d], dtype=np.float64)
 
 
 def rmse(a: np.ndarray, b: np.ndarray) -> float:
@@ -336,7 +354,7 @@ def rmse(a: np.ndarray, b: np.ndarray) -> float:
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     _check_same_shape(a, b, "rmse")
-    return float(np.sqrt(np.mean((a - b) ** 2)))
+    return math.sqrt(_mean64((a - b) ** 2))
 
 
 # --------------------------------------------------------------------------- normals
@@ -371,7 +389,7 @@ def normal_angular_error(
         raise ValueError("normal_angular_error: the mask selects no pixels")
     cos = (p * t).sum(-1) / np.maximum(pn * tn, 1e-12)
     ang = np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
-    return float(ang[sel].mean())
+    return _mean64(ang[sel])
 
 
 def normal_angular_error_per_image(

@@ -44,16 +44,21 @@ def run_scores(backbone, controlnet, adapter: str | None, condition: str, data, 
                sampling, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """``(images uint8 [N, H, W, 3], per-scan fidelity float64 [N])`` of ``controlnet`` driven by
     ``data``'s ``condition`` through ``adapter`` (``"__base__"`` = the ControlNet itself; ``None``
-    = no control at all: the uncontrolled backbone)."""
+    = no control at all: the uncontrolled backbone). The images come from the production
+    evaluation's generation path (:func:`.run.run_job`, one job over every scan at
+    ``sampling.guidance_scale``): scan i gets seed ``sampling.seed + i``, as there."""
     from ctrlora.sampling import CtrLoRAPipeline
 
-    from .generation import generate
+    from .run import UNCONTROLLED, GenerationJob, run_job
     from .scoring import per_scan_fidelity
 
     pipe = CtrLoRAPipeline.from_components(backbone, controlnet)
     pipe.set_progress_bar_config(disable=True)
-    conds = {} if adapter is None else {condition: (condition, 1.0, adapter)}
-    images = generate(pipe, data, conds, sampling, desc=f"generate {adapter or 'uncontrolled'}", progress=progress)
+    controls = {} if adapter is None else {condition: (condition, 1.0, adapter)}
+    job = GenerationJob(guidance=float(sampling.guidance_scale), n_scans=len(data),
+                        model=UNCONTROLLED if adapter is None else condition, controls=controls,
+                        rows=tuple(range(len(data))))
+    images = run_job(pipe, data, job, sampling, progress=progress)
     return images, np.asarray(per_scan_fidelity(condition, images, data, detectors), dtype=np.float64)
 
 

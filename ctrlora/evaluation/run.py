@@ -80,6 +80,29 @@ class EvalConfig:
         if any(float(w) <= 0 for w in self.condition_weights.values()):
             raise ValueError(f"condition_weights must be > 0, got {self.condition_weights}")
 
+    @classmethod
+    def from_params(cls, section: Mapping[str, Any], base_conditions: Sequence[str], new_conditions: Sequence[str],
+                    also: Sequence[str] = ()) -> "EvalConfig":
+        """From params.yaml ``evaluate`` and the condition lists of ``train_base`` /
+        ``train_adapter``; ``also``: the section's other keys, which the caller reads. Every key
+        of the config is stated there: a missing or unknown one is refused by name (never a silent
+        library default). ``sampling.guidance_scale``, where given, is ignored (see the class)."""
+        from ctrlora.params import checked_section
+
+        p = checked_section("evaluate", section, ("combined", "condition_weights", "sampling", "guidance",
+                                                  "gate_guidance", "other_guidance_max_scans", "bootstrap",
+                                                  "grid_rows", *also))
+        sampling = checked_section("evaluate.sampling", p["sampling"], ("steps", "scheduler", "batch_size", "seed"),
+                                   ("guidance_scale",))
+        boot = checked_section("evaluate.bootstrap", p["bootstrap"], ("n_boot", "seed"))
+        return cls(list(base_conditions), list(new_conditions),
+                   combined={str(k): float(v) for k, v in (p["combined"] or {}).items()},
+                   condition_weights={str(k): float(v) for k, v in (p["condition_weights"] or {}).items()},
+                   sampling=SamplingConfig(**{k: v for k, v in sampling.items() if k != "guidance_scale"}),
+                   guidance=list(p["guidance"]), gate_guidance=float(p["gate_guidance"]),
+                   other_guidance_max_scans=p["other_guidance_max_scans"], n_boot=int(boot["n_boot"]),
+                   bootstrap_seed=int(boot["seed"]), grid_rows=int(p["grid_rows"]))
+
     def weight(self, condition: str) -> float:
         """The residual weight of ``condition``'s own pass."""
         return float(self.condition_weights.get(condition, 1.0))

@@ -6,6 +6,7 @@ Per-scan arrays (one value per scan, in the data's scan order) are what the pair
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -14,22 +15,26 @@ from .detectors import CannyParams
 from .fidelity import PRIMARY_METRIC, condition_scores, image_scores
 from .loading import EvalData, fidelity_truth
 
-__all__ = ["derived_extractor", "scan_scores", "per_scan_fidelity", "per_scan_image_scores", "means"]
+__all__ = ["derived_extractor", "canny_params", "scan_scores", "per_scan_fidelity", "per_scan_image_scores", "means"]
 
 
 def derived_extractor(condition: str) -> Callable[[np.ndarray], np.ndarray] | None:
-    """Re-extractor of a derived condition from ``N×H×W×3`` images in [0, 1] (the data's own
-    functions), or ``None`` for conditions that are not derived-with-extractor."""
-    from ctrlora.data import conditions as data_conditions
+    """Re-extractor of a derived condition from ``N×H×W×3`` images in [0, 1] (its table entry's
+    op and parameters, :meth:`~ctrlora.data.conditions.ConditionType.extractor`), or ``None`` for
+    conditions that are not derived-with-extractor (unknown names included)."""
+    from ctrlora.data.conditions import CONDITIONS
 
-    if condition == "grayscale":
-        return lambda g: np.repeat(np.clip(data_conditions.grayscale01(g), 0, 1)[..., None], 3, -1).astype(np.float32)
-    if condition == "blur":
-        return lambda g: np.stack([np.clip(data_conditions.gaussian_blur(x), 0, 1) for x in g]).astype(np.float32)
-    if condition == "palette":
-        return lambda g: np.stack([data_conditions.quantise_palette(np.round(x * 255).astype(np.uint8)) for x in g]
-                                  ).astype(np.float32) / 255.0
-    return None
+    return CONDITIONS[condition].extractor() if condition in CONDITIONS else None
+
+
+def canny_params(condition: str, canny: CannyParams | None = None) -> CannyParams:
+    """``canny`` (default :class:`CannyParams`) with the sigma of ``condition``'s table entry
+    when that is a canny op: the edges are re-detected as the condition extracted them."""
+    from ctrlora.data.conditions import CONDITIONS
+
+    canny = canny or CannyParams()
+    c = CONDITIONS.get(condition)
+    return replace(canny, sigma=c.op_params["sigma"]) if c is not None and c.op == "canny" else canny
 
 
 def scan_scores(condition: str, generated: np.ndarray, data: EvalData, detectors: Mapping[str, Any],
@@ -39,7 +44,7 @@ def scan_scores(condition: str, generated: np.ndarray, data: EvalData, detectors
     if len(generated) != len(data):
         raise ValueError(f"{len(generated)} generated images for {len(data)} scans")
     return condition_scores(condition, generated, fidelity_truth(condition, data), detectors,
-                            canny=canny or CannyParams(), extractor=derived_extractor(condition))
+                            canny=canny_params(condition, canny), extractor=derived_extractor(condition))
 
 
 def per_scan_fidelity(condition: str, generated: np.ndarray, data: EvalData, detectors: Mapping[str, Any],

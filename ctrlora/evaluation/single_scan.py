@@ -15,11 +15,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ctrlora.data.conditions import get_condition
 from ctrlora.data.files import read_png
 
 from .detectors import CannyParams
 from .fidelity import DETECTED_CONDITIONS, PRIMARY_METRIC, condition_scores, image_scores
-from .scoring import derived_extractor
+from .scoring import canny_params, derived_extractor
 
 __all__ = ["scan_truth", "score_images", "scorable"]
 
@@ -52,7 +53,7 @@ def scorable(condition: str, detectors: Mapping[str, Any]) -> bool:
     re-detector)."""
     if condition in DETECTED_CONDITIONS:
         return condition in detectors
-    return condition == "canny" or derived_extractor(condition) is not None
+    return condition in PRIMARY_METRIC and get_condition(condition).kind == "derived"
 
 
 def score_images(generated: np.ndarray, photo: np.ndarray, truths: Mapping[str, np.ndarray],
@@ -70,6 +71,6 @@ def score_images(generated: np.ndarray, photo: np.ndarray, truths: Mapping[str, 
             continue
         metric = PRIMARY_METRIC[c]
         scores = condition_scores(c, gen, np.repeat(np.asarray(truth)[None], n, axis=0), detectors,
-                                  canny=canny or CannyParams(), extractor=derived_extractor(c))
+                                  canny=canny_params(c, canny), extractor=derived_extractor(c))
         per[f"{c}.{metric}"] = scores[metric]
     return [{k: float(v[i]) for k, v in per.items()} for i in range(n)]

@@ -424,15 +424,19 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _check_keys(tensors: Mapping[str, torch.Tensor], layout: Mapping[str, tuple], what: str) -> None:
+def _check_keys(tensors: Mapping[str, torch.Tensor], layout: Mapping[str, tuple], what: str,
+                against: str = "the model") -> None:
+    """Raise ``ValueError`` unless ``tensors`` has exactly the keys and shapes of ``layout``.
+    ``what`` names the tensors and ``against`` what the layout stands for (the messages read
+    "<what> do not match <against>: ...")."""
     missing = sorted(set(layout) - set(tensors))
     unknown = sorted(set(tensors) - set(layout))
     if missing or unknown:
-        raise ValueError(f"{what} do not match the model: missing {missing[:10]} "
+        raise ValueError(f"{what} do not match {against}: missing {missing[:10]} "
                          f"({len(missing)}), unexpected {unknown[:10]} ({len(unknown)})")
     wrong = [f"{k}: {tuple(v.shape)} != {layout[k]}" for k, v in tensors.items() if tuple(v.shape) != layout[k]]
     if wrong:
-        raise ValueError(f"{what}: shape mismatch {wrong[:10]}")
+        raise ValueError(f"{what}: shape mismatch with {against}: {wrong[:10]}")
 
 
 def load_adapter(

@@ -520,7 +520,7 @@ def export_adapter(model, adapter: str | Path | Mapping[str, Any], alpha: float 
     written unchanged."""
     import torch
 
-    from ctrlora.models.adapters import ADAPTER_CONFIG, adapter_layout
+    from ctrlora.models.adapters import ADAPTER_CONFIG, _check_keys, adapter_layout
 
     where = "adapter tensors"
     if isinstance(adapter, (str, Path)):
@@ -538,14 +538,7 @@ def export_adapter(model, adapter: str | Path | Mapping[str, Any], alpha: float 
         if len(ranks) != 1:
             raise ValueError(f"{where}: LoRA ranks {sorted(ranks)} (need exactly one)")
         rank = ranks.pop()
-    layout = adapter_layout(model, rank)
-    missing, unknown = sorted(set(layout) - set(tensors)), sorted(set(tensors) - set(layout))
-    if missing or unknown:
-        raise ValueError(f"{where}: tensors do not match the base's rank-{rank} adapter layout: missing {missing[:5]} "
-                         f"({len(missing)}), unexpected {unknown[:5]} ({len(unknown)})")
-    wrong = [f"{k}: {tuple(v.shape)} != {layout[k]}" for k, v in tensors.items() if tuple(v.shape) != layout[k]]
-    if wrong:
-        raise ValueError(f"{where}: shape mismatch with the base: {wrong[:5]}")
+    _check_keys(tensors, adapter_layout(model, rank), f"{where}: tensors", f"the base's rank-{rank} adapter layout")
     scale = 1.0 if alpha is None else float(alpha) / rank
     out = {}
     for name, ldm in published_names(model).items():

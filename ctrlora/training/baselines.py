@@ -93,9 +93,15 @@ class Recipe:
     max_pairs: int | None = None
 
     @classmethod
-    def from_params(cls, p: Mapping[str, Any]) -> "Recipe":
+    def from_params(cls, section: Mapping[str, Any], where: str = "train_adapter",
+                    also: Sequence[str] = ("conditions",)) -> "Recipe":
+        """From params.yaml ``train_adapter`` (``max_pairs`` null or 0: every pair); ``also``: the
+        section's other keys, which the caller reads. Unknown or missing keys are refused."""
+        from ctrlora.params import checked_section
+
+        p = checked_section(where, section, ("train", "rank", "prompt_dropout", "max_pairs", *also))
         return cls(TrainConfig.from_dict(dict(p["train"])), int(p["rank"]), float(p["prompt_dropout"]),
-                   None if p.get("max_pairs") in (None, 0) else int(p["max_pairs"]))
+                   None if p["max_pairs"] in (None, 0) else int(p["max_pairs"]))
 
 
 @dataclass(frozen=True)

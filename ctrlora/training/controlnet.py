@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from accelerate import DistributedDataParallelKwargs
@@ -39,6 +39,17 @@ from ctrlora.training.loop import TrainConfig, Trainer, TrainResult, make_accele
 class ControlNetTrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     prompt_dropout: float = 0.3
+
+    @classmethod
+    def from_params(cls, section: Mapping[str, Any], where: str = "train_base",
+                    also: Sequence[str] = ()) -> "ControlNetTrainConfig":
+        """From a params section that holds ``train`` (:meth:`TrainConfig.from_dict`) and
+        ``prompt_dropout`` (``train_base``); ``also``: the section's other keys, which the caller
+        reads. Unknown or missing keys are refused, naming ``where``."""
+        from ctrlora.params import checked_section
+
+        p = checked_section(where, section, ("train", "prompt_dropout", *also))
+        return cls(TrainConfig.from_dict(p["train"]), prompt_dropout=float(p["prompt_dropout"]))
 
 
 class ControlledDenoiser(torch.nn.Module):

@@ -82,6 +82,20 @@ def save_keys(keys: EmbedKeys, cache_dir: str | Path, path: str | Path) -> None:
     tmp.replace(path)
 
 
+def read_keys(cache_dir: str | Path, keys_path: str | Path) -> dict[str, Any]:
+    """The content keys of the cache in ``cache_dir``, checked against its files' sha256; raises
+    when they do not describe that cache (rerun the ``embed`` stage)."""
+    cache_dir, keys_path = Path(cache_dir), Path(keys_path)
+    if not keys_path.is_file():
+        raise FileNotFoundError(f"{keys_path}: no embed keys; run the `embed` stage first")
+    doc = json.loads(keys_path.read_text())
+    if doc.get("version") != KEYS_VERSION:
+        raise ValueError(f"{keys_path} has version {doc.get('version')}, not {KEYS_VERSION}: rerun the `embed` stage")
+    if _cache_digest(cache_dir, list(doc["conditions"])) != doc["cache_sha256"]:
+        raise ValueError(f"{keys_path} does not describe the cache in {cache_dir}: rerun the `embed` stage")
+    return doc
+
+
 def load_previous(cache_dir: str | Path, keys_path: str | Path,
                   backbone_hash: str) -> tuple[EmbedCache | None, EmbedKeys | None, str]:
     """The cache in ``cache_dir`` and its keys when both exist, agree with each other and were

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,15 @@ class VAEPretrainConfig:
         if not 0.0 < self.photo_fraction <= 1.0:
             raise ValueError(f"photo_fraction must be in (0, 1], got {self.photo_fraction}")
 
+    @classmethod
+    def from_params(cls, section: Mapping[str, Any], where: str = "backbone.vae") -> "VAEPretrainConfig":
+        """From params.yaml ``backbone.vae`` (unknown or missing keys refused)."""
+        from ctrlora.params import checked_section
+
+        p = checked_section(where, section, ("kl_weight", "photo_fraction", "train"))
+        return cls(TrainConfig.from_dict(p["train"]), kl_weight=float(p["kl_weight"]),
+                   photo_fraction=float(p["photo_fraction"]))
+
 
 @dataclass
 class UNetPretrainConfig:
@@ -49,6 +59,17 @@ class UNetPretrainConfig:
     prompt_dropout: float = 0.1
     train_text_encoder: bool = True
     min_snr_gamma: float = 0.0  # 0 = plain MSE
+
+    @classmethod
+    def from_params(cls, section: Mapping[str, Any], where: str = "backbone.unet") -> "UNetPretrainConfig":
+        """From params.yaml ``backbone.unet`` (unknown or missing keys refused;
+        ``train_text_encoder`` may be left out: the text encoder then trains)."""
+        from ctrlora.params import checked_section
+
+        p = checked_section(where, section, ("prompt_dropout", "min_snr_gamma", "train"), ("train_text_encoder",))
+        extra = {"train_text_encoder": bool(p["train_text_encoder"])} if "train_text_encoder" in p else {}
+        return cls(TrainConfig.from_dict(p["train"]), prompt_dropout=float(p["prompt_dropout"]),
+                   min_snr_gamma=float(p["min_snr_gamma"]), **extra)
 
 
 class _Reconstruct(torch.nn.Module):

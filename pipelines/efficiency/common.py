@@ -39,16 +39,20 @@ __all__ = ["params", "path", "Run", "recipe", "nearest_tuned_k", "in_sweep", "ru
            "check_pairs", "ctx", "pool_map", "log", "read_json", "write_json"]
 
 _CTX: dict[str, Any] = {}  # what a worker loaded once (setup)
+# params efficiency: every key stated there (none missing, none unknown)
+KEYS = ("conditions", "methods", "k", "headline_k", "tune_k", "learning_rates", "seeds", "validation_scans", "n_boot",
+        "bootstrap_seed", "workers", "threads")
 
 
 def params() -> dict[str, Any]:
     """``efficiency`` params, checked, with ``recipe`` (= ``train_adapter``), from ``evaluate``
     ``test_scans`` and ``sampling`` (at the gate guidance), and ``paths`` (resolved) added; ``k``,
     ``tune_k`` and ``headline_k`` come back as sorted lists of ints."""
+    from ctrlora.params import checked_section
     from ctrlora.training.baselines import METHODS
 
     allp = read_params("efficiency", "train_adapter", "evaluate")
-    p, rec, ev = dict(allp["efficiency"]), allp["train_adapter"], allp["evaluate"]
+    p, rec, ev = checked_section("efficiency", allp["efficiency"], KEYS), allp["train_adapter"], allp["evaluate"]
     conds = list(p["conditions"])
     if not conds or len(set(conds)) != len(conds):
         raise SystemExit(f"efficiency.conditions must be distinct and not empty, got {conds}")
@@ -71,7 +75,7 @@ def params() -> dict[str, Any]:
     if not ks or min(ks) < 1 or len(set(ks)) != len(ks):
         raise SystemExit(f"efficiency.k must be distinct positive pair counts, got {p['k']}")
     for key in ("tune_k", "headline_k"):
-        vals = [int(k) for k in p.get(key) or []]
+        vals = [int(k) for k in p[key] or []]
         if key == "tune_k" and not vals:
             raise SystemExit("efficiency.tune_k: at least one K to tune the learning rates at")
         if [k for k in vals if k not in ks]:
@@ -80,10 +84,9 @@ def params() -> dict[str, Any]:
     if int(p["seeds"]) < 1:
         raise SystemExit("efficiency.seeds must be >= 1")
     sampling = dict(ev["sampling"])
-    if "gate_guidance" in ev:  # the guidance scale the production bar is read at
-        sampling["guidance_scale"] = float(ev["gate_guidance"])
+    sampling["guidance_scale"] = float(ev["gate_guidance"])  # the guidance scale the production bar is read at
     p.update(conditions=conds, methods=methods, k=sorted(ks), seeds=int(p["seeds"]), recipe=rec,
-             test_scans=ev.get("max_scans"), sampling=sampling, paths=artefact_paths())
+             test_scans=ev["max_scans"], sampling=sampling, paths=artefact_paths())
     return p
 
 

@@ -148,7 +148,7 @@ def main() -> int:
         if scores.get("split") != "test":
             raise SystemExit(f"test_scores.json holds the {scores.get('split')!r} split, not test")
         report = efficiency_report(scores["uncontrolled"], scores["runs"], p["methods"], p["k"], p["headline_k"],
-                                   int(p["n_boot"]), int(p.get("bootstrap_seed", 0)))
+                                   int(p["n_boot"]), int(p["bootstrap_seed"]))
         report = {"sampling": scores["sampling"], **report}
         C.write_json(C.path(p, "metrics", "efficiency"), report)
         write_curve(report, p["methods"], C.path(p, "reports", "efficiency"))

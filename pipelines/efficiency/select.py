@@ -22,7 +22,7 @@ from pipelines.stages.common import timed_stage
 def selection(sweep: dict[str, Any], p: dict[str, Any]) -> dict[str, Any]:
     from pipelines.research.select import selection as research_selection
 
-    n_boot, seed = int(p["n_boot"]), int(p.get("bootstrap_seed", 0))
+    n_boot, seed = int(p["n_boot"]), int(p["bootstrap_seed"])
     tuned: dict[str, dict[str, Any]] = {}
     for c in p["conditions"]:
         tuned[c] = {}

@@ -17,13 +17,16 @@ import torch
 
 from pipelines.stages.common import artefact_paths, read_params, timed_stage
 
+KEYS = ("conditions", "max_scans", "config", "threads", "progress")  # params detectors: exactly these
+
 
 def main() -> int:
     from ctrlora.evaluation.detector_cache import get_detectors
     from ctrlora.evaluation.fidelity import DETECTED_CONDITIONS
     from ctrlora.evaluation.loading import load_split
+    from ctrlora.params import checked_section
 
-    p, paths = read_params("detectors"), artefact_paths()
+    p, paths = checked_section("detectors", read_params("detectors"), KEYS), artefact_paths()
     conditions = list(p["conditions"])
     unknown = [c for c in conditions if c not in DETECTED_CONDITIONS]
     if unknown:

@@ -27,6 +27,19 @@ from pipelines.stages.common import (artefact_paths, checkpoint_dir, clear_check
 
 
 PRODUCTION_KEYS = ("preset", "sd15_path")  # backbone.* read by the production graph's record stage
+# backbone.* this graph reads: seed, quality (QUALITY_KEYS), and the configs' own sections
+FOUNDATION_KEYS = ("seed", "quality", "tiny", "vae", "unet")
+QUALITY_KEYS = ("samples", "steps", "guidance_scale")
+
+
+def check_params(p: dict) -> dict:
+    """params ``backbone`` with its keys checked (none missing, none unknown); the configs'
+    own sections are checked by their builders."""
+    from ctrlora.params import checked_section
+
+    p = checked_section("backbone", p, (*PRODUCTION_KEYS, *FOUNDATION_KEYS))
+    checked_section("backbone.quality", p["quality"], QUALITY_KEYS)
+    return p
 
 
 def _split_tensors(prepared: Path, conditions: list[str], split: str):
@@ -49,21 +62,16 @@ def _pretrain(p: dict, photos, captions, conds, ckpt: Path):
     from ctrlora.models.latents import encode_posterior
     from ctrlora.training.pretrain import (UNetPretrainConfig, VAEPretrainConfig, pretrain_unet, pretrain_vae,
                                            set_latent_scaling)
-    from ctrlora.training.loop import TrainConfig
 
     cfg = TinyBackboneConfig.from_params(p["tiny"])
     bb = build_tiny_backbone(cfg, CAPTION_VOCABULARY)
-    vae_res = pretrain_vae(bb.vae, photos, torch.cat(list(conds.values())), VAEPretrainConfig(
-        TrainConfig.from_dict(p["vae"]["train"]), kl_weight=float(p["vae"]["kl_weight"]),
-        photo_fraction=float(p["vae"]["photo_fraction"])), checkpoint_dir=ckpt / "vae")
+    vae_res = pretrain_vae(bb.vae, photos, torch.cat(list(conds.values())), VAEPretrainConfig.from_params(p["vae"]),
+                           checkpoint_dir=ckpt / "vae")
     mean, logvar = encode_posterior(bb.vae, photos)
     factor = set_latent_scaling(bb.vae, mean, logvar, seed=int(p["seed"]))
     print(f"[backbone] latent scaling factor {factor:.4f}")
     unet_res = pretrain_unet(bb.unet, bb.text_encoder, bb.tokenizer, bb.scheduler, mean, logvar, factor, captions,
-                             UNetPretrainConfig(TrainConfig.from_dict(p["unet"]["train"]),
-                                                prompt_dropout=float(p["unet"]["prompt_dropout"]),
-                                                min_snr_gamma=float(p["unet"]["min_snr_gamma"])),
-                             checkpoint_dir=ckpt / "unet")
+                             UNetPretrainConfig.from_params(p["unet"]), checkpoint_dir=ckpt / "unet")
     return bb, vae_res, unet_res
 
 
@@ -91,7 +99,7 @@ def _measure(p: dict, bb, train_photos, prepared: Path, conditions: list[str], r
 
 def main() -> int:
     allp, paths = read_params("backbone", "prepare"), artefact_paths()
-    p, conditions = allp["backbone"], list(allp["prepare"]["conditions"])
+    p, conditions = check_params(allp["backbone"]), list(allp["prepare"]["conditions"])
     out, reports, prepared = paths["foundation"]["backbone"], paths["reports"]["backbone"], paths["foundation"]["prepared"]
     # the production-side settings (which backbone the graph reads) do not change what is trained here
     p = {k: v for k, v in p.items() if k not in PRODUCTION_KEYS}

@@ -4,8 +4,13 @@ the project modules the stage's entry point imports, directly or through other p
 at any depth (imports inside functions included). ``--check`` only reports and exits 1 on a
 difference (the test suite runs the same check).
 
-The edit is textual: only lines of the form ``- <path>.py`` inside a stage's ``deps`` change, so
-comments, data dependencies and layout stay as written.
+It also writes the per-condition data lists DVC cannot generate (one out or dep per condition
+folder): after a comment ``# conditions from: <params key> [+ <params key>]``, the next run of
+``- ${paths.prepared}/conditions/<name>`` lines becomes exactly the conditions those params.yaml
+lists name, in order, duplicates dropped; every name must be an entry of params ``conditions``.
+
+The edit is textual: only lines of the form ``- <path>.py`` inside a stage's ``deps`` and the
+condition runs change, so comments, other data dependencies and layout stay as written.
 """
 from __future__ import annotations
 
@@ -92,13 +97,62 @@ def stage_code(cmd: str, root: Path = REPO_ROOT) -> set[Path] | None:
 _DEP_PY = re.compile(r"^(\s+)- ((?:\.\./)*(?:ctrlora|pipelines)/[\w/]+\.py)\s*(#.*)?$")
 
 
+_CONDITIONS_FROM = re.compile(r"^\s*# conditions from: ([\w.]+(?:\s*\+\s*[\w.]+)*)\s*$")
+_CONDITION_LINE = re.compile(r"^(\s+)- \$\{paths\.prepared\}/conditions/(\w+)\s*(#.*)?$")
+
+
+def _params_list(params: dict, dotted: str) -> list[str]:
+    node = params
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            raise KeyError(f"params.yaml has no {dotted!r}")
+        node = node[key]
+    if not isinstance(node, list) or not all(isinstance(c, str) for c in node):
+        raise ValueError(f"params.yaml {dotted} is not a list of condition names")
+    return node
+
+
+def sync_conditions(lines: list[str], params_file: Path) -> tuple[list[str], list[str]]:
+    """Rewrite every ``# conditions from:`` run of ``lines`` from ``params_file``; (lines, diff)."""
+    marks = [i for i, ln in enumerate(lines) if _CONDITIONS_FROM.match(ln)]
+    if not marks:
+        return lines, []
+    import yaml
+
+    from ctrlora.data.conditions import ConditionTable
+
+    params = yaml.safe_load(params_file.read_text()) or {}
+    table = ConditionTable(params.get("conditions"))
+    diff: list[str] = []
+    for m in reversed(marks):  # bottom up: earlier indices stay valid
+        keys = [k.strip() for k in _CONDITIONS_FROM.match(lines[m]).group(1).split("+")]
+        want = list(dict.fromkeys(c for k in keys for c in _params_list(params, k)))
+        unknown = [c for c in want if c not in table]
+        if unknown:
+            raise ValueError(f"params {' + '.join(keys)} name {unknown}, which params conditions does not declare")
+        start = next((i for i in range(m + 1, len(lines)) if _CONDITION_LINE.match(lines[i])), None)
+        if start is None:
+            raise ValueError(f"line {m + 1}: no `- ${{paths.prepared}}/conditions/<name>` line follows "
+                             f"the marker (keep at least one)")
+        end = start
+        while end < len(lines) and _CONDITION_LINE.match(lines[end]):
+            end += 1
+        indent = _CONDITION_LINE.match(lines[start]).group(1)
+        have = [_CONDITION_LINE.match(ln).group(2) for ln in lines[start:end]]
+        if have != want:
+            diff.append(f"conditions from {' + '.join(keys)}: {have} -> {want}")
+            lines = lines[:start] + [f"{indent}- ${{paths.prepared}}/conditions/{c}" for c in want] + lines[end:]
+    return lines, diff
+
+
 def sync(dvc_file: Path, root: Path = REPO_ROOT, write: bool = True) -> list[str]:
-    """Make every stage's ``.py`` deps exact; returns a line per change."""
+    """Make every stage's ``.py`` deps and every condition run exact; returns a line per change."""
     import yaml
 
     doc = yaml.safe_load(dvc_file.read_text())
     lines = dvc_file.read_text().splitlines()
-    changes: list[str] = []
+    lines, diff = sync_conditions(lines, root / "params.yaml")
+    changes: list[str] = [f"{dvc_file.relative_to(root)}: {d}" for d in diff]
     for name, stage in doc.get("stages", {}).items():
         body = stage.get("do", stage)
         needed = stage_code(body["cmd"], root)
@@ -139,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     for c in changes:
         print(c)
     if args.check and changes:
-        print("code deps out of date: run `python -m pipelines.orchestration.dvc_deps`", file=sys.stderr)
+        print("deps out of date (code or condition lists): run `python -m pipelines.orchestration.dvc_deps`",
+              file=sys.stderr)
         return 1
     return 0
 

@@ -65,14 +65,12 @@ class StageFailed(RuntimeError):
 def _section(root: Path, name: str, keys: tuple[str, ...]) -> dict[str, Any]:
     """params.yaml ``name`` of the repo at ``root``, with exactly ``keys`` (params states every
     value; there is no second default here)."""
+    from ctrlora.params import checked_section
+
     section = load_params(root).get(name)
     if not isinstance(section, dict):
         raise KeyError(f"{root / 'params.yaml'}: no `{name}` section (it needs {list(keys)})")
-    missing, unknown = sorted(set(keys) - set(section)), sorted(set(section) - set(keys))
-    if missing or unknown:
-        raise KeyError(f"{root / 'params.yaml'} `{name}`: missing {missing}, unknown {unknown}; "
-                       f"the section holds exactly {list(keys)}")
-    return dict(section)
+    return checked_section(f"{name} (in {root / 'params.yaml'})", section, keys)
 
 
 def flows_params(root: Path) -> dict[str, Any]:

@@ -25,16 +25,20 @@ from pipelines.workers import log, read_json, write_json  # noqa: F401  (the sta
 from pipelines.workers import pool_map as workers_pool_map
 
 MIN_RATES = 3  # a learning-rate sweep of fewer rates cannot tell an optimum from an edge
+# params research: every key stated there (none missing, none unknown)
+KEYS = ("condition", "methods", "learning_rates", "seeds", "snapshot_every", "validation_scans", "ablation_scans",
+        "n_boot", "bootstrap_seed", "workers", "threads")
 _CTX: dict[str, Any] = {}  # what a worker loaded once (setup)
 
 
 def params() -> dict[str, Any]:
     """``research`` params, checked, with ``recipe`` (= ``train_adapter``), from ``evaluate``
     ``test_scans`` and ``sampling`` (at the gate guidance), and ``paths`` (resolved) added."""
+    from ctrlora.params import checked_section
     from ctrlora.training.baselines import METHODS
 
     allp = read_params("research", "train_adapter", "evaluate")
-    p, recipe, ev = dict(allp["research"]), allp["train_adapter"], allp["evaluate"]
+    p, recipe, ev = checked_section("research", allp["research"], KEYS), allp["train_adapter"], allp["evaluate"]
     if p["condition"] not in recipe["conditions"]:
         raise SystemExit(f"research.condition {p['condition']!r} is not one of train_adapter.conditions "
                          f"{recipe['conditions']}")
@@ -47,9 +51,8 @@ def params() -> dict[str, Any]:
     if int(p["seeds"]) < 1:
         raise SystemExit("research.seeds must be >= 1")
     sampling = dict(ev["sampling"])
-    if "gate_guidance" in ev:  # the guidance scale the production bar is read at
-        sampling["guidance_scale"] = float(ev["gate_guidance"])
-    p.update(recipe=recipe, test_scans=ev.get("max_scans"), sampling=sampling, paths=artefact_paths())
+    sampling["guidance_scale"] = float(ev["gate_guidance"])  # the guidance scale the production bar is read at
+    p.update(recipe=recipe, test_scans=ev["max_scans"], sampling=sampling, paths=artefact_paths())
     return p
 
 

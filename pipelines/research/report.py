@@ -42,7 +42,7 @@ def main() -> int:
         scores = C.read_json(C.path(p, "research") / "test_scores.json")
         sel = C.read_json(C.path(p, "metrics", "research_selection"))
         report = research_report(scores["uncontrolled"], scores["methods"], int(p["n_boot"]),
-                                 int(p.get("bootstrap_seed", 0)))
+                                 int(p["bootstrap_seed"]))
         report = {"condition": scores["condition"], "split": scores["split"], "sampling": scores["sampling"],
                   "learning_rate_selection": {m: {k: sel["methods"][m][k] for k in ("learning_rate", "at_edge")}
                                               for m in p["methods"]},

@@ -35,7 +35,7 @@ def main() -> int:
     p = C.params()
     with timed_stage("research_select"):
         sweep = C.read_json(C.path(p, "research") / "sweep" / "validation.json")
-        out = selection(sweep, list(p["methods"]), int(p["n_boot"]), int(p.get("bootstrap_seed", 0)))
+        out = selection(sweep, list(p["methods"]), int(p["n_boot"]), int(p["bootstrap_seed"]))
         C.write_json(C.path(p, "metrics", "research_selection"), out)
         for m, e in out["methods"].items():
             edge = "  (at the edge of the sweep)" if e["at_edge"] else ""

@@ -30,7 +30,7 @@ def _train(spec) -> dict[str, Any]:
     out = C.run_dir(p, spec)
     info = train_run(spec, C.ctx("backbone"), C.ctx("cache"), p["condition"], Recipe.from_params(p["recipe"]), out,
                      base_dir=C.path(p, "base"), condition_images=C._CTX.get("images"),
-                     snapshot_every=p.get("snapshot_every"))
+                     snapshot_every=p["snapshot_every"])
     write_curve(info.pop("history"), out / "loss.csv", ["loss"])
     return info
 

@@ -16,15 +16,18 @@ import torch
 
 from pipelines.stages.common import artefact_paths, read_params, resolve_backbone, timed_stage
 
+KEYS = ("batch_size",)  # params embed: exactly these
+
 
 def main() -> int:
     from ctrlora.data.files import swap_into_place
     from ctrlora.models.backbone import backbone_hash, load_backbone
+    from ctrlora.params import checked_section
     from ctrlora.training.embed import save_embed_cache
     from ctrlora.training.embed_update import load_previous, save_keys, update_embed_cache
 
     allp, paths = read_params("embed", "train_base", "train_adapter"), artefact_paths()
-    p = allp["embed"]
+    p = checked_section("embed", allp["embed"], KEYS)
     conditions = [*allp["train_base"]["conditions"], *allp["train_adapter"]["conditions"]]
     out, keys_path = paths["embed"], paths["embed_keys"]
     with timed_stage("embed"):

@@ -8,6 +8,7 @@ rendered training split and ships them, so a retrain never changes the yardstick
 :mod:`ctrlora.evaluation.run`."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -21,25 +22,18 @@ from pipelines.settings import BASE_ADAPTERS
 from pipelines.stages.common import TIMINGS_FILE, artefact_paths, read_params, resolve_backbone, timed_stage
 
 TIMING_LOG = TIMINGS_FILE.parent / "evaluate_seconds.json"  # the last run's time per part (logs/, untracked)
+# the keys of params evaluate this entry reads itself, beside those EvalConfig.from_params reads
+OWN_KEYS = ("max_scans", "workers", "threads", "progress")
 
 
 def eval_config(p: dict[str, Any], base_conditions: list[str], new_conditions: list[str]):
     """The run's :class:`~ctrlora.evaluation.run.EvalConfig` from the ``evaluate`` params (every
-    key stated there: a missing one is an error, never a silent library default)."""
+    key stated there: a missing or unknown one is an error, never a silent library default)."""
     from ctrlora.evaluation import run as evaluation
 
     try:
-        sampling = {k: v for k, v in p["sampling"].items() if k != "guidance_scale"}
-        return evaluation.EvalConfig(
-            base_conditions, new_conditions, combined={str(k): float(v) for k, v in (p["combined"] or {}).items()},
-            condition_weights={str(k): float(v) for k, v in (p["condition_weights"] or {}).items()},
-            sampling=evaluation.SamplingConfig(**sampling), guidance=list(p["guidance"]),
-            gate_guidance=float(p["gate_guidance"]), other_guidance_max_scans=p["other_guidance_max_scans"],
-            n_boot=int(p["bootstrap"]["n_boot"]), bootstrap_seed=int(p["bootstrap"]["seed"]),
-            grid_rows=int(p["grid_rows"]))
-    except KeyError as e:
-        raise SystemExit(f"params.yaml evaluate: missing key {e}") from e
-    except (TypeError, ValueError) as e:
+        return evaluation.EvalConfig.from_params(p, base_conditions, new_conditions, also=OWN_KEYS)
+    except (KeyError, TypeError, ValueError) as e:
         raise SystemExit(f"params.yaml evaluate: {e}") from e
 
 
@@ -118,19 +112,21 @@ def main() -> int:
         # each condition on the test scans that have it (a clinic scan may have only some maps)
         test = evaluation.load_test_split(paths["prepared"], "test", cfg.conditions, sources, p["max_scans"],
                                           progress)
-        native = int(models.backbone.unet.config.sample_size) * int(models.backbone.vae_scale_factor)
-        if native != test.data.photos.shape[1]:
-            # the pass without control has no condition image to take its size from, so the
-            # pipeline draws at the UNet's own size and the scores would compare unequal images
-            raise SystemExit(f"[evaluate] the backbone draws {native} px images without a condition, the prepared "
-                             f"scans are {test.data.photos.shape[1]} px: set params.yaml prepare.resolution to "
-                             f"{native} (the backbone's native size) for this backbone")
+        # images are drawn at the scans' size (evaluation.generate passes it, also to the pass
+        # without control); the UNet takes only multiples of the VAE factor × 2^downsamples, so
+        # refuse another size here rather than after loading the detectors
+        mult = int(models.backbone.vae_scale_factor) * 2 ** (len(models.backbone.unet.config.down_block_types) - 1)
+        h, w = (int(v) for v in test.data.photos.shape[1:3])
+        if h % mult or w % mult:
+            raise SystemExit(f"[evaluate] the prepared scans are {h}x{w} px, and this backbone's UNet draws only "
+                             f"sizes that are multiples of {mult} px: set params.yaml prepare.resolution to a "
+                             f"multiple of {mult}")
         runner = None
         if workers > 1:
             spec = {"backbone": str(backbone), "base": str(paths["base"]),
                     "adapters": {c: str(a) for c, a in adapters.items()}, "prepared": str(paths["prepared"]),
                     "conditions": cfg.conditions, "sources": [str(x) for x in sources], "max_scans": p["max_scans"],
-                    "sampling": {k: v for k, v in p["sampling"].items() if k != "guidance_scale"}}
+                    "sampling": dataclasses.asdict(cfg.sampling)}
             runner = process_runner(spec, workers, threads)
             print(f"[evaluate] generating over {workers} processes of {threads} thread(s)", flush=True)
         t_load = time.perf_counter() - t

@@ -8,7 +8,6 @@ import sys
 import pipelines  # noqa: F401  (tool defaults)
 from pipelines.stages.common import artefact_paths, read_params, timed_stage
 
-from ctrlora.data.contract import ContractConfig
 from ctrlora.data.prepare import PrepareConfig, prepare
 
 
@@ -19,11 +18,8 @@ def main() -> int:
 
 
 def _run(p: dict, paths: dict) -> int:
-    result = prepare(PrepareConfig(
-        sources=(paths["rendered"], paths["scans"]), out=paths["prepared"], data_root=paths["data"],
-        test_fraction=float(p["test_fraction"]),
-        validation_fraction=float(p["validation_fraction"]), conditions=tuple(p["conditions"]),
-        contract=ContractConfig(resolution=int(p["resolution"])), workers=int(p["workers"])))
+    result = prepare(PrepareConfig.from_params(p, sources=(paths["rendered"], paths["scans"]), out=paths["prepared"],
+                                               data_root=paths["data"]))
     print(json.dumps({"scans": result.scans, "train": result.train, "validation": result.validation, "test": result.test,
                       "seconds": result.seconds, "sources": result.sources, "hashes": result.hashes}, indent=1))
     return 0

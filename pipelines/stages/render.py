@@ -17,8 +17,7 @@ def main() -> int:
 
 
 def _run(p: dict, out) -> int:
-    stats = render_dataset(DatasetConfig(out=out, n=int(p["n"]), seed=int(p["seed"]),
-                                         resolution=int(p["resolution"]), workers=int(p["workers"])))
+    stats = render_dataset(DatasetConfig.from_params(p, out))
     print(json.dumps(stats))
     return 0
 

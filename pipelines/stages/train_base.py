@@ -28,11 +28,14 @@ from pipelines.stages.common import (artefact_paths, checkpoint_dir, clear_check
                                      read_params, resolve_backbone, timed_stage, write_curve)
 
 SOURCES = ("trained", "imported")
+# the keys of params train_base this entry reads itself, beside the recipe (train, prompt_dropout)
+# that ControlNetTrainConfig.from_params reads: the section holds exactly these
+OWN_KEYS = ("conditions", "rank", "condition_shares", "source", "imported", "imported_max_pairs")
 SOURCE_RECORD = "base_source.json"  # written in imported mode only (trained mode's outputs stay as they were)
 
 
 def base_source(p: dict[str, Any]) -> str:
-    """``train_base.source`` (default ``trained``), checked."""
+    """``train_base.source``, checked."""
     source = p["source"]
     if source not in SOURCES:
         raise ValueError(f"params train_base.source must be one of {list(SOURCES)}, got {source!r}")
@@ -74,8 +77,37 @@ def import_base(path: Path, unet) -> tuple[Any, dict[str, Any]]:
     return model, {"discarded_stale_lora_keys": len(stale)}
 
 
+def base_cache(paths: dict[str, Any], conditions: list[str]):
+    """The embed cache as the base sees it: only the scans of the ``base_pairs`` record in its
+    training split (checked against the record's content keys; the whole cache when the record
+    covers the whole split)."""
+    from ctrlora.models.backbone import backbone_hash
+    from ctrlora.training.base_pairs import read_record, restrict
+    from ctrlora.training.embed import load_embed_cache
+    from ctrlora.training.embed_update import read_keys
+
+    record = read_record(paths["base_pairs"])
+    if record is None:
+        raise FileNotFoundError(f"{paths['base_pairs']}: no base pair record; run `dvc repro base_pairs`")
+    if sorted(conditions) != record["conditions"]:
+        raise ValueError(f"{paths['base_pairs']} records conditions {record['conditions']}, train_base has "
+                         f"{sorted(conditions)}: rerun `dvc repro base_pairs`")
+    cache = load_embed_cache(paths["embed"], conditions)
+    index = json.loads((paths["embed"] / "index.json").read_text())
+    keys = read_keys(paths["embed"], paths["embed_keys"])
+    return restrict(cache, index, keys, record, backbone_hash(resolve_backbone(paths["backbone"])))
+
+
+def train_config(p: dict[str, Any]):
+    """The recipe of params ``train_base`` (the section's keys checked: none missing, none unknown)."""
+    from ctrlora.training.controlnet import ControlNetTrainConfig
+
+    return ControlNetTrainConfig.from_params(p, "train_base", also=OWN_KEYS)
+
+
 def main() -> int:
     p, paths = read_params("train_base"), artefact_paths()
+    train_config(p)  # every key checked before anything loads
     if base_source(p) == "imported":
         return _main_imported(p, paths)
     return _main_trained(p, paths)
@@ -85,21 +117,19 @@ def _main_trained(p: dict[str, Any], paths: dict[str, Any]) -> int:
     from ctrlora.models.adapters import add_adapter, base_hash, save_adapter
     from ctrlora.models.backbone import load_backbone
     from ctrlora.models.controlnet import CtrLoRAControlNet
-    from ctrlora.training.controlnet import ControlNetTrainConfig, train_base
-    from ctrlora.training.embed import load_embed_cache
-    from ctrlora.training.loop import TrainConfig
+    from ctrlora.training.controlnet import train_base
 
     out = paths["base"]
     conditions = list(p["conditions"])
     with timed_stage("train_base"):
         torch.manual_seed(int(p["train"]["seed"]))
         bb = load_backbone(resolve_backbone(paths["backbone"]))
-        cache = load_embed_cache(paths["embed"], conditions)
+        cache = base_cache(paths, conditions)
         controlnet = CtrLoRAControlNet.from_unet(bb.unet, condition_embedding="vae")
         for c in conditions:
             add_adapter(controlnet, c, rank=int(p["rank"]), own_modules=False)
         ckpt = checkpoint_dir("train_base", p)
-        cfg = ControlNetTrainConfig(TrainConfig.from_dict(p["train"]), prompt_dropout=float(p["prompt_dropout"]))
+        cfg = train_config(p)
         result = train_base(controlnet, bb.unet, bb.scheduler, cache, conditions, cfg, checkpoint_dir=ckpt,
                             shares=p["condition_shares"])
         if not main_process():
@@ -119,9 +149,7 @@ def _main_trained(p: dict[str, Any], paths: dict[str, Any]) -> int:
 def _main_imported(p: dict[str, Any], paths: dict[str, Any]) -> int:
     from ctrlora.models.adapters import add_adapter, base_hash, save_adapter
     from ctrlora.models.backbone import load_backbone
-    from ctrlora.training.controlnet import ControlNetTrainConfig, train_condition
-    from ctrlora.training.embed import load_embed_cache
-    from ctrlora.training.loop import TrainConfig
+    from ctrlora.training.controlnet import train_condition
 
     out = paths["base"]
     conditions = list(p["conditions"])
@@ -130,10 +158,10 @@ def _main_imported(p: dict[str, Any], paths: dict[str, Any]) -> int:
         torch.manual_seed(int(p["train"]["seed"]))
         bb = load_backbone(resolve_backbone(paths["backbone"]))
         controlnet, facts = import_base(ckpt_file, bb.unet)
-        cache = load_embed_cache(paths["embed"], conditions)
+        cache = base_cache(paths, conditions)
         controlnet.requires_grad_(False)
         bh = base_hash(controlnet)
-        cfg = ControlNetTrainConfig(TrainConfig.from_dict(p["train"]), prompt_dropout=float(p["prompt_dropout"]))
+        cfg = train_config(p)
         history: list[dict] = []
         offset = 0
         ckpts = []

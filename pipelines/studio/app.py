@@ -50,6 +50,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ctrlora.data.conditions import TableView
 from pipelines.settings import ADAPTER_ROOTS, BACKBONE_DIR, BASE_DIR, PATHS, REPO_ROOT, load_params
 from pipelines.registry.frozen_benchmark import SPLIT as PROMOTION_SPLIT  # the split promotions read
 
@@ -66,7 +67,8 @@ KEEP_SIDE = 1024               # uploads are kept at most this large (the models
 MAX_PIPELINES = 4              # loaded pipelines kept (oldest dropped first)
 MAX_SCANS = 60                 # promotion-split scans offered on the page
 SAMPLERS = ("ddim", "dpm", "dpm_karras", "unipc")
-DERIVED = ("canny", "grayscale", "blur", "palette")   # conditions computed from a photograph
+# conditions computed from a photograph: the derived entries of params.yaml `conditions`
+DERIVED = TableView(lambda t: {n: c for n, c in t.items() if c.kind == "derived"})
 PNG_MAGIC, JPEG_MAGIC = b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"
 FOLDER_PREFIX = "dir:"
 

@@ -34,7 +34,7 @@ def main() -> int:
     a = p["audit"]
     torch.set_num_threads(max(1, int(p["workers"]) * int(p["threads"])))
     with timed_stage("utility audit"):
-        train, test, pool = C.load(p, "train"), C.load(p, "test", p.get("test_scans")), C.read_pool(p)
+        train, test, pool = C.load(p, "train"), C.load(p, "test", p["test_scans"]), C.read_pool(p)
         vae = load_backbone(C.backbone_dir(p)).vae.eval()
         spaces = {"pixel": M.pixel_features,
                   "latent": lambda x: M.latent_features(vae, x)}

@@ -33,14 +33,27 @@ ARMS = ("real", "real_aug", "real_gen", "real_gen_uncontrolled", "real_aug_gen")
 # arm -> the pool it draws generated images from; arms trained with classic augmentation
 GENERATED_ARMS = {"real_gen": "controlled", "real_gen_uncontrolled": "uncontrolled", "real_aug_gen": "controlled"}
 AUGMENTED_ARMS = frozenset({"real_aug", "real_aug_gen"})
+# params utility: every key stated there (none missing, none unknown)
+KEYS = ("condition", "n_real", "curve_extra", "headline_n", "arms", "pool", "m_grid", "generation_seed", "subset_seed",
+        "seeds", "validation_scans", "test_scans", "segmenter", "audit", "n_boot", "bootstrap_seed", "workers", "threads")
+AUDIT_KEYS = ("percentile", "grid_pairs")
+RUN_SEGMENTER_KEYS = ("augment", "seed")  # SegmenterConfig settings each run sets (its arm, its seed), not params
 _CTX: dict[str, Any] = {}
 
 
 def params() -> dict[str, Any]:
     """``utility`` params, checked, with ``sampling`` and the condition's residual ``weight``
     (the production evaluation's recipe) and ``paths`` (resolved) added."""
+    from dataclasses import fields
+
+    from ctrlora.downstream.segmenter import SegmenterConfig
+    from ctrlora.params import checked_section
+
     allp = read_params("utility", "evaluate")
-    p, ev = dict(allp["utility"]), allp["evaluate"]
+    p, ev = checked_section("utility", allp["utility"], KEYS), allp["evaluate"]
+    checked_section("utility.audit", p["audit"], AUDIT_KEYS)
+    checked_section("utility.segmenter", p["segmenter"],
+                    [f.name for f in fields(SegmenterConfig) if f.name not in RUN_SEGMENTER_KEYS])
     bad = [a for a in p["arms"] if a not in ARMS]
     if bad:
         raise SystemExit(f"utility.arms: unknown {bad}; known: {list(ARMS)}")
@@ -60,7 +73,7 @@ def params() -> dict[str, Any]:
 
 def curve_n(p: dict[str, Any]) -> list[int]:
     """Every N with a real-only run: the arms' N and the extra points of the real-only curve."""
-    return sorted({int(n) for n in p["n_real"]} | {int(n) for n in p.get("curve_extra") or []})
+    return sorted({int(n) for n in p["n_real"]} | {int(n) for n in p["curve_extra"] or []})
 
 
 @dataclass(frozen=True)
@@ -153,7 +166,7 @@ def setup(needs: Sequence[str], threads: int) -> None:
 
     torch.set_num_threads(max(1, int(threads)))
     p = _CTX["p"] = params()
-    for split, n in (("train", None), ("validation", p.get("validation_scans")), ("test", p.get("test_scans"))):
+    for split, n in (("train", None), ("validation", p["validation_scans"]), ("test", p["test_scans"])):
         if split in needs:
             data = _CTX[split] = load(p, split, n)
             if split == "train":

@@ -72,7 +72,7 @@ def main() -> int:
     seeds = list(range(int(p["seeds"])))
     runs = C.chosen_runs(p, selection, seeds)
     with timed_stage("utility evaluate"):
-        test = C.load(p, "test", p.get("test_scans"))
+        test = C.load(p, "test", p["test_scans"])
         assert test.labels is not None
         scores: dict[str, np.ndarray] = {}
         models: dict[str, Any] = {}
@@ -122,7 +122,8 @@ def main() -> int:
                 checks["above_uncontrolled_control"] = headline["vs_real_gen_uncontrolled"]["low"] > 0
             headline["checks"] = checks
         metrics = {"test_scans": len(test), "seeds": len(seeds), "level": 0.95, "family_level": family,
-                   "interval": "paired percentile bootstrap over test scans and training seeds",
+                   "interval": "paired percentile bootstrap over test scans and training seeds, "
+                               "small-seed corrected (ctrlora.evaluation.stats.seed_scales)",
                    "pool": int(p["pool"]), "headline": headline, "n": table}
         out = p["paths"]["metrics"]["utility"]
         C.write_json(out, metrics)

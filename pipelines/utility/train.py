@@ -23,9 +23,10 @@ from pipelines.utility import common as C
 
 
 def num_classes() -> int:
-    from ctrlora.data.labels import LABELS
+    """The segmenter's class count: the label table's (params labels), max id + 1."""
+    from ctrlora.data.labels import num_classes as table_classes
 
-    return max(LABELS) + 1
+    return table_classes()
 
 
 def train_run(run: C.Run) -> Any:
@@ -74,7 +75,7 @@ def main(argv: list[str]) -> int:
             C.log(f"[utility sweep] {len(runs)} segmenters (seed 0) -> {root / 'sweep'}")
             res = pool_map(sweep_job, runs, ("train", "validation", "pool"), p["workers"], p["threads"], init=C.setup)
             C.write_json(root / "sweep" / "validation.json",
-                         {"scan_ids": C.load(p, "validation", p.get("validation_scans")).scan_ids, "runs": res})
+                         {"scan_ids": C.load(p, "validation", p["validation_scans"]).scan_ids, "runs": res})
         else:
             selection = C.read_json(p["paths"]["metrics"]["utility_selection"])
             runs = C.chosen_runs(p, selection, range(1, int(p["seeds"])))

@@ -1,11 +1,14 @@
 """The user's segmenter (MONAI U-Net) and the reading of the utility curves."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
 from ctrlora.downstream.curves import real_images_worth, worth_interval
+from ctrlora.evaluation.stats import seed_scales
 from ctrlora.downstream.segmenter import (load_segmenter, predict, save_segmenter, score, segmenter_config,
                                           train_segmenter)
 
@@ -96,3 +99,32 @@ def test_worth_interval_covers_the_point_and_flags_the_curve_end():
     assert top["above"] and top["high"] == "above_curve"
     with pytest.raises(ValueError, match="same scans"):
         worth_interval(curve, arm[:, :10], 50, n_boot=10)
+
+
+def test_worth_interval_carries_the_small_seed_correction():
+    """Real-only curve 0.4 / 0.5 / 0.6 / 0.7 at N = 25 … 200 (three identical seeds each), arm at
+    N = 50 with two seeds at 0.53 and 0.57 over a shared per-scan difficulty (which the worth
+    ignores). Uncorrected, the arm's resampled mean is 0.53, 0.55 or 0.57, so the interval runs
+    from the worth of 0.53 to that of 0.57. Corrected, the arm's ±0.02 seed deviation is stretched
+    by stats.seed_scales with ν pooled over every array (2 · 4 + 1 = 9)."""
+    base = np.random.default_rng(4).normal(0, 0.05, 40)
+    keys, means = [25, 50, 100, 200], [0.4, 0.5, 0.6, 0.7]
+    curve = {k: np.stack([base + m] * 3) for k, m in zip(keys, means)}
+    arm = np.stack([base + 0.53, base + 0.57])
+
+    def worth_at(target: float) -> float:
+        return real_images_worth(keys, means, 50, target)["worth"]
+
+    plain = worth_interval(curve, arm, 50, n_boot=2000, seed_correction=False)
+    assert plain["worth"] == pytest.approx(worth_at(0.55))
+    assert plain["low"] == pytest.approx(worth_at(0.53)) and plain["high"] == pytest.approx(worth_at(0.57))
+    f = seed_scales([3, 3, 3, 3, 2])[-1]
+    assert f == pytest.approx(math.sqrt(2) * 2.262157 / 1.959964, rel=1e-5)
+    fixed = worth_interval(curve, arm, 50, n_boot=2000)
+    assert fixed["worth"] == plain["worth"]
+    assert fixed["low"] == pytest.approx(worth_at(0.55 - 0.02 * f))
+    assert fixed["high"] == pytest.approx(worth_at(0.55 + 0.02 * f))
+    # one seed row everywhere: nothing to correct, the scans-only interval either way
+    one = {k: v[:1] for k, v in curve.items()}
+    assert worth_interval(one, arm[:1], 50, n_boot=200) == worth_interval(one, arm[:1], 50, n_boot=200,
+                                                                          seed_correction=False)

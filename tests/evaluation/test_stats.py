@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
 
-from ctrlora.evaluation.stats import Interval, bootstrap_diff, bootstrap_gain_ratio, bootstrap_mean, per_scan
+from ctrlora.evaluation.stats import (Interval, bootstrap_diff, bootstrap_gain_ratio, bootstrap_mean, per_scan,
+                                      seed_scales, two_level_means)
 
 
 def test_constant_difference_gives_zero_width_interval():
@@ -121,20 +123,42 @@ def test_interval_clears_uses_lower_end():
 def test_resampled_seeds_widen_a_difference_that_holds_only_on_average():
     """A beats B by +0.005 on every scan once seeds are averaged, but A's two seeds are +0.03 and
     +0.00 over the scan baseline and B's are +0.01 twice. Over scans alone the interval is the
-    single point +0.005; with seeds resampled, the resamples are exactly -0.01 (A's worse seed
-    twice: 1/4), +0.005 (1/2) and +0.02 (1/4), so the 2.5th percentile is -0.01."""
+    single point +0.005; with seeds resampled (uncorrected), the resamples are exactly -0.01 (A's
+    worse seed twice: 1/4), +0.005 (1/2) and +0.02 (1/4), so the 2.5th percentile is -0.01."""
     base = np.random.default_rng(0).random(40)
     a = np.stack([base + 0.03, base + 0.00])
     b = np.stack([base + 0.01, base + 0.01])
     scans_only = bootstrap_diff(a, b)
     assert scans_only.value == pytest.approx(0.005) and scans_only.low == pytest.approx(0.005)
-    two = bootstrap_diff(a, b, n_boot=4000, resample_seeds=True)
+    two = bootstrap_diff(a, b, n_boot=4000, resample_seeds=True, seed_correction=False)
     assert two.value == pytest.approx(0.005)
     assert two.low == pytest.approx(-0.01) and two.high == pytest.approx(0.02)
     assert not two.clears(0.0) and scans_only.clears(0.0)
-    # A whose worse seed still beats B's better one keeps its claim
+    # the small-seed correction stretches A's seed deviation (±0.015) by sqrt(2) · t(2) / z
+    f = seed_scales([2, 2])[0]
+    assert f == pytest.approx(math.sqrt(2) * 4.302653 / 1.959964, rel=1e-5)
+    fixed = bootstrap_diff(a, b, n_boot=4000, resample_seeds=True)
+    assert fixed.value == pytest.approx(0.005)
+    assert fixed.low == pytest.approx(0.005 - 0.015 * f) and fixed.high == pytest.approx(0.005 + 0.015 * f)
+    # uncorrected, A whose worse seed still beats B's better one keeps its claim; corrected, two
+    # seeds 0.01 apart no longer carry a 0.015 lead, a lead of 0.035 still does
     a2 = np.stack([base + 0.03, base + 0.02])
-    assert bootstrap_diff(a2, b, resample_seeds=True).low == pytest.approx(0.01)
+    assert bootstrap_diff(a2, b, resample_seeds=True, seed_correction=False).low == pytest.approx(0.01)
+    assert not bootstrap_diff(a2, b, resample_seeds=True).clears(0.0)
+    a3 = np.stack([base + 0.05, base + 0.04])
+    assert bootstrap_diff(a3, b, resample_seeds=True).low == pytest.approx(0.035 - 0.005 * f)
+
+
+def test_seed_scales():
+    # one side with one row adds no degrees of freedom and is not stretched
+    assert seed_scales([1, 1]) == [1.0, 1.0]
+    f3 = seed_scales([3, 1])
+    assert f3[1] == 1.0 and f3[0] == pytest.approx(math.sqrt(1.5) * 4.302653 / 1.959964, rel=1e-5)
+    # ν = 2 + 2 for 3 seeds a side; many seeds tend to no stretch
+    assert seed_scales([3, 3])[0] == pytest.approx(math.sqrt(1.5) * 2.776445 / 1.959964, rel=1e-5)
+    assert 1.0 < seed_scales([200, 200])[0] < 1.01
+    # a wider level uses a further quantile
+    assert seed_scales([3, 3], level=0.99)[0] > seed_scales([3, 3])[0]
 
 
 def test_resampled_seeds_with_one_seed_per_side_is_the_scan_bootstrap():
@@ -149,14 +173,31 @@ def test_resampled_seeds_with_one_seed_per_side_is_the_scan_bootstrap():
 
 def test_resampled_seeds_gain_ratio_known_case():
     """Combined keeps 0.95 and 0.80 of the single gain (+0.2 over the uncontrolled scan baseline)
-    in its two seeds: on average 0.875, and with seeds resampled the worse seed twice gives 0.80."""
+    in its two seeds: on average 0.875, and with seeds resampled (uncorrected) the worse seed
+    twice gives 0.80. Corrected, the ±0.075 seed deviation of the ratio is stretched by
+    sqrt(2) · t(1) / z (only the combined side has seeds: ν = 1)."""
     base = np.random.default_rng(1).random(30)
     single = base + 0.2
     comb = np.stack([base + 0.19, base + 0.16])
-    r = bootstrap_gain_ratio(comb, single, base, n_boot=4000, resample_seeds=True)
+    r = bootstrap_gain_ratio(comb, single, base, n_boot=4000, resample_seeds=True, seed_correction=False)
     assert r.value == pytest.approx(0.875)
     assert r.low == pytest.approx(0.80) and r.high == pytest.approx(0.95)
     assert bootstrap_gain_ratio(comb, single, base).low == pytest.approx(0.875)
+    f = seed_scales([2, 1, 1])[0]
+    c = bootstrap_gain_ratio(comb, single, base, n_boot=4000, resample_seeds=True)
+    assert c.low == pytest.approx(0.875 - 0.075 * f) and c.high == pytest.approx(0.875 + 0.075 * f)
+
+
+def test_two_level_means_are_the_resamples_of_the_bootstrap_functions():
+    rng = np.random.default_rng(6)
+    a, b = rng.normal(0.5, 0.1, (3, 30)), rng.normal(0.45, 0.1, (2, 30))
+    for corr in (True, False):
+        ma, mb = two_level_means([a, b], n_boot=500, seed=2, seed_correction=corr)
+        got = bootstrap_diff(a, b, n_boot=500, seed=2, resample_seeds=True, seed_correction=corr)
+        assert np.quantile(ma - mb, 0.025) == pytest.approx(got.low)
+        assert np.quantile(ma - mb, 0.975) == pytest.approx(got.high)
+    with pytest.raises(ValueError, match="same scans"):
+        two_level_means([a, b[:, :5]])
 
 
 def test_resampled_seeds_still_need_the_same_scans():

@@ -110,3 +110,38 @@ def test_no_lock_entry_outlives_its_stage(rel):
     locked = yaml.safe_load(lock_file.read_text())["stages"]
     stale = [s for s in locked if s.split("@", 1)[0] not in names]
     assert not stale, f"{rel}: entries of stages that no longer exist: {stale} (delete them)"
+
+
+def test_sync_writes_the_condition_lists_from_params(tmp_path):
+    """The per-condition data lists DVC cannot generate follow params: a condition added to
+    ``train_adapter.conditions`` (and declared in ``conditions``) gains its folder; ``--check``
+    sees the stale file; an undeclared name is refused."""
+    import yaml
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["conditions"]["blur_strong"] = {"kind": "derived", "op": "blur", "sigma": 4.0, "metric": "ssim",
+                                           "detector": "none"}
+    params["train_adapter"]["conditions"] = ["lighting", "blur_strong", "canny"]  # canny: already a base one
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    graph = ("stages:\n"
+             "  embed:\n"
+             "    cmd: echo embed\n"
+             "    deps:\n"
+             "      # conditions from: train_base.conditions + train_adapter.conditions\n"
+             "      - ${paths.prepared}/photos\n"
+             "      - ${paths.prepared}/conditions/segmentation\n"
+             "      - ${paths.prepared}/conditions/lighting\n"
+             "      - ${paths.embed}\n")
+    (tmp_path / "dvc.yaml").write_text(graph)
+    changes = dvc_deps.sync(tmp_path / "dvc.yaml", root=tmp_path, write=False)
+    assert len(changes) == 1 and "blur_strong" in changes[0] and (tmp_path / "dvc.yaml").read_text() == graph
+    dvc_deps.sync(tmp_path / "dvc.yaml", root=tmp_path)
+    want = ["segmentation", "depth", "canny", "palette", "lighting", "blur_strong"]
+    assert (tmp_path / "dvc.yaml").read_text() == graph.replace(
+        "      - ${paths.prepared}/conditions/segmentation\n      - ${paths.prepared}/conditions/lighting\n",
+        "".join(f"      - ${{paths.prepared}}/conditions/{c}\n" for c in want))
+    assert dvc_deps.sync(tmp_path / "dvc.yaml", root=tmp_path) == []  # idempotent
+    params["train_adapter"]["conditions"] = ["sketch"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    with pytest.raises(ValueError, match=r"\['sketch'\], which params conditions does not declare"):
+        dvc_deps.sync(tmp_path / "dvc.yaml", root=tmp_path)

@@ -213,6 +213,10 @@ def test_pipeline_register_noop_and_retrain_on_landed_scans(project, harness):
 
     result = retrain_on_new_scans(str(project))
     assert result["status"] == "retrained"
+    # two good scans on a toy training split of a few: far above base_refresh.growth, so the base
+    # retrains too (a small landing leaves data/base_pairs.json and the base as they were)
+    ran = {s["stage"]: s["status"] for s in result["pipeline"]["stages"]}
+    assert ran["base_pairs"] == "ran" and ran["train_base"] == "ran", ran
     reason = json.loads((project / "data/quarantine" / corrupt / "reason.json").read_text())
     assert "photo.png" in json.dumps(reason)
     assert (incoming / incomplete).is_dir()  # left alone until complete

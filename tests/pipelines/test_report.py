@@ -92,13 +92,30 @@ def test_other_guidance_table_has_the_bars_the_count_and_why_checks_fail(tmp_pat
 
 
 def test_research_note_quotes_the_simulated_rate_for_the_runs_seed_count():
-    calib = {"nominal_rate": 0.025, "results": [{"seeds": 3, "false_positive_rate": 0.088,
-                                                 "mc_interval": [0.066, 0.116]}]}
+    calib = {"nominal_rate": 0.025, "results": [{"seeds": 3, "false_positive_rate": 0.02,
+                                                 "mc_interval": [0.0109, 0.0364],
+                                                 "uncorrected_false_positive_rate": 0.082,
+                                                 "uncorrected_mc_interval": [0.061, 0.1094]}]}
     note = report.calibration_note(calib, 3)
-    assert "with 3 seeds a method" in note and "8.8 % of the time [6.6 %, 11.6 %]" in note and "nominal 2.5 %" in note
+    assert "with 3 seeds a method" in note and "2.0 % of the time [1.1 %, 3.6 %]" in note
+    # the corrected rate covers the nominal one: said so, with the uncorrected rate as the before
+    assert "consistent with the nominal 2.5 %" in note and "at about the nominal level" in note
+    assert "without the correction it was 8.2 % [6.1 %, 10.9 %]" in note and "not proof" not in note
     # a seed count the simulation did not cover is said to be unmeasured, not given another count's rate
-    assert "not measured" in report.calibration_note(calib, 4) and "8.8" not in report.calibration_note(calib, 4)
+    assert "not measured" in report.calibration_note(calib, 4) and "2.0" not in report.calibration_note(calib, 4)
     assert "not measured" in report.calibration_note(None, 3)
+
+
+def test_research_note_above_nominal_or_from_before_the_correction():
+    # a results file from before the correction: its only rate is the plain bootstrap's, above nominal
+    old = {"nominal_rate": 0.025, "results": [{"seeds": 3, "false_positive_rate": 0.088,
+                                               "mc_interval": [0.066, 0.116]}]}
+    note = report.calibration_note(old, 3)
+    assert "8.8 % of the time [6.6 %, 11.6 %], above the nominal 2.5 %" in note
+    assert "before the small-seed correction" in note and "not proof at the nominal level" in note
+    low = {"nominal_rate": 0.025, "results": [{"seeds": 5, "false_positive_rate": 0.004,
+                                               "mc_interval": [0.001, 0.012]}]}
+    assert "below the nominal 2.5 %" in report.calibration_note(low, 5)
 
 
 def test_utility_and_efficiency_tables_on_known_numbers():

@@ -17,9 +17,8 @@ README report. Checked afterwards:
 * a retrain of the adapter (another seed) reruns only train_adapter and evaluate, and its new
   version is scored against the champion on the frozen benchmark before the alias may move.
 
-The random SD 1.5's UNet declares 64 px as its native size (``sample_size`` 8): the evaluation's
-uncontrolled pass draws at the UNet's native size instead of the scans' (see
-``test_generation_size.py``), which a 512 px SD 1.5 on 64 px scans would trip over.
+The random SD 1.5 keeps its 512 px native size on 64 px scans: the evaluation draws every image,
+the uncontrolled ones included, at the scans' size (``test_generation_size.py``).
 """
 from __future__ import annotations
 
@@ -89,7 +88,6 @@ def graph(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("sd15graph")
     bb = random_sd15_backbone(CAPTION_VOCABULARY)
-    bb.unet.register_to_config(sample_size=RESOLUTION // bb.vae_scale_factor)
     sd15 = bb.save(tmp / "sd15")
     del bb
     root = toy_project(tmp / "project", _params(sd15),

@@ -87,6 +87,14 @@ def _write_artefacts(root: Path) -> None:
     cache = EmbedCache([f"s{i}" for i in range(n)], ["train"] * n, captions, float(bb.vae.config.scaling_factor),
                        mean, logvar, text, empty, conds)
     save_embed_cache(cache, root / "data" / "embed")
+    # the rows' content keys, as the embed stage writes them (train_base reads its rows through
+    # the base_pairs record, which names rows by these keys)
+    from ctrlora.models.backbone import backbone_hash
+    from ctrlora.training.embed_update import EmbedKeys, save_keys
+
+    keys = EmbedKeys(backbone_hash(root / "models" / "backbone"), [f"photo-{i}" for i in range(n)],
+                     {c: [f"{c}-{i}" for i in range(n)] for c in conds})
+    save_keys(keys, root / "data" / "embed", root / "data" / "embed_keys.json")
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +104,7 @@ def template(tmp_path_factory) -> Path:
         shutil.copytree(REPO / pkg, root / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     _write_params(root)
     _write_artefacts(root)
+    _run(root, ["pipelines.stages.base_pairs"], 1)
     return root
 
 
@@ -216,7 +225,8 @@ def test_two_processes_resume_and_train_what_one_trains(template):
 
     # rank 0 alone wrote the outputs and timings; the checkpoints are gone after success
     timings = [json.loads(line) for line in (run / "logs/stage_times.jsonl").read_text().splitlines()]
-    assert [t["stage"] for t in timings] == ["train_base", f"train_adapter@{NEW_CONDITION}"]
+    # (base_pairs ran once, one process, when the template was made)
+    assert [t["stage"] for t in timings] == ["base_pairs", "train_base", f"train_adapter@{NEW_CONDITION}"]
     assert not any((run / "checkpoints").rglob("step_*"))
     assert "adapter" in out_adapter
 
