@@ -125,17 +125,22 @@ class ClinicConfig:
         if not isinstance(self.categories, Mapping) or not self.categories:
             raise ClinicExportError("params clinic.categories must map COCO category names to label names")
         # YAML reads an unquoted tooth number as an integer: names compare as strings
-        object.__setattr__(self, "categories", {str(k): str(v) for k, v in self.categories.items()})
-        unknown = {k: v for k, v in self.categories.items() if v not in self.labels.by_name}
+        categories = {str(k): str(v) for k, v in self.categories.items()}
+        object.__setattr__(self, "categories", categories)
+        labels = self.labels
+        assert labels is not None  # set above
+        unknown = {k: v for k, v in categories.items() if v not in labels.by_name}
         if unknown:
             raise ClinicExportError(
                 f"params clinic.categories maps {unknown} to names that are not labels of the label table "
-                f"(params labels; known: {', '.join(self.labels.by_name)}); tooth numbers such as FDI need their "
+                f"(params labels; known: {', '.join(labels.by_name)}); tooth numbers such as FDI need their "
                 "labels declared in params labels first (docs/data.md, \"Label table\")")
 
     @property
     def category_ids(self) -> dict[str, int]:
-        return {k: self.labels.by_name[v].id for k, v in self.categories.items()}
+        labels, categories = self.labels, self.categories
+        assert labels is not None and categories is not None  # set in __post_init__
+        return {k: labels.by_name[v].id for k, v in categories.items()}
 
     @classmethod
     def from_params(cls, section: Mapping[str, Any] | None, resolution: int,

@@ -283,7 +283,7 @@ def ssim(
         win_size = min(11, side if side % 2 else side - 1)
     # channels first, each a C-contiguous float64 plane, so the filters and the map's mean see the
     # same layout whatever the caller's strides; the mean over channels runs in channel order
-    if a.ndim == 2:
+    if a.ndim == 2 or channel_axis is None:  # (a 3-D image always has its axis by now)
         a, b = a[None], b[None]
     else:
         a, b = np.moveaxis(a, channel_axis, 0), np.moveaxis(b, channel_axis, 0)

@@ -30,7 +30,9 @@ def world(tmp_path_factory):
     from ctrlora.data.render import DatasetConfig, render_dataset
     from ctrlora.models.controlnet import CtrLoRAControlNet
     from ctrlora.models.convert import run_export
-    from ctrlora.training.embed import build_embed_cache, save_embed_cache
+    from ctrlora.models.backbone import backbone_hash
+    from ctrlora.training.embed import save_embed_cache
+    from ctrlora.training.embed_update import save_keys, update_embed_cache
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("imported")
@@ -42,8 +44,12 @@ def world(tmp_path_factory):
     torch.manual_seed(0)
     bb = tiny_eval_backbone(SIZE)
     bb.save(root / "backbone")
-    save_embed_cache(build_embed_cache(bb.vae, bb.text_encoder, bb.tokenizer, data / "prepared", CONDITIONS,
-                                       progress=False), data / "embed")
+    # the cache and its rows' content keys, as the embed stage writes them (train_base reads its
+    # rows through the base_pairs record, which names them by these keys)
+    cache, keys, _ = update_embed_cache(bb.vae, bb.text_encoder, bb.tokenizer, data / "prepared", CONDITIONS,
+                                        backbone_hash(root / "backbone"), progress=False)
+    save_embed_cache(cache, data / "embed")
+    save_keys(keys, data / "embed", data / "embed_keys.json")
     # the "published" base: perturbed (not the UNet's copy, non-zero zero convs), exported
     src = CtrLoRAControlNet.from_unet(bb.unet, condition_embedding="vae")
     perturb(src, 7)
@@ -62,7 +68,9 @@ def _params(world, name: str, **train_base) -> Path:
                        "train": {"max_steps": 2, "batch_size": 2, "learning_rate": 1e-2, "log_every": 1, "seed": 0},
                        "source": "trained", "imported": None, "imported_max_pairs": None, **train_base},
         # absolute paths: the stages resolve `paths` against the repo root, which leaves these as they are
+        "base_refresh": {"growth": 0.1},
         "paths": {"backbone": str(root / "backbone"), "embed": str(data / "embed"), "base": str(run / "base"),
+                  "embed_keys": str(data / "embed_keys.json"), "base_pairs": str(run / "base_pairs.json"),
                   "reports": {"train_base": str(run / "reports")}},
     }
     path = root / f"{name}.yaml"
@@ -71,9 +79,10 @@ def _params(world, name: str, **train_base) -> Path:
 
 
 def _run_stage(monkeypatch, params: Path) -> int:
-    from pipelines.stages import train_base
+    from pipelines.stages import base_pairs, train_base
 
     monkeypatch.setenv("CTRLORA_PARAMS", str(params))
+    assert base_pairs.main() == 0  # the record of the whole training split, as a fresh build makes
     return train_base.main()
 
 

@@ -41,7 +41,7 @@ BASE_CONDITIONS = ["segmentation", "canny"]   # a rendered map and one extracted
 NEW_CONDITIONS = ["lighting"]
 CONDITIONS = BASE_CONDITIONS + NEW_CONDITIONS
 CHECKPOINT = "checkpoints/published/base.ckpt"  # relative to the toy's root (git-ignored there)
-STAGES = ["render", "prepare", "backbone", "embed", "train_base",
+STAGES = ["render", "prepare", "backbone", "embed", "base_pairs", "train_base",
           *[f"train_adapter@{c}" for c in NEW_CONDITIONS], "evaluate"]
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 

@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[2]
 BASE_CONDITIONS = ["segmentation", "depth"]
 NEW = "lighting"
 RESOLUTION = 64
-STAGES = ["render", "prepare", "backbone", "embed", "train_base", f"train_adapter@{NEW}", "evaluate"]
+STAGES = ["render", "prepare", "backbone", "embed", "base_pairs", "train_base", f"train_adapter@{NEW}", "evaluate"]
 
 # ~8 min alone on 2 shared cores (each stage loads the 4.3 GB backbone); peak ~9 GB
 pytestmark = [pytest.mark.sd15, pytest.mark.slow, pytest.mark.timeout(3600)]
