@@ -267,12 +267,21 @@ def list_models() -> list[dict[str, Any]]:
     return rows
 
 
-def find_version(condition: str, adapter_hash: str, dataset_hash: str):
-    """The existing version with this adapter hash and dataset hash, or None."""
+def find_version(condition: str, adapter_hash: str, dataset_hash: str, base_hash: str | None = None):
+    """The existing version with this adapter hash and dataset hash; else, with ``base_hash``
+    given, the one with this adapter hash on this base (the same bytes on the same base are the
+    same model, whatever data now lies in the prepared folder: a base condition's adapter is
+    rewritten only when the base retrains, ``base_refresh``, so a landing the base waits for
+    leaves it as it was); else None."""
+    same_bytes = None
     for mv in versions(MlflowClient(), model_name(condition)):
-        if mv.tags.get("adapter_hash") == adapter_hash and mv.tags.get("dataset_hash") == dataset_hash:
+        if mv.tags.get("adapter_hash") != adapter_hash:
+            continue
+        if mv.tags.get("dataset_hash") == dataset_hash:
             return mv
-    return None
+        if base_hash is not None and mv.tags.get("base_hash") == base_hash and same_bytes is None:
+            same_bytes = mv
+    return same_bytes
 
 
 def _version_for_uri(client: MlflowClient, uri: str):

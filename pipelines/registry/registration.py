@@ -6,7 +6,9 @@ that base came from: ``base_source``, ``trained`` or ``imported`` with the publi
 sha256, read from the base folder's ``base_source.json``), to its own file (``adapter_hash``:
 sha256 of ``adapter_model.safetensors``) and to the code (``git_commit``).
 Registration is idempotent: the same adapter hash and dataset hash return the existing version
-and create nothing.
+and create nothing; so does the same adapter hash on the same base (identical bytes are the same
+model: a base condition's adapter that did not retrain because the base waited for more data keeps
+its version and the dataset hash it was trained on).
 
 The version's model is the pyfunc of :mod:`pipelines.registry.pyfunc`, logged as code
 (:mod:`pipelines.registry.pyfunc_model`; nothing is pickled) with the adapter directory and ``parts.json``
@@ -104,7 +106,8 @@ def register_adapter(condition: str, adapter_dir: str | Path, *, dataset_hash: s
                      judge: Any = None, recipe: Mapping[str, Any] | None = None) -> RegistrationResult:
     """Register ``adapter_dir`` as a version of ``ctrlora-<condition>`` and apply the gate.
 
-    Idempotent: a version with the same ``adapter_hash`` and ``dataset_hash`` is returned as is
+    Idempotent: a version with the same ``adapter_hash`` and ``dataset_hash`` (or the same
+    ``adapter_hash`` and ``base_hash``: the same model) is returned as is
     (nothing is created; its gate decision is not re-taken, so a rollback is not undone by
     running the pipeline again). ``dataset_path``: where the data set lives, recorded as the
     MLflow input's source (default ``data/prepared/conditions/<condition>`` of the repo).
@@ -121,7 +124,7 @@ def register_adapter(condition: str, adapter_dir: str | Path, *, dataset_hash: s
     name = model_name(condition)
     client = MlflowClient()
 
-    existing = find_version(condition, adapter_hash, dataset_hash)
+    existing = find_version(condition, adapter_hash, dataset_hash, base_hash)
     if existing is not None:
         return _existing_result(client, condition, existing, judge,
                                 _local_parts(backbone_dir, base_dir, adapter_dir))

@@ -33,7 +33,7 @@ BASE_CONDITIONS = ["segmentation", "depth"]
 NEW = "lighting"
 RANK = 128
 # the stage entries pipelines.stages.<entry> (the stage `backbone` runs record_backbone)
-STAGES = ["render", "prepare", "record_backbone", "embed", "train_base", ["train_adapter", NEW]]
+STAGES = ["render", "prepare", "record_backbone", "embed", "base_pairs", "train_base", ["train_adapter", NEW]]
 
 
 def _params(sd15_dir: Path) -> dict:

@@ -94,9 +94,16 @@ def test_registration_tags_input_and_idempotency(tracking, tmp_path):
     assert len(client.search_model_versions("name='ctrlora-t-tags'")) == 1
     # no second registering run either (the backbone and base have runs of their own)
     assert len(client.search_runs([run.info.experiment_id], "tags.condition = 't-tags'")) == 1
-    # same adapter, different data → a new version
-    other = _register(tmp_path, "t-tags", seed=1, fidelity=0.5, dataset_hash="d" * 32 + ".dir")
+    # same adapter bytes on the same base, while the prepared data moved on (a base condition's
+    # adapter when the base waits for more data, base_refresh): the same model, no new version;
+    # v1 keeps the dataset hash it was trained on
+    same = _register(tmp_path, "t-tags", seed=1, fidelity=0.5, dataset_hash="d" * 32 + ".dir")
+    assert (same.version, same.created, same.decision) == ("1", False, "unchanged")
+    assert client.get_model_version("ctrlora-t-tags", "1").tags["dataset_hash"] == "a" * 32 + ".dir"
+    # an adapter trained on the new data → a new version tied to it
+    other = _register(tmp_path, "t-tags", seed=2, fidelity=0.5, dataset_hash="d" * 32 + ".dir")
     assert other.created and other.version == "2"
+    assert client.get_model_version("ctrlora-t-tags", "2").tags["dataset_hash"] == "d" * 32 + ".dir"
 
 
 def test_versions_say_whether_their_base_was_trained_or_imported(tracking, tmp_path):
