@@ -352,7 +352,24 @@ def test_a_manifest_of_one_scan_list_loads_and_compares_as_before(project, tmp_p
         B.open_benchmark(root, 3)
 
 
-def _register(root: Path, k: int, dataset: str, judge, recipe=None):
+def _resaved_twin(root: Path, k: int) -> str:
+    """``lighting-<k>b``: adapter ``lighting-<k>`` with the same tensors in a file of other bytes."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from ctrlora.models.adapters import ADAPTER_WEIGHTS
+
+    src, twin = root / "models/adapters" / f"lighting-{k}", root / "models/adapters" / f"lighting-{k}b"
+    shutil.copytree(src, twin)
+    f = twin / ADAPTER_WEIGHTS
+    with safe_open(str(f), framework="pt") as h:
+        meta = dict(h.metadata() or {})
+    save_file(load_file(str(f)), str(f), metadata={**meta, "resaved": "1"})
+    assert f.read_bytes() != (src / ADAPTER_WEIGHTS).read_bytes()
+    return f"{k}b"
+
+
+def _register(root: Path, k: int | str, dataset: str, judge, recipe=None):
     from pipelines.registry.registration import register_adapter
 
     return register_adapter(
@@ -401,8 +418,10 @@ def test_gate_scores_both_in_one_run_and_moves_only_on_evidence(project, trackin
         first = _register(root, 1, "a", judge)
         assert (first.decision, first.champion) == ("champion", "1")
         assert "no champion yet" in first.reason and first.tags["benchmark_version"] == "1"
-        # the same weights retrained on other data: identical on every scan, a tie
-        tie = _register(root, 1, "b", judge)
+        # the same tensors in a file of other bytes (re-saved with one more metadata key), as if
+        # retrained on other data to the same weights: identical on every scan, a tie (the very
+        # same file on the same base would be the same version: no comparison at all)
+        tie = _register(root, _resaved_twin(root, 1), "b", judge)
     assert tie.created and tie.decision == "challenger" and tie.champion == "1"
     assert "tie" in tie.reason and "benchmark v1" in tie.reason
     mv = client.get_model_version(name, tie.version)
@@ -464,7 +483,7 @@ def test_gate_scores_both_in_one_run_and_moves_only_on_evidence(project, trackin
     # a benchmark that no longer verifies: the comparison is refused, the alias stays
     (root / "data/frozen_benchmark/v1/detectors/lighting/detector_config.json").write_text("{}")
     with B.gate_for(root, strict, log=lambda m: None) as judge:
-        refused = _register(root, 2, "e", judge)
+        refused = _register(root, _resaved_twin(root, 2), "e", judge)   # not a version yet
     assert refused.decision == "challenger" and refused.champion == champion_now
     assert "benchmark unusable" in refused.reason and "detector_config.json" in refused.reason
     tags = client.get_model_version(name, refused.version).tags
